@@ -1,0 +1,300 @@
+"""Typed, validated configuration: one dataclass per component, built from open_clip-style flags.
+
+Every check that can fail on user input runs here, before any data is read or any GPU work starts,
+and its message names the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dissect_fast.selection.strategies import STRATEGIES, resolve_strategy
+
+
+class ConfigError(ValueError):
+    """Invalid user configuration; the message names the flag and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are loaded."""
+
+    train_data: str = ""  #: shard directory (with index.json), brace pattern or glob of .tar files
+    val_data: str | None = None  #: validation shards, evaluated after every epoch
+    train_num_samples: int | None = None  #: defaults to the dataset index's count
+    batch_size: int = 256  #: per-rank batch size B (before selection)
+    workers: int = 2  #: data loader worker processes per rank
+    data_backend: str = "auto"  #: torch | dali | auto (dali when CUDA and DALI are there)
+    subset: str | None = None  #: .npy of sample ids to train on (offline subset selection)
+    max_bad_fraction: float = 0.01  #: stop when more than this share of samples is unreadable
+
+    def __post_init__(self) -> None:
+        if not self.train_data:
+            raise ConfigError("--train-data is required: a shard directory, a brace pattern or a glob of .tar files")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.data_backend not in ("auto", "torch", "dali"):
+            raise ConfigError(f"--data-backend must be auto, torch or dali, got {self.data_backend!r}")
+        if self.train_num_samples is not None and self.train_num_samples < 1:
+            raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.subset is not None and not os.path.isfile(self.subset):
+            raise ConfigError(f"--subset {self.subset}: no such file (write one with `dissect-fast select-subset`)")
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP to build and how to run it."""
+
+    model: str = "RN50"  #: any open_clip model name, or the name of a dissect_fast tiny config
+    model_config: str | None = None  #: path to an open_clip-style model JSON (overrides --model)
+    precision: str = "auto"  #: auto | fp32 | amp_bf16 | amp (fp16 + grad scaler)
+    device: str = "auto"  #: auto | cpu | cuda | cuda:N
+    compile: bool = False  #: torch.compile the training and scoring forwards
+    score_scale: str = "100"  #: 100 (reference) or learned (the model's logit_scale.exp())
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "amp_bf16", "amp", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32, amp_bf16 or amp, got {self.precision!r}")
+        if self.precision == "bf16":
+            self.precision = "amp_bf16"
+        if self.score_scale not in ("100", "learned"):
+            raise ConfigError(f"--score-scale must be 100 or learned, got {self.score_scale!r}")
+        if self.model_config is not None and not os.path.isfile(self.model_config):
+            raise ConfigError(f"--model-config {self.model_config}: no such file")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up then cosine schedule (open_clip's defaults)."""
+
+    epochs: int = 32
+    lr: float = 5e-4
+    wd: float = 0.2  #: weight decay, not applied to gains, biases and logit scale
+    warmup: int = 10000  #: linear LR warm-up steps
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.wd < 0:
+            raise ConfigError(f"--wd must be >= 0, got {self.wd}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0 steps, got {self.warmup}")
+
+
+@dataclass
+class SelectConfig:
+    """Online batch selection (METHOD.md)."""
+
+    strategy: str = "full"  #: full | random | clipscore | small_loss | big_loss | dissect-momentum | dissect-warmup
+    rate: float = 0.2  #: r: share of each batch trained on, k = floor(r * B)
+    warmup_point: int = 10  #: dissect-warmup: epochs < W are the warm-up
+    momentum: float = 0.9  #: dissect-momentum: beta of the history update
+    warmup_train: str = "random"  #: dissect-warmup, epochs < W: random k-subset or full batch
+
+    def __post_init__(self) -> None:
+        try:
+            self.strategy = resolve_strategy(self.strategy)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        if not 0.0 < self.rate <= 1.0:
+            raise ConfigError(f"--select-rate must be in (0, 1], got {self.rate}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.warmup_train not in ("random", "full"):
+            raise ConfigError(f"--warmup-train must be random or full, got {self.warmup_train!r}")
+        if self.warmup_point < 1 and self.strategy == "dissect-warmup":
+            raise ConfigError(f"--warmup-point must be >= 1 epoch for dissect-warmup, got {self.warmup_point}")
+
+    def k(self, batch_size: int) -> int:
+        """Samples trained per rank and step."""
+        return batch_size if self.strategy == "full" else int(self.rate * batch_size)
+
+
+@dataclass
+class RunConfig:
+    """Logging, checkpoints, seeds."""
+
+    logs: str = "./logs"
+    name: str | None = None  #: run folder name under --logs (default: strategy-date)
+    resume: str | None = None  #: a checkpoint path, or `latest` (this run's latest.pt)
+    seed: int = 0
+    log_every_n_steps: int = 10
+    val_every: int = 1  #: evaluate every n epochs (and always after the last)
+    plots: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        s, o = self.select, self.optim
+        if s.strategy != "full" and s.k(self.data.batch_size) == 0:
+            raise ConfigError(
+                f"--select-rate {s.rate} x --batch-size {self.data.batch_size} leaves k = 0 samples to train on: "
+                f"raise the rate or the batch size (k = floor(r * B) >= 1)"
+            )
+        if s.strategy == "dissect-warmup" and s.warmup_point >= o.epochs:
+            raise ConfigError(
+                f"--warmup-point {s.warmup_point} >= --epochs {o.epochs}: the warm-up would never end; "
+                f"use a warm-up point below the number of epochs"
+            )
+        if s.strategy in ("small_loss", "big_loss") and self.data.batch_size < 2:
+            raise ConfigError("small_loss / big_loss need --batch-size >= 2 (the loss is contrastive)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(
+            data=DataConfig(**d["data"]),
+            model=ModelConfig(**d["model"]),
+            optim=OptimConfig(**d["optim"]),
+            select=SelectConfig(**d["select"]),
+            run=RunConfig(**d["run"]),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dissect_fast.train",
+        description="Train a CLIP model with DISSect online sample selection (or a baseline).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", required=True, help="shard dir (with index.json), brace pattern or glob of .tar")
+    d.add_argument("--val-data", default=None, help="validation shards, same forms as --train-data")
+    d.add_argument("--train-num-samples", type=int, default=None, help="default: from the dataset index")
+    d.add_argument("--batch-size", type=int, default=256, help="per-rank batch size before selection")
+    d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
+    d.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"])
+    d.add_argument("--subset", default=None, help=".npy of sample ids to train on (from select-subset)")
+    d.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more samples are unreadable")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="RN50", help="open_clip model name or a dissect_fast tiny config")
+    m.add_argument("--model-config", default=None, help="open_clip-style model JSON (overrides --model)")
+    m.add_argument("--precision", default="auto", help="auto | fp32 | amp_bf16 | amp")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    m.add_argument("--compile", action="store_true", help="torch.compile the forwards")
+    m.add_argument("--score-scale", default="100", choices=["100", "learned"])
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=32)
+    o.add_argument("--lr", type=float, default=5e-4)
+    o.add_argument("--wd", type=float, default=0.2)
+    o.add_argument("--warmup", type=int, default=10000, help="linear LR warm-up steps")
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.98)
+    o.add_argument("--eps", type=float, default=1e-6)
+    o.add_argument("--grad-clip-norm", type=float, default=None)
+    s = p.add_argument_group("selection")
+    s.add_argument(
+        "--select-strategy",
+        "--select",
+        dest="select_strategy",
+        default="full",
+        help="one of " + ", ".join(STRATEGIES) + " (reference aliases accepted)",
+    )
+    s.add_argument("--select-rate", type=float, default=0.2, help="r: share of each batch trained on")
+    s.add_argument("--warmup-point", type=int, default=10, help="dissect-warmup: warm-up epochs")
+    s.add_argument("--momentum", type=float, default=0.9, help="dissect-momentum: history momentum beta")
+    s.add_argument("--warmup-train", default="random", choices=["random", "full"])
+    r = p.add_argument_group("run")
+    r.add_argument("--logs", default="./logs")
+    r.add_argument("--name", default=None)
+    r.add_argument("--resume", default=None, help="checkpoint path or `latest`")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--log-every-n-steps", type=int, default=10)
+    r.add_argument("--val-every", type=int, default=1)
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--no-tensorboard", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags into a validated TrainConfig; exits with a one-line message on invalid input."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return TrainConfig(
+            data=DataConfig(
+                train_data=a.train_data,
+                val_data=a.val_data,
+                train_num_samples=a.train_num_samples,
+                batch_size=a.batch_size,
+                workers=a.workers,
+                data_backend=a.data_backend,
+                subset=a.subset,
+                max_bad_fraction=a.max_bad_fraction,
+            ),
+            model=ModelConfig(
+                model=a.model,
+                model_config=a.model_config,
+                precision=a.precision,
+                device=a.device,
+                compile=a.compile,
+                score_scale=a.score_scale,
+            ),
+            optim=OptimConfig(
+                epochs=a.epochs,
+                lr=a.lr,
+                wd=a.wd,
+                warmup=a.warmup,
+                beta1=a.beta1,
+                beta2=a.beta2,
+                eps=a.eps,
+                grad_clip_norm=a.grad_clip_norm,
+            ),
+            select=SelectConfig(
+                strategy=a.select_strategy,
+                rate=a.select_rate,
+                warmup_point=a.warmup_point,
+                momentum=a.momentum,
+                warmup_train=a.warmup_train,
+            ),
+            run=RunConfig(
+                logs=a.logs,
+                name=a.name,
+                resume=a.resume,
+                seed=a.seed,
+                log_every_n_steps=a.log_every_n_steps,
+                val_every=a.val_every,
+                plots=not a.no_plots,
+                tensorboard=not a.no_tensorboard,
+                progress=not a.no_progress,
+            ),
+        )
+    except ConfigError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)

@@ -1,0 +1,122 @@
+"""Per-epoch selection diagnostics: what was scored and trained, clean vs noisy, and the plots.
+
+Everything accumulates in device tensors indexed by sample id, so the step pays a few scatters
+and no host synchronisation; the numbers are read once at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+class EpochDiagnostics:
+    def __init__(self, num_ids: int, device: torch.device, clean: np.ndarray | None) -> None:
+        self.device = device
+        self.clean = None
+        if clean is not None:
+            c = np.zeros(num_ids, dtype=np.uint8)
+            c[: min(num_ids, len(clean))] = clean[:num_ids]
+            self.clean = torch.from_numpy(c).to(device).bool()
+        self.num_ids = num_ids
+        self.reset()
+
+    def reset(self) -> None:
+        n, d = self.num_ids, self.device
+        self.score = torch.full((n,), float("nan"), device=d)
+        self.delta = torch.full((n,), float("nan"), device=d)
+        self.trained = torch.zeros(n, dtype=torch.int32, device=d)
+        self.n_trained = torch.zeros((), dtype=torch.int64, device=d)
+        self.n_clean_trained = torch.zeros((), dtype=torch.int64, device=d)
+
+    @torch.no_grad()
+    def record(self, ids, score, delta, trained_ids) -> None:
+        if score is not None:
+            self.score[ids if score.shape[0] == ids.shape[0] else trained_ids] = score.float()
+        if delta is not None:
+            self.delta[ids] = delta.float()
+        self.trained.index_add_(0, trained_ids, torch.ones_like(trained_ids, dtype=torch.int32))
+        self.n_trained += trained_ids.numel()
+        if self.clean is not None:
+            self.n_clean_trained += self.clean[trained_ids].sum()
+
+    def summary(self) -> dict:
+        out = {"select/trained_samples": int(self.n_trained)}
+        if self.clean is None:
+            return out
+        out["select/clean_fraction"] = float(self.n_clean_trained) / max(1, int(self.n_trained))
+        for name, v in (("score", self.score), ("delta", self.delta)):
+            for label, mask in (("clean", self.clean), ("noisy", ~self.clean)):
+                vals = v[mask]
+                vals = vals[~torch.isnan(vals)]
+                if vals.numel():
+                    out[f"diag/{name}_{label}_mean"] = float(vals.mean())
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        a = {"score": self.score.cpu().numpy(), "delta": self.delta.cpu().numpy(), "trained": self.trained.cpu().numpy()}
+        if self.clean is not None:
+            a["clean"] = self.clean.cpu().numpy()
+        return a
+
+
+def plot_epoch(arrays: dict, epoch: int, out_dir: str) -> str | None:
+    """Histograms of score and delta, clean vs noisy (needs clean flags)."""
+    if "clean" not in arrays:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    clean = arrays["clean"]
+    for ax, key in zip(axes, ("score", "delta")):
+        v = arrays[key]
+        for label, m, c in (("clean", clean, "tab:green"), ("noisy", ~clean, "tab:red")):
+            x = v[m & ~np.isnan(v)]
+            if x.size:
+                ax.hist(x, bins=50, alpha=0.55, color=c, label=f"{label} (n={x.size})", density=True)
+        ax.set_title(f"epoch {epoch}: {key}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"epoch_{epoch:03d}_score_delta.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_history(metrics: list[dict], out_dir: str) -> None:
+    """R@1 over epochs, and the mean CLIPScore of clean vs noisy pairs over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    ep = [m["epoch"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("val/image_to_text_R@1", "val/text_to_image_R@1"):
+        if all(key in m for m in metrics):
+            ax.plot(ep, [m[key] for m in metrics], marker="o", label=key.split("/")[1])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("R@1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "retrieval_r1.png"), dpi=90)
+    plt.close(fig)
+    if any("diag/score_clean_mean" in m for m in metrics):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for label, c in (("clean", "tab:green"), ("noisy", "tab:red")):
+            pts = [(m["epoch"], m[f"diag/score_{label}_mean"]) for m in metrics if f"diag/score_{label}_mean" in m]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=c, label=f"{label} pairs")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean CLIPScore")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "score_clean_vs_noisy.png"), dpi=90)
+        plt.close(fig)

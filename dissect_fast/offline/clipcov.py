@@ -1,0 +1,411 @@
+"""CLIPCov subset selection (Joshi et al., AISTATS 2024), exact and factorised, at scale.
+
+Objective (METHOD.md). Proxy classes c with members V_c (n_c of them); unit-norm embeddings
+f_i (image), g_i (text); ``A_ij = <f_i, g_j>`` inside a class, ``A+ = max(A, 0)`` and the
+symmetric ``P_ij = A+_ij + A+_ji``::
+
+    e_i = A_ii                              (easiness; not clamped)
+    r_i = (1/n_c) sum_{j in V_c} P_ij       (j = i included: the i-th row of the class's P)
+    u_i = r_i + 2 e_i
+    F(S) = sum_{i in S} u_i - sum_c (1/(2 n_c)) sum_{i != j in S_c} P_ij
+
+Marginal gain. For k not in S, of class c, the ordered pairs that appear in F(S + k) but not in
+F(S) are (k, j) and (j, k) for j in S_c, each contributing P_kj (P is symmetric)::
+
+    F(S + k) - F(S) = u_k - (1/(2 n_c)) * 2 * sum_{j in S_c} P_kj = u_k - (1/n_c) sum_{j in S_c} P_kj.
+
+P >= 0, so the gain of every k only shrinks as S grows: F is submodular, and a gain computed
+for a smaller S is an upper bound (lazy greedy). Gains can turn negative (F is not monotone);
+selection still takes exactly the budget m, as the paper does. When every e_i >= 0 the gains
+are >= 2 e_i (1 + 1/n_c) >= 0 (the j = k term of r_k is never subtracted) and F is monotone.
+
+Separability, and why the per-class merge is the global greedy. The gain of a class-c sample
+depends only on S_c. So the global greedy (argmax over all classes each round) never changes
+what a class would do next: each class walks through its own greedy sequence, and the global
+greedy only decides which class moves. A class's sequence of pick-time gains is non-increasing
+(every remaining gain shrinks after a pick, and the max over fewer elements cannot grow), so
+the global greedy is the k-way merge of the per-class sequences by gain, and its first m picks
+are the m largest gains over all classes, taken as prefixes of each class's sequence.
+We do not know in advance how far each class must be run: ``clipcov_merge`` runs class c for
+k_c = min(n_c, ceil(slack * fraction * n_c) + 16) picks, merges, and if a class had *all* of
+its k_c computed picks accepted (so an uncomputed later pick might still beat the threshold),
+reruns it with k_c doubled; classes whose last computed gain was rejected are provably done
+(their next gains are <= that rejected gain <= the m-th largest). Ties are broken by gain,
+then pick position, then class number; the global references break ties by sample position.
+
+Cost. Per class, each pick adds one row P[p, :] to the class's penalty accumulators. The row
+comes either from a dense P block ("dense": P computed once with tiled batched GEMMs, 2 n_c^2 D
+flops and n_c^2 * 4 bytes, then O(n_c) per pick) or is recomputed from the embeddings ("rows":
+two [n_c, D] mat-vecs per pick, O(n_c D), memory O(n_c D)). Classes are processed in groups
+(padded batches, one argmax over a [G, n] tile per step, no host syncs) whose blocks fit in
+``block_bytes``; a class whose block does not fit uses "rows". Classes larger than
+``max_class_size`` are first split into balanced pieces (``proxy.split_large_classes``).
+Totals: exact  O(sum_c n_c^2 D) flops for the blocks + O(sum_c k_c n_c) for the picks;
+factorised (``approx="factorized"``, no clamp): r_i = (1/n_c)(<f_i, G_c> + <F_c, g_i>) with the
+class sums F_c, G_c, O(N D), and picks O(sum_c k_c n_c D) with O(n_c D) memory (each pick
+updates every class member's gain with two dot products). Memory is O(N) plus one group.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dissect_fast.offline.proxy import class_members, normalized
+
+log = logging.getLogger(__name__)
+
+APPROX = ("exact", "factorized")
+ALGORITHMS = ("merge", "lazy", "plain")
+
+
+@dataclass
+class ClipCovConfig:
+    """How CLIPCov runs; the objective only depends on ``approx`` (and the class split cap)."""
+
+    approx: str = "exact"  #: exact (clamped A+) | factorized (no clamp; O(N D) gains, O(n_c D) memory)
+    device: str = "cpu"  #: cpu | cuda | cuda:N; where the blocks and the greedy run
+    algorithm: str = "merge"  #: merge (batched per-class greedy, scalable) | lazy | plain (global references)
+    max_class_size: int = 32768  #: classes larger than this are split into balanced pieces first
+    block_bytes: int | None = None  #: memory for one group of classes; default 512 MiB (CPU), 30% free (GPU)
+    tile: int = 2048  #: tile edge of the batched GEMMs that build class blocks
+    slack: float = 1.25  #: first run of class c stops after ceil(slack * fraction * n_c) + 16 picks
+    dtype: str = "float32"  #: compute dtype (float64 for bit-exact comparisons in tests)
+
+    def __post_init__(self) -> None:
+        if self.approx not in APPROX:
+            raise ValueError(f"approx must be one of {APPROX}, got {self.approx!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.max_class_size < 2:
+            raise ValueError(f"max_class_size must be >= 2, got {self.max_class_size}")
+        if self.block_bytes is not None and self.block_bytes < 1 << 20:
+            raise ValueError(f"block_bytes must be >= 1 MiB, got {self.block_bytes}")
+        if self.tile < 16 or self.slack < 1.0:
+            raise ValueError(f"need tile >= 16 and slack >= 1, got tile={self.tile}, slack={self.slack}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available; use --device cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def resolved_block_bytes(self) -> int:
+        if self.block_bytes is not None:
+            return self.block_bytes
+        if self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            return int(0.3 * free)
+        return 512 << 20
+
+
+@dataclass
+class ClipCovResult:
+    """Positions (rows of the embeddings) chosen by CLIPCov and how the run went."""
+
+    positions: np.ndarray  #: int64 [m], in global greedy order (non-increasing gain)
+    gains: np.ndarray  #: float64 [m], marginal gain of each pick when it was picked
+    objective: float  #: F(S) = sum of the gains (F(empty) = 0)
+    stats: dict = field(default_factory=dict)  #: rounds, classes rerun, modes, seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group tensors: padded class blocks
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Group:
+    members: list[np.ndarray]  # positions of each class's members (ascending)
+    f: torch.Tensor  # [G, n, D] unit-norm image embeddings, zero padded
+    g: torch.Tensor  # [G, n, D] unit-norm text embeddings, zero padded
+    sizes: torch.Tensor  # [G] n_c
+    valid: torch.Tensor  # [G, n] bool, False on padding
+
+
+def _load_group(image: np.ndarray, text: np.ndarray, members: list[np.ndarray], device, dtype) -> _Group:
+    n, d = max(len(m) for m in members), image.shape[1]
+    f = torch.zeros(len(members), n, d, device=device, dtype=dtype)
+    g = torch.zeros_like(f)
+    valid = torch.zeros(len(members), n, device=device, dtype=torch.bool)
+    for c, idx in enumerate(members):
+        f[c, : len(idx)] = normalized(image[idx], device, dtype)
+        g[c, : len(idx)] = normalized(text[idx], device, dtype)
+        valid[c, : len(idx)] = True
+    sizes = torch.tensor([len(m) for m in members], device=device, dtype=dtype)
+    return _Group(members, f, g, sizes, valid)
+
+
+def _dense_block(f: torch.Tensor, g: torch.Tensor, tile: int) -> torch.Tensor:
+    """P = A+ + A+^T for a group, [G, n, n], built tile by tile over the upper triangle.
+
+    Tile (I, J): ``relu(F_I G_J^T)`` is A+[I, J]; ``relu(G_I F_J^T)[a, b] = A+[J_b, I_a]`` is
+    A+^T[I, J]. Their sum is P[I, J], mirrored into P[J, I]: no [G, n, n] temporary besides P.
+    """
+    G, n, _ = f.shape
+    P = torch.empty(G, n, n, device=f.device, dtype=f.dtype)
+    for i0 in range(0, n, tile):
+        fi, gi = f[:, i0 : i0 + tile], g[:, i0 : i0 + tile]
+        for j0 in range(i0, n, tile):
+            fj, gj = f[:, j0 : j0 + tile], g[:, j0 : j0 + tile]
+            t = torch.bmm(fi, gj.transpose(1, 2)).clamp_min_(0)
+            t += torch.bmm(gi, fj.transpose(1, 2)).clamp_min_(0)
+            P[:, i0 : i0 + tile, j0 : j0 + tile] = t
+            if j0 != i0:
+                P[:, j0 : j0 + tile, i0 : i0 + tile] = t.transpose(1, 2)
+    return P
+
+
+def _streamed_r_sum(f: torch.Tensor, g: torch.Tensor, tile: int) -> torch.Tensor:
+    """sum_j P_ij for every i without storing P: row sums plus column sums of A+ tiles. [G, n]."""
+    G, n, _ = f.shape
+    s = torch.zeros(G, n, device=f.device, dtype=f.dtype)
+    for i0 in range(0, n, tile):
+        for j0 in range(0, n, tile):
+            t = torch.bmm(f[:, i0 : i0 + tile], g[:, j0 : j0 + tile].transpose(1, 2)).clamp_min_(0)
+            s[:, i0 : i0 + tile] += t.sum(2)
+            s[:, j0 : j0 + tile] += t.sum(1)
+    return s
+
+
+def _group_u_and_rows(grp: _Group, approx: str, mode: str, tile: int):
+    """Gains u [G, n] (-inf on padding) and a function p [G] -> P[p, :] / n_c  [G, n]."""
+    f, g, inv_n = grp.f, grp.g, (1.0 / grp.sizes)[:, None]
+    e = (f * g).sum(-1)
+    if mode == "dense":
+        P = _dense_block(f, g, tile)
+        P *= inv_n[:, :, None]  # pre-scale: the greedy then adds rows without dividing
+        r = P.sum(2)
+        ar = torch.arange(len(P), device=P.device)
+
+        def row(p: torch.Tensor) -> torch.Tensor:
+            return P[ar, p]
+
+    else:
+        if approx == "exact":
+            r = _streamed_r_sum(f, g, tile) * inv_n
+        else:  # sum_j (<f_i, g_j> + <f_j, g_i>) = <f_i, G_c> + <F_c, g_i>
+            r = (torch.bmm(f, g.sum(1)[:, :, None]) + torch.bmm(g, f.sum(1)[:, :, None])).squeeze(-1) * inv_n
+        ar = torch.arange(len(f), device=f.device)
+
+        def row(p: torch.Tensor) -> torch.Tensor:
+            a_ip = torch.bmm(f, g[ar, p][:, :, None]).squeeze(-1)  # A[i, p] = <f_i, g_p>
+            a_pi = torch.bmm(g, f[ar, p][:, :, None]).squeeze(-1)  # A[p, i] = <f_p, g_i>
+            if approx == "exact":
+                a_ip.clamp_min_(0), a_pi.clamp_min_(0)
+            return (a_ip + a_pi) * inv_n
+
+    u = (r + 2 * e).masked_fill(~grp.valid, -math.inf)
+    return u, row
+
+
+def _greedy_group(u: torch.Tensor, row, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k greedy steps in every class of a group at once: picked index [G, k] and gain [G, k].
+
+    gain_i = u_i - (1/n_c) sum_{j in S_c} P_ij, kept as ``u - pen`` with ``pen`` accumulating the
+    (pre-scaled) rows of the picks. No host sync inside the loop. Steps past a class's size pick
+    padding (gain -inf); the caller truncates each class to its own k_c <= n_c.
+    """
+    G, n = u.shape
+    ar = torch.arange(G, device=u.device)
+    avail = torch.isfinite(u)
+    pen = torch.zeros_like(u)
+    picks = torch.empty(G, k, device=u.device, dtype=torch.long)
+    gains = torch.empty(G, k, device=u.device, dtype=u.dtype)
+    neg_inf = torch.tensor(-math.inf, device=u.device, dtype=u.dtype)
+    for t in range(k):
+        gain = torch.where(avail, u - pen, neg_inf)
+        p = gain.argmax(dim=1)  # first maximal index: ties go to the lower position
+        picks[:, t] = p
+        gains[:, t] = gain[ar, p]
+        avail[ar, p] = False
+        pen += row(p)
+    return picks, gains
+
+
+def _bytes_per_class(n: int, d: int, mode: str, tile: int, itemsize: int) -> int:
+    emb = 2 * n * d * itemsize
+    vec = 8 * n * itemsize  # u, pen, e, r, gains and temporaries
+    tiles = 2 * min(n, tile) ** 2 * itemsize  # the two GEMM tiles in flight
+    if mode == "dense":
+        return emb + vec + tiles + n * n * itemsize
+    return emb + vec + tiles
+
+
+def _plan_groups(sizes: np.ndarray, classes: np.ndarray, d: int, cfg: ClipCovConfig, budget: int):
+    """Split classes (largest first) into groups [(mode, [class ids])] that fit ``budget`` bytes."""
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    order = classes[np.argsort(-sizes[classes], kind="stable")]
+    groups: list[tuple[str, list[int]]] = []
+    for c in order:
+        n = int(sizes[c])
+        mode = "dense"
+        if cfg.approx == "factorized" or _bytes_per_class(n, d, "dense", cfg.tile, itemsize) > budget:
+            mode = "rows"
+        if groups and groups[-1][0] == mode:
+            n0 = int(sizes[groups[-1][1][0]])  # the group's padded size (its first, largest class)
+            if (len(groups[-1][1]) + 1) * _bytes_per_class(n0, d, mode, cfg.tile, itemsize) <= budget:
+                groups[-1][1].append(int(c))
+                continue
+        groups.append((mode, [int(c)]))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalable selection: per-class greedy sequences, merged by gain
+# ---------------------------------------------------------------------------------------------
+def clipcov_merge(
+    image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: int, cfg: ClipCovConfig
+) -> ClipCovResult:
+    """Global greedy of F with budget m, computed as per-class greedy runs merged by gain."""
+    t0 = time.perf_counter()
+    n_total, d = image.shape
+    order, starts = class_members(labels)
+    sizes = np.diff(starts)
+    classes = np.flatnonzero(sizes)
+    frac = m / n_total
+    k = np.minimum(sizes, np.ceil(cfg.slack * frac * sizes).astype(np.int64) + 16)
+    seq_pos: dict[int, np.ndarray] = {}
+    seq_gain: dict[int, np.ndarray] = {}
+    budget, device = cfg.resolved_block_bytes(), torch.device(cfg.device)
+    todo, rounds, reruns, modes = classes, 0, 0, {"dense": 0, "rows": 0}
+    while True:
+        rounds += 1
+        for mode, group in _plan_groups(sizes, todo, d, cfg, budget):
+            members = [order[starts[c] : starts[c + 1]] for c in group]
+            grp = _load_group(image, text, members, device, cfg.torch_dtype)
+            u, row = _group_u_and_rows(grp, cfg.approx, mode, cfg.tile)
+            kc = k[group]
+            picks, gains = _greedy_group(u, row, int(kc.max()))
+            picks, gains = picks.cpu().numpy(), gains.double().cpu().numpy()
+            for j, c in enumerate(group):
+                seq_pos[c] = members[j][picks[j, : kc[j]]]
+                seq_gain[c] = gains[j, : kc[j]]
+            modes[mode] += len(group)
+            del grp, u, row
+        # merge: the m largest gains, ties by position in the class sequence, then class
+        cls = np.concatenate([np.full(len(seq_gain[c]), c) for c in classes])
+        step = np.concatenate([np.arange(len(seq_gain[c])) for c in classes])
+        gain = np.concatenate([seq_gain[c] for c in classes])
+        pos = np.concatenate([seq_pos[c] for c in classes])
+        if len(gain) < m:
+            raise AssertionError("per-class runs hold fewer picks than the budget")  # k_c sums to >= m
+        top = np.lexsort((cls, step, -gain))[:m]
+        taken = np.bincount(cls[top], minlength=len(sizes))
+        unsafe = classes[(taken[classes] == k[classes]) & (k[classes] < sizes[classes])]
+        if len(unsafe) == 0:
+            break
+        reruns += len(unsafe)
+        k[unsafe] = np.minimum(sizes[unsafe], 2 * k[unsafe])
+        todo = unsafe
+        log.info("clipcov: %d classes need longer greedy runs, round %d", len(unsafe), rounds + 1)
+    stats = dict(
+        rounds=rounds,
+        classes=len(classes),
+        classes_rerun=reruns,
+        largest_class=int(sizes.max()),
+        computed_picks=int(sum(len(v) for v in seq_gain.values())),
+        classes_dense=modes["dense"],
+        classes_rows=modes["rows"],
+        seconds=time.perf_counter() - t0,
+    )
+    return ClipCovResult(pos[top].astype(np.int64), gain[top], float(gain[top].sum()), stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global references: plain greedy (argmax every round) and lazy greedy (heap of stale gains)
+# ---------------------------------------------------------------------------------------------
+def _reference_setup(image, text, labels, approx):
+    f = np.asarray(image, dtype=np.float64)
+    g = np.asarray(text, dtype=np.float64)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True).clip(1e-12)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True).clip(1e-12)
+    order, starts = class_members(labels)
+    n_c = np.diff(starts)[labels].astype(np.float64)
+    u = np.empty(len(f))
+    for c in range(len(starts) - 1):
+        idx = order[starts[c] : starts[c + 1]]
+        if len(idx) == 0:
+            continue
+        A = f[idx] @ g[idx].T
+        Ap = np.maximum(A, 0) if approx == "exact" else A
+        u[idx] = (Ap.sum(1) + Ap.sum(0)) / len(idx) + 2 * np.diag(A)
+    clamp = approx == "exact"
+
+    def row(p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class members of p and P[p, members] / n_c (one [n_c] row: two mat-vecs)."""
+        c = labels[p]
+        idx = order[starts[c] : starts[c + 1]]
+        a_ip, a_pi = f[idx] @ g[p], g[idx] @ f[p]
+        if clamp:
+            a_ip, a_pi = np.maximum(a_ip, 0), np.maximum(a_pi, 0)
+        return idx, (a_ip + a_pi) / len(idx)
+
+    return u, n_c, row
+
+
+def clipcov_reference(
+    image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: int, approx: str = "exact", lazy: bool = True
+) -> ClipCovResult:
+    """Global greedy over all samples in float64 numpy (small N only: holds everything in memory).
+
+    Running penalty accumulators ``pen_i = (1/n_c) sum_{j in S_c} P_ij`` are updated with one row
+    per pick, so the exact gain of any sample is ``u_i - pen_i`` in O(1). ``lazy=False``: argmax
+    over all remaining samples every round. ``lazy=True``: a max-heap of stale gains (upper
+    bounds, F being submodular); pop the top, refresh its gain, take it if it still beats the
+    next stale gain, else push it back.
+    """
+    t0 = time.perf_counter()
+    u, _, row = _reference_setup(image, text, labels, approx)
+    n = len(u)
+    if not 1 <= m <= n:
+        raise ValueError(f"budget must be in [1, {n}], got {m}")
+    pen = np.zeros(n)
+    picked, gains, evals = [], [], 0
+    if not lazy:
+        avail = np.ones(n, dtype=bool)
+        for _ in range(m):
+            gain = np.where(avail, u - pen, -np.inf)
+            p = int(np.argmax(gain))
+            picked.append(p), gains.append(gain[p])
+            avail[p] = False
+            idx, r = row(p)
+            pen[idx] += r
+            evals += n
+    else:
+        heap = [(-u[i], i) for i in range(n)]  # (negated stale gain, position): ties -> lower position
+        heapq.heapify(heap)
+        while len(picked) < m:
+            _, i = heapq.heappop(heap)
+            cur = u[i] - pen[i]
+            evals += 1
+            if not heap or (-cur, i) <= heap[0]:
+                picked.append(i), gains.append(cur)
+                idx, r = row(i)
+                pen[idx] += r
+            else:
+                heapq.heappush(heap, (-cur, i))
+    gains = np.asarray(gains)
+    stats = dict(evaluations=evals, seconds=time.perf_counter() - t0)
+    return ClipCovResult(np.asarray(picked, dtype=np.int64), gains, float(gains.sum()), stats)
+
+
+def clipcov_select(
+    image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: int, cfg: ClipCovConfig | None = None
+) -> ClipCovResult:
+    """Pick m rows maximising F greedily; ``labels`` int64 [N] are the proxy classes (0..C-1)."""
+    cfg = cfg or ClipCovConfig()
+    n = len(labels)
+    if image.shape != text.shape or image.shape[0] != n:
+        raise ValueError(f"image {image.shape}, text {text.shape} and labels [{n}] disagree")
+    if not 1 <= m <= n:
+        raise ValueError(f"budget must be in [1, {n}], got {m}")
+    if cfg.algorithm == "merge":
+        return clipcov_merge(image, text, labels, m, cfg)
+    return clipcov_reference(image, text, labels, m, cfg.approx, lazy=cfg.algorithm == "lazy")

@@ -1,0 +1,273 @@
+"""The online selection strategies of METHOD.md, keyed by name and by the reference code's alias.
+
+A strategy answers two questions per step: does this step need a scoring pass over the whole
+batch, and which k batch positions are trained on. Everything runs on the training device with
+no host synchronisation and no Python loop over samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dissect_fast.selection.history import HistoryBuffer
+
+#: name -> reference-code alias (METHOD.md table)
+STRATEGIES: dict[str, str | None] = {
+    "full": None,
+    "random": "random",
+    "clipscore": "clipscore",
+    "small_loss": "small_loss",
+    "big_loss": "big_loss",
+    "dissect-momentum": "historical_base_sampling",
+    "dissect-warmup": "warmup_base_sampling",
+}
+_ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
+_ALIASES.update({"none": "full", "dissect_momentum": "dissect-momentum", "dissect_warmup": "dissect-warmup"})
+
+
+def resolve_strategy(name: str) -> str:
+    """Canonical strategy name for a name or a reference alias; KeyError with the valid names otherwise."""
+    if name in STRATEGIES:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    valid = ", ".join(list(STRATEGIES) + sorted(a for a in _ALIASES if a not in STRATEGIES))
+    raise KeyError(f"--select-strategy: unknown strategy {name!r}; choose one of: {valid}")
+
+
+def topk_positions(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest keys, descending by key; ties go to the smaller position.
+
+    A stable descending sort keeps equal keys in position order, which is the tie rule.
+    """
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=key.device)
+    order = torch.sort(key, descending=True, stable=True).indices
+    return order[:k]
+
+
+def clip_scores(image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """CLIPScore s_i = max(0, scale * cos(f_i, g_i)) in float32."""
+    f = F.normalize(image_features.float(), dim=-1)
+    g = F.normalize(text_features.float(), dim=-1)
+    return (scale * (f * g).sum(-1)).clamp_min(0.0)
+
+
+def per_sample_clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE loss of every pair inside the local batch, with the learned logit scale."""
+    f = F.normalize(image_features.float(), dim=-1)
+    g = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale.float() * f @ g.t()
+    labels = torch.arange(f.shape[0], device=f.device)
+    li = F.cross_entropy(logits, labels, reduction="none")
+    lt = F.cross_entropy(logits.t(), labels, reduction="none")
+    return 0.5 * (li + lt)
+
+
+@dataclass
+class Selection:
+    """What a step trains on, and what it measured (for diagnostics)."""
+
+    index: torch.Tensor | None  #: batch positions to train on; None = the whole batch
+    score: torch.Tensor | None = None  #: CLIPScore of every batch sample, when a scoring pass ran
+    delta: torch.Tensor | None = None  #: the DISSect differential, when the strategy has one
+
+
+def score_and_select(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    ids: torch.Tensor,
+    history: torch.Tensor | None,
+    k: int,
+    *,
+    momentum: float | None,
+    key: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score, differential, in-place history update and top-k: the op the fused kernel implements.
+
+    Delegates to ``dissect_fast.kernels.fused_select`` (Triton on CUDA, torch reference elsewhere).
+    """
+    from dissect_fast.kernels.fused_select import fused_select
+
+    return fused_select(
+        image_features, text_features, ids, history, k, momentum=momentum, scale=scale, key=key
+    )
+
+
+class Strategy:
+    """Per-step selection policy. Subclasses set the class attributes and implement ``select``."""
+
+    name = "full"
+    history_momentum: float | None = None
+
+    def __init__(self, k: int, batch_size: int, num_ids: int, device: torch.device, cfg) -> None:
+        self.k, self.batch_size, self.cfg = k, batch_size, cfg
+        self.history = HistoryBuffer(num_ids, device) if self.uses_history else None
+
+    uses_history = False
+
+    def needs_scoring(self, epoch: int) -> bool:
+        """Whether this step needs the no-grad scoring forward over the whole batch."""
+        return False
+
+    def trains_full_batch(self, epoch: int) -> bool:
+        return False
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        raise NotImplementedError
+
+    def history_updates(self, epoch: int) -> float | None:
+        """Momentum of the history update this epoch (None: no update)."""
+        return None
+
+    def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
+        """Called with the training forward's detached features when no scoring pass ran: returns
+        their CLIPScores (diagnostics); strategies that record from training features do it here."""
+        return clip_scores(*feats, scale)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.state_dict()} if self.history is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.history is not None:
+            self.history.load_state_dict(state["history"])
+
+
+class Full(Strategy):
+    name = "full"
+
+    def trains_full_batch(self, epoch: int) -> bool:
+        return True
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        return Selection(index=None)
+
+
+class Random(Strategy):
+    name = "random"
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        perm = torch.randperm(ids.shape[0], device=ids.device, generator=generator)
+        return Selection(index=perm[: self.k])
+
+
+class ClipScore(Strategy):
+    name = "clipscore"
+
+    def needs_scoring(self, epoch: int) -> bool:
+        return True
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        index, score, _ = score_and_select(*feats, ids, None, self.k, momentum=None, key="score", scale=scale)
+        return Selection(index=index, score=score)
+
+
+class _LossBased(Strategy):
+    sign = 1.0
+
+    def needs_scoring(self, epoch: int) -> bool:
+        return True
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        loss = per_sample_clip_loss(*feats, logit_scale)
+        return Selection(index=topk_positions(self.sign * loss, self.k), score=clip_scores(*feats, scale))
+
+
+class SmallLoss(_LossBased):
+    name = "small_loss"
+    sign = -1.0
+
+
+class BigLoss(_LossBased):
+    name = "big_loss"
+    sign = 1.0
+
+
+class DissectMomentum(Strategy):
+    """Keep the largest delta = h[id] - s; then h <- beta * h + (1 - beta) * s (h <- s when unseen)."""
+
+    name = "dissect-momentum"
+    uses_history = True
+
+    def needs_scoring(self, epoch: int) -> bool:
+        return True
+
+    def history_updates(self, epoch: int) -> float | None:
+        return self.cfg.momentum
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        m = self.history_updates(epoch) if self.history.local_updates else None
+        index, score, delta = score_and_select(
+            *feats, ids, self.history.values, self.k, momentum=m, key="delta", scale=scale
+        )
+        return Selection(index=index, score=score, delta=delta)
+
+
+class DissectWarmup(Strategy):
+    """Warm-up epochs (< W): train on a random k-subset (or the full batch) and record w[id] <- s.
+    Then keep the largest delta = w[id] - s with w frozen."""
+
+    name = "dissect-warmup"
+    uses_history = True
+
+    def in_warmup(self, epoch: int) -> bool:
+        return epoch < self.cfg.warmup_point
+
+    def needs_scoring(self, epoch: int) -> bool:
+        # Only the last warm-up epoch's scores survive, so earlier random-subset warm-up epochs skip
+        # scoring. With --warmup-train full the training forward itself yields every score.
+        if self.in_warmup(epoch):
+            return self.cfg.warmup_train == "random" and epoch == self.cfg.warmup_point - 1
+        return True
+
+    def trains_full_batch(self, epoch: int) -> bool:
+        return self.in_warmup(epoch) and self.cfg.warmup_train == "full"
+
+    def history_updates(self, epoch: int) -> float | None:
+        # momentum 0.0 records the score: w[id] <- s. Only epoch W-1's record survives, so that is
+        # the only warm-up epoch that needs to write.
+        return 0.0 if self.in_warmup(epoch) and epoch == self.cfg.warmup_point - 1 else None
+
+    def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
+        m = self.history_updates(epoch)
+        if m is None or not self.history.local_updates:
+            return clip_scores(*feats, scale)
+        _, score, _ = score_and_select(*feats, ids, self.history.values, 0, momentum=m, key="delta", scale=scale)
+        return score
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        if self.in_warmup(epoch):
+            m = self.history_updates(epoch)
+            score = delta = None
+            if feats is not None:
+                _, score, delta = score_and_select(
+                    *feats,
+                    ids,
+                    self.history.values,
+                    0,
+                    momentum=m if self.history.local_updates else None,
+                    key="delta",
+                    scale=scale,
+                )
+            if self.trains_full_batch(epoch):
+                return Selection(index=None, score=score, delta=delta)
+            perm = torch.randperm(ids.shape[0], device=ids.device, generator=generator)
+            return Selection(index=perm[: self.k], score=score, delta=delta)
+        index, score, delta = score_and_select(
+            *feats, ids, self.history.values, self.k, momentum=None, key="delta", scale=scale
+        )
+        return Selection(index=index, score=score, delta=delta)
+
+
+_CLASSES = {c.name: c for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup)}
+
+
+def make_strategy(cfg, batch_size: int, num_ids: int, device: torch.device) -> Strategy:
+    """Build the strategy named by a SelectConfig."""
+    return _CLASSES[cfg.strategy](cfg.k(batch_size), batch_size, num_ids, device, cfg)

@@ -1,0 +1,403 @@
+"""The training step and the epoch loop.
+
+One step: (scoring forward of the whole batch) -> select k -> forward + backward of the selected
+sub-batch -> AdamW -> history update. No host synchronisation inside a step: losses and counters
+stay on the device and are read every ``--log-every-n-steps`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dissect_fast import checkpoint as ckpt_io
+from dissect_fast.config import TrainConfig, save_config
+from dissect_fast.data.loader import ShardDataset, TorchLoader
+from dissect_fast.data.shards import resolve_data
+from dissect_fast.diagnostics import EpochDiagnostics, plot_epoch, plot_history
+from dissect_fast.distributed import DistInfo, all_gather_cat, barrier, init_distributed
+from dissect_fast.evaluate import evaluate
+from dissect_fast.model import (
+    Forwards,
+    create_model,
+    make_optimizer,
+    model_name_for,
+    resolve_device,
+    resolve_precision,
+)
+from dissect_fast.selection.strategies import make_strategy
+
+log = logging.getLogger("dissect_fast")
+
+
+def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    e, es = step - warmup, max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base
+
+
+def provenance(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import open_clip
+
+    info = {
+        "commit": commit or "unknown",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "host": platform.node(),
+        "argv": sys.argv,
+    }
+    return info
+
+
+def setup_logging(run_dir: str | None, is_main: bool) -> None:
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    log.addHandler(h)
+    if run_dir and is_main:
+        fh = logging.FileHandler(os.path.join(run_dir, "out.log"))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.model.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            if cfg.model.device == "auto" or cfg.model.device == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(cfg.model.precision, self.device)
+        self._set_seed(cfg.run.seed + self.dist.rank)
+        self.run_dir = self._run_dir()
+        setup_logging(self.run_dir, self.dist.is_main)
+
+        # Everything the user can get wrong fails here, before any model, loader or GPU work.
+        self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
+        self.train_shards, self.index = resolve_data(cfg.data.train_data, "--train-data")
+        self.val_shards = resolve_data(cfg.data.val_data, "--val-data")[0] if cfg.data.val_data else None
+        self.num_ids = self._num_ids()
+        self.subset_mask, self.num_samples = self._subset_and_count()
+        self.steps_per_epoch = self.num_samples // (cfg.data.batch_size * self.dist.world_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.num_samples} training samples make no full batch of --batch-size {cfg.data.batch_size} "
+                f"x {self.dist.world_size} rank(s): lower the batch size"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+
+        self.model, pre_train, pre_val, self.context_length = create_model(self.model_name, self.device)
+        self.forwards = Forwards(self.model, self.precision, self.device, cfg.model.compile, self.dist.enabled)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp")
+        self.loss_fn = self._loss()
+        self.strategy = make_strategy(cfg.select, cfg.data.batch_size, self.num_ids, self.device)
+        if self.strategy.history is not None:
+            self.strategy.history.local_updates = not self.dist.enabled
+        self.k = cfg.select.k(cfg.data.batch_size)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.run.seed * 7919 + self.dist.rank)
+        self.train_loader = self._loader(self.train_shards, pre_train, train=True)
+        self.val_loader = self._loader(self.val_shards, pre_val, train=False) if self.val_shards else None
+        clean = self.index.clean_flags() if self.index is not None else None
+        self.diag = EpochDiagnostics(self.num_ids, self.device, clean)
+        self.start_epoch, self.step = 0, 0
+        self.metrics: list[dict] = []
+        self.score_scale = 100.0
+        self.tb = None
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _set_seed(self, seed: int) -> None:
+        import random
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _run_dir(self) -> str:
+        r = self.cfg.run
+        if r.name is None:
+            r.name = f"{self.cfg.select.strategy}-{time.strftime('%Y_%m_%d-%H_%M_%S')}"
+        path = os.path.join(r.logs, r.name)
+        if self.dist.is_main:
+            os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+        barrier(self.dist)
+        return path
+
+    def _num_ids(self) -> int:
+        if self.index is not None:
+            return self.index.num_ids
+        if self.strategy_needs_index():
+            raise ValueError(
+                f"--train-data {self.cfg.data.train_data}: no dataset index (index.json) beside the shards; "
+                f"the history buffer needs the id range: run `dissect-fast index` on them"
+            )
+        return self.cfg.data.train_num_samples or 1
+
+    def strategy_needs_index(self) -> bool:
+        return self.cfg.select.strategy in ("dissect-momentum", "dissect-warmup") or self.cfg.data.subset is not None
+
+    def _subset_and_count(self) -> tuple[np.ndarray | None, int]:
+        d = self.cfg.data
+        n = d.train_num_samples or (self.index.num_samples if self.index is not None else None)
+        if n is None:
+            raise ValueError("--train-num-samples is needed: the shards have no dataset index (index.json)")
+        if d.subset is None:
+            return None, n
+        ids = np.load(d.subset)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"--subset {d.subset}: expected a 1-D integer array of sample ids")
+        if ids.size == 0:
+            raise ValueError(f"--subset {d.subset}: the subset is empty")
+        if ids.min() < 0 or ids.max() >= self.num_ids:
+            raise ValueError(f"--subset {d.subset}: ids outside [0, {self.num_ids}) of the training data")
+        mask = np.zeros(self.num_ids, dtype=bool)
+        mask[ids] = True
+        if mask.sum() != ids.size:
+            raise ValueError(f"--subset {d.subset}: duplicate ids")
+        return mask, min(n, int(ids.size))
+
+    def _loss(self):
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
+                        rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _loader(self, shards, transform, train: bool):
+        d = self.cfg.data
+        if d.data_backend == "dali":
+            raise NotImplementedError("--data-backend dali is not available yet: use --data-backend torch")
+        ds = ShardDataset(
+            shards, d.batch_size, transform, self.context_length, train=train, seed=self.cfg.run.seed,
+            rank=self.dist.rank if train else 0, world_size=self.dist.world_size if train else 1,
+            subset_mask=self.subset_mask if train else None, num_ids=self.num_ids if train else None,
+        )
+        return TorchLoader(ds, d.workers, self.device, drop_last=train)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, epoch_done: int) -> dict:
+        return {
+            "state_dict": ckpt_io.strip_prefixes(self.model.state_dict()),
+            "model_name": self.model_name,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "epoch": epoch_done,
+            "step": self.step,
+            "rng": ckpt_io.rng_state(),
+            "generator": self.generator.get_state(),
+            "config": self.cfg.to_dict(),
+            "metrics": self.metrics,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("model_name") != self.model_name:
+            raise ValueError(
+                f"--resume: checkpoint was trained with model {state.get('model_name')!r}, this run builds "
+                f"{self.model_name!r}: pass the same --model"
+            )
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.metrics = list(state.get("metrics", []))
+        ckpt_io.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+
+    def resume_path(self) -> str | None:
+        r = self.cfg.run.resume
+        if r is None:
+            return None
+        if r == "latest":
+            p = os.path.join(self.run_dir, "checkpoints", "latest.pt")
+            return p if os.path.isfile(p) else None
+        if not os.path.isfile(r):
+            raise FileNotFoundError(f"--resume {r}: no such checkpoint")
+        return r
+
+    def save(self, epoch_done: int) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.state_dict(epoch_done)
+        d = os.path.join(self.run_dir, "checkpoints")
+        ckpt_io.save_checkpoint(state, os.path.join(d, f"epoch_{epoch_done}.pt"))
+        ckpt_io.save_checkpoint(state, os.path.join(d, "latest.pt"))
+
+    # ------------------------------------------------------------------ the step
+    def _scale(self) -> float:
+        return self.score_scale
+
+    def _refresh_scale(self) -> None:
+        # --score-scale learned reads logit_scale.exp() on the host only at log steps (a sync there
+        # anyway), so the step itself stays sync-free; the scale drifts slowly, so this is exact
+        # enough and documented.
+        if self.cfg.model.score_scale == "learned":
+            self.score_scale = float(self.model.logit_scale.detach().exp())
+
+    def train_step(self, epoch: int, images, tokens, ids) -> torch.Tensor:
+        strategy = self.strategy
+        feats = self.forwards.score(images, tokens) if strategy.needs_scoring(epoch) else None
+        logit_scale = self.model.logit_scale.detach().exp()
+        sel = strategy.select(epoch, ids, feats, logit_scale, self._scale(), self.generator)
+        if sel.index is None:
+            t_images, t_tokens, t_ids = images, tokens, ids
+        else:
+            t_images, t_tokens, t_ids = images[sel.index], tokens[sel.index], ids[sel.index]
+
+        out = self.forwards.train(t_images, t_tokens)
+        loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+        score, delta = sel.score, sel.delta
+        if score is None:  # no scoring pass: the training forward's features score what was trained
+            tf = (out["image_features"].detach(), out["text_features"].detach())
+            score = strategy.observe(epoch, t_ids, tf, self._scale())
+        m = strategy.history_updates(epoch)
+        if self.dist.enabled and m is not None and strategy.history is not None:
+            scored_ids = ids if score.shape[0] == ids.shape[0] else t_ids
+            strategy.history.update(all_gather_cat(scored_ids, self.dist), all_gather_cat(score.float(), self.dist), m)
+        self.diag.record(ids, score, delta, t_ids)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        if self.dist.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.json"))
+            prov = provenance(self.device)
+            with open(os.path.join(self.run_dir, "provenance.json"), "w") as f:
+                json.dump(prov, f, indent=1)
+            log.info("provenance: %s", json.dumps(prov))
+            log.info("config: %s", json.dumps(cfg.to_dict()))
+        path = self.resume_path()
+        if path is not None:
+            self.load_state_dict(ckpt_io.load_checkpoint(path))
+            log.info("resumed from %s at epoch %d (step %d)", path, self.start_epoch, self.step)
+        elif cfg.run.resume == "latest":
+            log.info("--resume latest: no checkpoint in %s yet, starting fresh", self.run_dir)
+        log.info(
+            "model %s on %s (%s), %d samples, %d ids, batch %d x %d rank(s), k = %d (%s), %d steps/epoch",
+            self.model_name, self.device, self.precision, self.num_samples, self.num_ids, cfg.data.batch_size,
+            self.dist.world_size, self.k, cfg.select.strategy, self.steps_per_epoch,
+        )
+        if cfg.run.tensorboard and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        t_start = time.time()
+        for epoch in range(self.start_epoch, cfg.optim.epochs):
+            metrics = self.train_epoch(epoch, t_start)
+            self.metrics.append(metrics)
+            if self.dist.is_main:
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if self.tb is not None:
+                    for k, v in metrics.items():
+                        if isinstance(v, (int, float)):
+                            self.tb.add_scalar(k, v, self.step)
+                if cfg.run.plots:
+                    plot_history(self.metrics, os.path.join(self.run_dir, "plots"))
+            self.save(epoch + 1)
+            barrier(self.dist)
+        if self.tb is not None:
+            self.tb.close()
+        return self.metrics
+
+    def train_epoch(self, epoch: int, t_start: float) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        self.diag.reset()
+        self.train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        n_steps, t0, last_loss = 0, time.time(), float("nan")
+        bar = None
+        if cfg.run.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False)
+        for images, tokens, ids in self.train_loader:
+            if n_steps >= self.steps_per_epoch:  # every rank runs the same number of steps
+                break
+            lr = cosine_lr(self.step, cfg.optim.lr, cfg.optim.warmup, self.total_steps)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            loss = self.train_step(epoch, images, tokens, ids)
+            loss_sum += loss
+            n_steps += 1
+            self.step += 1
+            if n_steps % cfg.run.log_every_n_steps == 0 or n_steps == self.steps_per_epoch:
+                last_loss = float(loss)  # the one host sync, every n steps
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: lower --lr or use fp32")
+                self._refresh_scale()
+                if bar is not None:
+                    rate = n_steps * cfg.data.batch_size * self.dist.world_size / max(1e-9, time.time() - t0)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        wall = time.time() - t0
+        stats = dict(self.train_loader.stats)
+        metrics = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "samples_seen": self.step * cfg.data.batch_size * self.dist.world_size,
+            "wall_s": round(time.time() - t_start, 3),
+            "epoch_wall_s": round(wall, 3),
+            "train_loss": float(loss_sum) / max(1, n_steps),
+            "lr": cosine_lr(max(0, self.step - 1), cfg.optim.lr, cfg.optim.warmup, self.total_steps),
+            "data/bad_samples": int(stats.get("bad_samples", 0)),
+        }
+        metrics.update(self.diag.summary())
+        bad_frac = stats.get("bad_samples", 0) / max(1, stats.get("ok", 0) + stats.get("bad_samples", 0))
+        if stats.get("bad_samples"):
+            worst = sorted(((v, k[6:]) for k, v in stats.items() if k.startswith("shard:")), reverse=True)[:5]
+            log.warning("epoch %d: skipped %d bad samples (%s); worst shards: %s", epoch, stats["bad_samples"],
+                        {k: v for k, v in stats.items() if not k.startswith("shard:") and k != "ok"}, worst)
+            if bad_frac > cfg.data.max_bad_fraction:
+                raise RuntimeError(
+                    f"{100 * bad_frac:.2f}% of training samples were unreadable (> --max-bad-fraction "
+                    f"{cfg.data.max_bad_fraction}); worst shards: {worst}"
+                )
+        if self.val_loader is not None and ((epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == cfg.optim.epochs):
+            if self.dist.is_main:
+                metrics.update(evaluate(self.model, self.val_loader, self.precision, self.device))
+        if self.dist.is_main and cfg.run.plots and self.diag.clean is not None:
+            plot_epoch(self.diag.arrays(), epoch + 1, os.path.join(self.run_dir, "plots"))
+        log.info("epoch %d: %s", epoch + 1, json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                                         for k, v in metrics.items()}))
+        return metrics
