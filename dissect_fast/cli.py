@@ -111,6 +111,12 @@ def _embed(argv: list[str]) -> int:
     return main_embed(argv) or 0
 
 
+def _index(argv: list[str]) -> int:
+    from dissect_fast.data.index_tool import main_index
+
+    return main_index(argv) or 0
+
+
 def _bench(argv: list[str]) -> int:
     import importlib.util
     import os
@@ -131,6 +137,7 @@ COMMANDS = {
     "synth": (_synth, "write a synthetic noisy image-caption data set as shards"),
     "shards": (_shards, "write shards from a CSV of captions and a folder of images"),
     "train": (_train, "train (same flags as python -m dissect_fast.train)"),
+    "index": (_index, "dataset index (+ DALI .idx files) for shards made elsewhere"),
     "eval": (_eval, "retrieval metrics of a checkpoint on validation shards"),
     "demo": (_demo, "the embedded demo: full data vs DISSect vs baselines on noisy synthetic data"),
     "embed": (_embed, "embeddings of every sample with a reference model (offline selection)"),

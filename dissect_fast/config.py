@@ -60,6 +60,9 @@ class ModelConfig:
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
     compile: bool = False  #: torch.compile the training and scoring forwards
     score_scale: str = "100"  #: 100 (reference) or learned (the model's logit_scale.exp())
+    score_resolution: int | None = None  #: score at this image side (ViT: pos-embeddings interpolated)
+    score_patch_dropout: float = 0.0  #: ViT: share of patch tokens dropped at random in the scoring pass
+    score_cudagraphs: bool = False  #: with --compile on CUDA: replay the scoring pass as a CUDA graph
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "amp_bf16", "amp", "bf16"):
@@ -68,6 +71,12 @@ class ModelConfig:
             self.precision = "amp_bf16"
         if self.score_scale not in ("100", "learned"):
             raise ConfigError(f"--score-scale must be 100 or learned, got {self.score_scale!r}")
+        if self.score_resolution is not None and self.score_resolution < 1:
+            raise ConfigError(f"--score-resolution must be >= 1 pixel (or left out), got {self.score_resolution}")
+        if not 0.0 <= self.score_patch_dropout < 1.0:
+            raise ConfigError(f"--score-patch-dropout must be in [0, 1), got {self.score_patch_dropout}")
+        # the model-dependent checks (ViT only, <= image size, multiple of the patch size) run in
+        # dissect_fast.model.check_scoring_options once the model name is resolved
         if self.model_config is not None and not os.path.isfile(self.model_config):
             raise ConfigError(f"--model-config {self.model_config}: no such file")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -102,11 +111,12 @@ class OptimConfig:
 class SelectConfig:
     """Online batch selection (METHOD.md)."""
 
-    strategy: str = "full"  #: full | random | clipscore | small_loss | big_loss | dissect-momentum | dissect-warmup
+    strategy: str = "full"  #: full | random | clipscore | small_loss | big_loss | dissect-momentum | dissect-warmup | dissect-gain
     rate: float = 0.2  #: r: share of each batch trained on, k = floor(r * B)
     warmup_point: int = 10  #: dissect-warmup: epochs < W are the warm-up
     momentum: float = 0.9  #: dissect-momentum: beta of the history update
     warmup_train: str = "random"  #: dissect-warmup, epochs < W: random k-subset or full batch
+    backend: str = "auto"  #: selection op: auto (fused Triton on CUDA) | triton | torch (unfused reference)
 
     def __post_init__(self) -> None:
         try:
@@ -119,8 +129,10 @@ class SelectConfig:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.warmup_train not in ("random", "full"):
             raise ConfigError(f"--warmup-train must be random or full, got {self.warmup_train!r}")
-        if self.warmup_point < 1 and self.strategy == "dissect-warmup":
-            raise ConfigError(f"--warmup-point must be >= 1 epoch for dissect-warmup, got {self.warmup_point}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"--select-backend must be auto, triton or torch, got {self.backend!r}")
+        if self.warmup_point < 1 and self.strategy in ("dissect-warmup", "dissect-gain"):
+            raise ConfigError(f"--warmup-point must be >= 1 epoch for {self.strategy}, got {self.warmup_point}")
 
     def k(self, batch_size: int) -> int:
         """Samples trained per rank and step."""
@@ -159,7 +171,7 @@ class TrainConfig:
                 f"--select-rate {s.rate} x --batch-size {self.data.batch_size} leaves k = 0 samples to train on: "
                 f"raise the rate or the batch size (k = floor(r * B) >= 1)"
             )
-        if s.strategy == "dissect-warmup" and s.warmup_point >= o.epochs:
+        if s.strategy in ("dissect-warmup", "dissect-gain") and s.warmup_point >= o.epochs:
             raise ConfigError(
                 f"--warmup-point {s.warmup_point} >= --epochs {o.epochs}: the warm-up would never end; "
                 f"use a warm-up point below the number of epochs"
@@ -203,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--compile", action="store_true", help="torch.compile the forwards")
     m.add_argument("--score-scale", default="100", choices=["100", "learned"])
+    m.add_argument("--score-resolution", type=int, default=None,
+                   help="score at this image side in pixels (ViT: multiple of the patch size, <= image size)")
+    m.add_argument("--score-patch-dropout", type=float, default=0.0,
+                   help="ViT only: share of patch tokens dropped at random in the scoring pass")
+    m.add_argument("--score-cudagraphs", action="store_true",
+                   help="with --compile on CUDA: compile the scoring pass with CUDA graphs (reduce-overhead)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=32)
     o.add_argument("--lr", type=float, default=5e-4)
@@ -224,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup-point", type=int, default=10, help="dissect-warmup: warm-up epochs")
     s.add_argument("--momentum", type=float, default=0.9, help="dissect-momentum: history momentum beta")
     s.add_argument("--warmup-train", default="random", choices=["random", "full"])
+    s.add_argument("--select-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="selection op: auto = fused Triton kernel on CUDA; torch = the unfused reference")
     r = p.add_argument_group("run")
     r.add_argument("--logs", default="./logs")
     r.add_argument("--name", default=None)
@@ -260,6 +280,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 device=a.device,
                 compile=a.compile,
                 score_scale=a.score_scale,
+                score_resolution=a.score_resolution,
+                score_patch_dropout=a.score_patch_dropout,
+                score_cudagraphs=a.score_cudagraphs,
             ),
             optim=OptimConfig(
                 epochs=a.epochs,
@@ -277,6 +300,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 warmup_point=a.warmup_point,
                 momentum=a.momentum,
                 warmup_train=a.warmup_train,
+                backend=a.select_backend,
             ),
             run=RunConfig(
                 logs=a.logs,

@@ -104,7 +104,8 @@ def plot_history(metrics: list[dict], out_dir: str) -> None:
             ax.plot(ep, [m[key] for m in metrics], marker="o", label=key.split("/")[1])
     ax.set_xlabel("epoch")
     ax.set_ylabel("R@1 (%)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "retrieval_r1.png"), dpi=90)
     plt.close(fig)

@@ -121,6 +121,7 @@ class Trainer:
         self.k = cfg.select.k(cfg.data.batch_size)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.run.seed * 7919 + self.dist.rank)
+        self.data_backend = self._data_backend()
         self.train_loader = self._loader(self.train_shards, pre_train, train=True)
         self.val_loader = self._loader(self.val_shards, pre_val, train=False) if self.val_shards else None
         clean = self.index.clean_flags() if self.index is not None else None
@@ -159,7 +160,7 @@ class Trainer:
         return self.cfg.data.train_num_samples or 1
 
     def strategy_needs_index(self) -> bool:
-        return self.cfg.select.strategy in ("dissect-momentum", "dissect-warmup") or self.cfg.data.subset is not None
+        return self.cfg.select.strategy in ("dissect-momentum", "dissect-warmup", "dissect-gain") or self.cfg.data.subset is not None
 
     def _subset_and_count(self) -> tuple[np.ndarray | None, int]:
         d = self.cfg.data
@@ -187,10 +188,34 @@ class Trainer:
         return ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
                         rank=self.dist.rank, world_size=self.dist.world_size)
 
+    def _data_backend(self) -> str:
+        """``auto``: DALI when the device is CUDA and DALI imports; the torch loader otherwise."""
+        want = self.cfg.data.data_backend
+        if want == "torch":
+            return "torch"
+        from dissect_fast.data.dali_loader import dali_unavailable_reason
+
+        reason = dali_unavailable_reason()
+        if want == "dali":
+            if reason:
+                raise ValueError(f"--data-backend dali: {reason}; install nvidia-dali-cuda130 or use --data-backend torch")
+            return "dali"
+        if self.device.type != "cuda" or reason:
+            return "torch"
+        return "dali"
+
     def _loader(self, shards, transform, train: bool):
         d = self.cfg.data
-        if d.data_backend == "dali":
-            raise NotImplementedError("--data-backend dali is not available yet: use --data-backend torch")
+        if self.data_backend == "dali":
+            from dissect_fast.data.dali_loader import DaliLoader, Preprocess
+
+            return DaliLoader(
+                shards, d.batch_size, self.context_length, Preprocess.from_transform(transform), train=train,
+                device=self.device, seed=self.cfg.run.seed, rank=self.dist.rank if train else 0,
+                world_size=self.dist.world_size if train else 1, workers=max(2, d.workers),
+                index=self.index if train else None, subset_mask=self.subset_mask if train else None,
+                num_ids=self.num_ids if train else None,
+            )
         ds = ShardDataset(
             shards, d.batch_size, transform, self.context_length, train=train, seed=self.cfg.run.seed,
             rank=self.dist.rank if train else 0, world_size=self.dist.world_size if train else 1,
@@ -309,8 +334,8 @@ class Trainer:
         elif cfg.run.resume == "latest":
             log.info("--resume latest: no checkpoint in %s yet, starting fresh", self.run_dir)
         log.info(
-            "model %s on %s (%s), %d samples, %d ids, batch %d x %d rank(s), k = %d (%s), %d steps/epoch",
-            self.model_name, self.device, self.precision, self.num_samples, self.num_ids, cfg.data.batch_size,
+            "model %s on %s (%s), data %s, %d samples, %d ids, batch %d x %d rank(s), k = %d (%s), %d steps/epoch",
+            self.model_name, self.device, self.precision, self.data_backend, self.num_samples, self.num_ids, cfg.data.batch_size,
             self.dist.world_size, self.k, cfg.select.strategy, self.steps_per_epoch,
         )
         if cfg.run.tensorboard and self.dist.is_main:
@@ -336,6 +361,28 @@ class Trainer:
             self.tb.close()
         return self.metrics
 
+    def _epoch_batches(self):
+        """Exactly ``steps_per_epoch`` batches on every rank (DDP needs equal step counts): a rank
+        whose shards run dry early (uneven shard counts) starts another pass over them, logged."""
+        n, passes = 0, 0
+        while n < self.steps_per_epoch:
+            got = 0
+            it = iter(self.train_loader)
+            for batch in it:
+                yield batch
+                got += 1
+                n += 1
+                if n >= self.steps_per_epoch:
+                    for _ in it:  # drain the tail so the workers' skip counts arrive
+                        self.train_loader.stats["dropped_tail"] += self.cfg.data.batch_size
+                    return
+            passes += 1
+            if got == 0:
+                raise RuntimeError(f"rank {self.dist.rank}: the training loader yielded no batch (too few shards "
+                                   f"for {self.dist.world_size} rank(s) x workers, or every sample unreadable)")
+            log.warning("rank %d: shards ran out after %d of %d steps; repeating them (give every rank the same "
+                        "number of samples, e.g. shards divisible by ranks)", self.dist.rank, n, self.steps_per_epoch)
+
     def train_epoch(self, epoch: int, t_start: float) -> dict:
         cfg = self.cfg
         self.model.train()
@@ -348,9 +395,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False)
-        for images, tokens, ids in self.train_loader:
-            if n_steps >= self.steps_per_epoch:  # every rank runs the same number of steps
-                break
+        for images, tokens, ids in self._epoch_batches():
             lr = cosine_lr(self.step, cfg.optim.lr, cfg.optim.warmup, self.total_steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr

@@ -97,9 +97,9 @@ def test_warmup_records_then_freezes():
     f, g = feats_with_cos([0.4, 0.5, 0.1, 0.2, 0.3])
     s.select(1, ids, (f, g), torch.tensor(1.0), 100.0, gen)  # last warm-up epoch: w <- s
     assert torch.allclose(s.history.values[:5], torch.tensor([40.0, 50.0, 10.0, 20.0, 30.0]), atol=1e-3)
-    f2, g2 = feats_with_cos([0.1, 0.5, 0.1, 0.25, 0.3])  # after warm-up: delta = w - s, w frozen
+    f2, g2 = feats_with_cos([0.1, 0.55, 0.15, 0.25, 0.3])  # after warm-up: delta = w - s, w frozen
     sel = s.select(2, ids, (f2, g2), torch.tensor(1.0), 100.0, gen)
-    assert sel.index.tolist() == [0, 3]  # delta = [30, 0, 0, -5, 0]
+    assert sel.index.tolist() == [0, 4]  # delta = [30, -5, -5, -5, 0]
     assert torch.allclose(s.history.values[:5], torch.tensor([40.0, 50.0, 10.0, 20.0, 30.0]), atol=1e-3)
 
 

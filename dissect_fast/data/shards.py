@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -207,7 +208,23 @@ class ShardWriter:
             root=os.path.abspath(self.out_dir),
         )
         idx.save(self.out_dir)
+        write_dali_indexes([os.path.join(self.out_dir, s.path) for s in self.shards])
         return idx
+
+
+def write_dali_indexes(shards: list[str]) -> None:
+    """DALI ``.idx`` files (+ sidecars) beside freshly written shards, so the DALI loader can start at once.
+
+    Pure Python (no DALI needed: shards are often written on machines without it). Tolerant: a
+    failure only means the DALI loader builds the files itself later, so it is logged, not raised.
+    """
+    try:
+        from dissect_fast.data.index_tool import build_shard_index
+
+        for path in shards:
+            build_shard_index(path, verify="none")  # we encoded the images ourselves
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("dissect_fast").debug("no DALI .idx files for %s: %s", os.path.dirname(shards[0]), e)
 
 
 def tokenizer_for(context_length: int = DEFAULT_CONTEXT_LENGTH):

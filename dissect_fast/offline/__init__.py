@@ -12,9 +12,9 @@ from dissect_fast.offline.subset import SubsetResult, budget_for, main_select_su
 __all__ = [
     "ClipCovConfig",
     "ClipCovResult",
+    "EmbeddingWriter",
     "Embeddings",
     "EmbeddingsError",
-    "EmbeddingWriter",
     "SubsetResult",
     "budget_for",
     "clipcov_reference",

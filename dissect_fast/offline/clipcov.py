@@ -22,16 +22,27 @@ are >= 2 e_i (1 + 1/n_c) >= 0 (the j = k term of r_k is never subtracted) and F 
 Separability, and why the per-class merge is the global greedy. The gain of a class-c sample
 depends only on S_c. So the global greedy (argmax over all classes each round) never changes
 what a class would do next: each class walks through its own greedy sequence, and the global
-greedy only decides which class moves. A class's sequence of pick-time gains is non-increasing
-(every remaining gain shrinks after a pick, and the max over fewer elements cannot grow), so
-the global greedy is the k-way merge of the per-class sequences by gain, and its first m picks
-are the m largest gains over all classes, taken as prefixes of each class's sequence.
-We do not know in advance how far each class must be run: ``clipcov_merge`` runs class c for
-k_c = min(n_c, ceil(slack * fraction * n_c) + 16) picks, merges, and if a class had *all* of
-its k_c computed picks accepted (so an uncomputed later pick might still beat the threshold),
-reruns it with k_c doubled; classes whose last computed gain was rejected are provably done
-(their next gains are <= that rejected gain <= the m-th largest). Ties are broken by gain,
-then pick position, then class number; the global references break ties by sample position.
+greedy only decides which class moves: it is the k-way merge of the per-class sequences that
+always advances the class whose next gain is largest. With the clamp (exact) a class's
+sequence of pick-time gains is non-increasing (every remaining gain shrinks after a pick, and
+the max over fewer elements cannot grow), so the first m picks of the merge are simply the m
+largest gains over all classes. Without the clamp (factorized) P can be negative, F is not
+submodular and a class's sequence can rise again; the greedy merge then equals sorting by the
+*running minimum* of each class's sequence (y_t = min_{s<=t} x_s, non-increasing). Proof
+sketch: suppose the merge takes x_t of class A while class B's head has key y_B > y_A(t).
+Then y_A(t) = x_s for some pick s <= t of A, and x_s < y_B <= every value of B up to its
+head; when x_s was taken, B's head then was one of those larger values, which contradicts
+the greedy rule. (Checked against a literal greedy merge in tests/test_offline.py.) Both
+cases therefore merge by the running minimum (``merge_sequences``), which equals the gains
+when they are monotone.
+
+How far to run each class is not known in advance: ``clipcov_merge`` runs class c for
+k_c = min(n_c, ceil(slack * fraction * n_c) + extra_picks) picks, merges, and if a class had
+*all* of its k_c computed picks accepted (an uncomputed later pick might still beat the
+threshold) reruns it from scratch with k_c doubled (greedy is deterministic, so the prefix is
+the same; the doubling bounds the wasted work by 2x); a class whose last computed pick was
+rejected is done (its later keys are <= that rejected key <= the m-th largest). Ties are broken by key, then pick position, then class number; the global
+references break ties by sample position.
 
 Cost. Per class, each pick adds one row P[p, :] to the class's penalty accumulators. The row
 comes either from a dense P block ("dense": P computed once with tiled batched GEMMs, 2 n_c^2 D
@@ -40,10 +51,16 @@ two [n_c, D] mat-vecs per pick, O(n_c D), memory O(n_c D)). Classes are processe
 (padded batches, one argmax over a [G, n] tile per step, no host syncs) whose blocks fit in
 ``block_bytes``; a class whose block does not fit uses "rows". Classes larger than
 ``max_class_size`` are first split into balanced pieces (``proxy.split_large_classes``).
-Totals: exact  O(sum_c n_c^2 D) flops for the blocks + O(sum_c k_c n_c) for the picks;
-factorised (``approx="factorized"``, no clamp): r_i = (1/n_c)(<f_i, G_c> + <F_c, g_i>) with the
-class sums F_c, G_c, O(N D), and picks O(sum_c k_c n_c D) with O(n_c D) memory (each pick
-updates every class member's gain with two dot products). Memory is O(N) plus one group.
+Totals with dense blocks (the default whenever a class's block fits): O(sum_c n_c^2 D) flops
+of GEMM for the blocks + O(sum_c k_c n_c) for the picks, for both objectives. With "rows":
+exact needs the same O(n_c^2 D) streamed tiles for r, factorised (``approx="factorized"``, no
+clamp) gets r_i = (1/n_c)(<f_i, G_c> + <F_c, g_i>) from the class sums F_c, G_c in O(n_c D);
+the picks cost O(k_c n_c D) in both (each pick updates every class member's gain with two dot
+products; without the clamp, <f_i, G_S> + <F_S, g_i> with running sums is the same work).
+So "factorized" changes the objective and saves the O(n_c^2 D) gains only on the "rows"
+path; it is not a speed-up where blocks fit (the GEMM there is the fast part). Memory is
+O(N) for labels and greedy sequences plus one group (<= ``block_bytes``, plus the gathered
+embeddings of that group while they are normalised).
 """
 
 from __future__ import annotations
@@ -69,13 +86,14 @@ ALGORITHMS = ("merge", "lazy", "plain")
 class ClipCovConfig:
     """How CLIPCov runs; the objective only depends on ``approx`` (and the class split cap)."""
 
-    approx: str = "exact"  #: exact (clamped A+) | factorized (no clamp; O(N D) gains, O(n_c D) memory)
+    approx: str = "exact"  #: exact (clamped A+) | factorized (no clamp: sums factorise; see module doc)
     device: str = "cpu"  #: cpu | cuda | cuda:N; where the blocks and the greedy run
     algorithm: str = "merge"  #: merge (batched per-class greedy, scalable) | lazy | plain (global references)
     max_class_size: int = 32768  #: classes larger than this are split into balanced pieces first
     block_bytes: int | None = None  #: memory for one group of classes; default 512 MiB (CPU), 30% free (GPU)
     tile: int = 2048  #: tile edge of the batched GEMMs that build class blocks
-    slack: float = 1.25  #: first run of class c stops after ceil(slack * fraction * n_c) + 16 picks
+    slack: float = 1.25  #: first run of class c stops after ceil(slack * fraction * n_c) + extra_picks picks
+    extra_picks: int = 16  #: see slack; classes that need more are rerun with twice as many picks
     dtype: str = "float32"  #: compute dtype (float64 for bit-exact comparisons in tests)
 
     def __post_init__(self) -> None:
@@ -85,10 +103,12 @@ class ClipCovConfig:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.max_class_size < 2:
             raise ValueError(f"max_class_size must be >= 2, got {self.max_class_size}")
-        if self.block_bytes is not None and self.block_bytes < 1 << 20:
-            raise ValueError(f"block_bytes must be >= 1 MiB, got {self.block_bytes}")
-        if self.tile < 16 or self.slack < 1.0:
-            raise ValueError(f"need tile >= 16 and slack >= 1, got tile={self.tile}, slack={self.slack}")
+        if self.block_bytes is not None and self.block_bytes < 1 << 16:
+            raise ValueError(f"block_bytes must be >= 64 KiB, got {self.block_bytes}")
+        if self.tile < 16 or self.slack < 1.0 or self.extra_picks < 0:
+            raise ValueError(
+                f"need tile >= 16, slack >= 1, extra_picks >= 0, got {self.tile}, {self.slack}, {self.extra_picks}"
+            )
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -130,23 +150,30 @@ class _Group:
 
 
 def _load_group(image: np.ndarray, text: np.ndarray, members: list[np.ndarray], device, dtype) -> _Group:
-    n, d = max(len(m) for m in members), image.shape[1]
-    f = torch.zeros(len(members), n, d, device=device, dtype=dtype)
+    """One gather from the memmaps for the whole group, normalised, scattered into padded [G, n, D]."""
+    sizes = np.array([len(m) for m in members])
+    n, d, G = int(sizes.max()), image.shape[1], len(members)
+    rows = np.concatenate(members)
+    order = np.argsort(rows, kind="stable")  # read the memmap in file order
+    slot = np.repeat(np.arange(G) * n, sizes) + (np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+    dest = torch.from_numpy(slot[order]).to(device)
+    f = torch.zeros(G * n, d, device=device, dtype=dtype)
     g = torch.zeros_like(f)
-    valid = torch.zeros(len(members), n, device=device, dtype=torch.bool)
-    for c, idx in enumerate(members):
-        f[c, : len(idx)] = normalized(image[idx], device, dtype)
-        g[c, : len(idx)] = normalized(text[idx], device, dtype)
-        valid[c, : len(idx)] = True
-    sizes = torch.tensor([len(m) for m in members], device=device, dtype=dtype)
-    return _Group(members, f, g, sizes, valid)
+    f[dest] = normalized(image[rows[order]], device, dtype)
+    g[dest] = normalized(text[rows[order]], device, dtype)
+    valid = torch.zeros(G * n, device=device, dtype=torch.bool)
+    valid[dest] = True
+    sizes_t = torch.from_numpy(sizes).to(device=device, dtype=dtype)
+    return _Group(members, f.view(G, n, d), g.view(G, n, d), sizes_t, valid.view(G, n))
 
 
-def _dense_block(f: torch.Tensor, g: torch.Tensor, tile: int) -> torch.Tensor:
-    """P = A+ + A+^T for a group, [G, n, n], built tile by tile over the upper triangle.
+def _dense_block(f: torch.Tensor, g: torch.Tensor, tile: int, clamp: bool = True) -> torch.Tensor:
+    """P = A+ + A+^T for a group, [G, n, n], built tile by tile over the upper triangle
+    (``clamp=False``: A + A^T, the factorised objective's P).
 
     Tile (I, J): ``relu(F_I G_J^T)`` is A+[I, J]; ``relu(G_I F_J^T)[a, b] = A+[J_b, I_a]`` is
-    A+^T[I, J]. Their sum is P[I, J], mirrored into P[J, I]: no [G, n, n] temporary besides P.
+    A+^T[I, J]. Their sum is P[I, J], mirrored into P[J, I]: no [G, n, n] temporary besides P,
+    and n^2 D multiply-adds in all (each ordered pair once).
     """
     G, n, _ = f.shape
     P = torch.empty(G, n, n, device=f.device, dtype=f.dtype)
@@ -154,11 +181,16 @@ def _dense_block(f: torch.Tensor, g: torch.Tensor, tile: int) -> torch.Tensor:
         fi, gi = f[:, i0 : i0 + tile], g[:, i0 : i0 + tile]
         for j0 in range(i0, n, tile):
             fj, gj = f[:, j0 : j0 + tile], g[:, j0 : j0 + tile]
-            t = torch.bmm(fi, gj.transpose(1, 2)).clamp_min_(0)
-            t += torch.bmm(gi, fj.transpose(1, 2)).clamp_min_(0)
+            t = torch.bmm(fi, gj.transpose(1, 2))
+            if clamp:
+                t.clamp_min_(0)
+            if j0 == i0:  # diagonal tile: A+[J, I] is the transpose of this one, no second GEMM
+                P[:, i0 : i0 + tile, j0 : j0 + tile] = t + t.transpose(1, 2)
+                continue
+            t2 = torch.bmm(gi, fj.transpose(1, 2))
+            t += t2.clamp_min_(0) if clamp else t2
             P[:, i0 : i0 + tile, j0 : j0 + tile] = t
-            if j0 != i0:
-                P[:, j0 : j0 + tile, i0 : i0 + tile] = t.transpose(1, 2)
+            P[:, j0 : j0 + tile, i0 : i0 + tile] = t.transpose(1, 2)
     return P
 
 
@@ -179,7 +211,7 @@ def _group_u_and_rows(grp: _Group, approx: str, mode: str, tile: int):
     f, g, inv_n = grp.f, grp.g, (1.0 / grp.sizes)[:, None]
     e = (f * g).sum(-1)
     if mode == "dense":
-        P = _dense_block(f, g, tile)
+        P = _dense_block(f, g, tile, clamp=approx == "exact")
         P *= inv_n[:, :, None]  # pre-scale: the greedy then adds rows without dividing
         r = P.sum(2)
         ar = torch.arange(len(P), device=P.device)
@@ -212,7 +244,7 @@ def _greedy_group(u: torch.Tensor, row, k: int) -> tuple[torch.Tensor, torch.Ten
     (pre-scaled) rows of the picks. No host sync inside the loop. Steps past a class's size pick
     padding (gain -inf); the caller truncates each class to its own k_c <= n_c.
     """
-    G, n = u.shape
+    G, _n = u.shape
     ar = torch.arange(G, device=u.device)
     avail = torch.isfinite(u)
     pen = torch.zeros_like(u)
@@ -230,7 +262,7 @@ def _greedy_group(u: torch.Tensor, row, k: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _bytes_per_class(n: int, d: int, mode: str, tile: int, itemsize: int) -> int:
-    emb = 2 * n * d * itemsize
+    emb = 3 * n * d * itemsize  # f, g and one temporary of their size (f * g, normalisation)
     vec = 8 * n * itemsize  # u, pen, e, r, gains and temporaries
     tiles = 2 * min(n, tile) ** 2 * itemsize  # the two GEMM tiles in flight
     if mode == "dense":
@@ -246,7 +278,7 @@ def _plan_groups(sizes: np.ndarray, classes: np.ndarray, d: int, cfg: ClipCovCon
     for c in order:
         n = int(sizes[c])
         mode = "dense"
-        if cfg.approx == "factorized" or _bytes_per_class(n, d, "dense", cfg.tile, itemsize) > budget:
+        if _bytes_per_class(n, d, "dense", cfg.tile, itemsize) > budget:
             mode = "rows"
         if groups and groups[-1][0] == mode:
             n0 = int(sizes[groups[-1][1][0]])  # the group's padded size (its first, largest class)
@@ -257,12 +289,35 @@ def _plan_groups(sizes: np.ndarray, classes: np.ndarray, d: int, cfg: ClipCovCon
     return groups
 
 
+def merge_sequences(seqs: list[np.ndarray], m: int) -> tuple[np.ndarray, np.ndarray]:
+    """First m steps of the greedy merge of sequences (always advance the largest head).
+
+    Equals the m largest running minima, ties by position in the sequence, then sequence index
+    (module docstring). Returns indices into ``np.concatenate(seqs)`` in merge order, and the
+    sequence index of each.
+    """
+    if sum(len(x) for x in seqs) < m:
+        raise AssertionError("the sequences hold fewer elements than the budget")  # k_c sums to >= m
+    which = np.concatenate([np.full(len(x), i) for i, x in enumerate(seqs)])
+    step = np.concatenate([np.arange(len(x)) for x in seqs])
+    key = np.concatenate([np.minimum.accumulate(x) for x in seqs])
+    top = np.lexsort((which, step, -key))[:m]
+    return top, which[top]
+
+
 # ---------------------------------------------------------------------------------------------
 # Scalable selection: per-class greedy sequences, merged by gain
 # ---------------------------------------------------------------------------------------------
-def clipcov_merge(
-    image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: int, cfg: ClipCovConfig
-) -> ClipCovResult:
+def _lap(phases: dict, name: str, t: float, device: torch.device) -> float:
+    """Add the time since t to phases[name] (synchronising CUDA once per group, not per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    phases[name] += now - t
+    return now
+
+
+def clipcov_merge(image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: int, cfg: ClipCovConfig) -> ClipCovResult:
     """Global greedy of F with budget m, computed as per-class greedy runs merged by gain."""
     t0 = time.perf_counter()
     n_total, d = image.shape
@@ -270,34 +325,34 @@ def clipcov_merge(
     sizes = np.diff(starts)
     classes = np.flatnonzero(sizes)
     frac = m / n_total
-    k = np.minimum(sizes, np.ceil(cfg.slack * frac * sizes).astype(np.int64) + 16)
+    k = np.minimum(sizes, np.maximum(1, np.ceil(cfg.slack * frac * sizes).astype(np.int64) + cfg.extra_picks))
     seq_pos: dict[int, np.ndarray] = {}
     seq_gain: dict[int, np.ndarray] = {}
     budget, device = cfg.resolved_block_bytes(), torch.device(cfg.device)
     todo, rounds, reruns, modes = classes, 0, 0, {"dense": 0, "rows": 0}
+    phases = {"load": 0.0, "gains_and_blocks": 0.0, "greedy": 0.0}
     while True:
         rounds += 1
         for mode, group in _plan_groups(sizes, todo, d, cfg, budget):
             members = [order[starts[c] : starts[c + 1]] for c in group]
+            t = time.perf_counter()
             grp = _load_group(image, text, members, device, cfg.torch_dtype)
+            t = _lap(phases, "load", t, device)
             u, row = _group_u_and_rows(grp, cfg.approx, mode, cfg.tile)
+            t = _lap(phases, "gains_and_blocks", t, device)
             kc = k[group]
             picks, gains = _greedy_group(u, row, int(kc.max()))
             picks, gains = picks.cpu().numpy(), gains.double().cpu().numpy()
+            _lap(phases, "greedy", t, device)
             for j, c in enumerate(group):
                 seq_pos[c] = members[j][picks[j, : kc[j]]]
                 seq_gain[c] = gains[j, : kc[j]]
             modes[mode] += len(group)
             del grp, u, row
-        # merge: the m largest gains, ties by position in the class sequence, then class
-        cls = np.concatenate([np.full(len(seq_gain[c]), c) for c in classes])
-        step = np.concatenate([np.arange(len(seq_gain[c])) for c in classes])
         gain = np.concatenate([seq_gain[c] for c in classes])
         pos = np.concatenate([seq_pos[c] for c in classes])
-        if len(gain) < m:
-            raise AssertionError("per-class runs hold fewer picks than the budget")  # k_c sums to >= m
-        top = np.lexsort((cls, step, -gain))[:m]
-        taken = np.bincount(cls[top], minlength=len(sizes))
+        top, which = merge_sequences([seq_gain[c] for c in classes], m)
+        taken = np.bincount(classes[which], minlength=len(sizes))
         unsafe = classes[(taken[classes] == k[classes]) & (k[classes] < sizes[classes])]
         if len(unsafe) == 0:
             break
@@ -305,16 +360,17 @@ def clipcov_merge(
         k[unsafe] = np.minimum(sizes[unsafe], 2 * k[unsafe])
         todo = unsafe
         log.info("clipcov: %d classes need longer greedy runs, round %d", len(unsafe), rounds + 1)
-    stats = dict(
-        rounds=rounds,
-        classes=len(classes),
-        classes_rerun=reruns,
-        largest_class=int(sizes.max()),
-        computed_picks=int(sum(len(v) for v in seq_gain.values())),
-        classes_dense=modes["dense"],
-        classes_rows=modes["rows"],
-        seconds=time.perf_counter() - t0,
-    )
+    stats = {
+        "rounds": rounds,
+        "classes": len(classes),
+        "classes_rerun": reruns,
+        "largest_class": int(sizes.max()),
+        "computed_picks": int(sum(len(v) for v in seq_gain.values())),
+        "classes_dense": modes["dense"],
+        "classes_rows": modes["rows"],
+        "seconds": time.perf_counter() - t0,
+        "seconds_phases": phases,
+    }
     return ClipCovResult(pos[top].astype(np.int64), gain[top], float(gain[top].sum()), stats)
 
 
@@ -359,8 +415,11 @@ def clipcov_reference(
     per pick, so the exact gain of any sample is ``u_i - pen_i`` in O(1). ``lazy=False``: argmax
     over all remaining samples every round. ``lazy=True``: a max-heap of stale gains (upper
     bounds, F being submodular); pop the top, refresh its gain, take it if it still beats the
-    next stale gain, else push it back.
+    next stale gain, else push it back. Lazy needs submodularity, so it is exact-only: without
+    the clamp a stale gain is no upper bound.
     """
+    if lazy and approx != "exact":
+        raise ValueError("lazy greedy needs a submodular F: use approx='exact', or the plain/merge greedy")
     t0 = time.perf_counter()
     u, _, row = _reference_setup(image, text, labels, approx)
     n = len(u)
@@ -392,7 +451,7 @@ def clipcov_reference(
             else:
                 heapq.heappush(heap, (-cur, i))
     gains = np.asarray(gains)
-    stats = dict(evaluations=evals, seconds=time.perf_counter() - t0)
+    stats = {"evaluations": evals, "seconds": time.perf_counter() - t0}
     return ClipCovResult(np.asarray(picked, dtype=np.int64), gains, float(gains.sum()), stats)
 
 

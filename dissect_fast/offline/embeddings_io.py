@@ -206,7 +206,7 @@ class EmbeddingWriter:
             self._resize(self.count)
         self.flush()
 
-    def __enter__(self) -> EmbeddingWriter:
+    def __enter__(self) -> EmbeddingWriter:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -280,7 +280,9 @@ def load_embeddings(path: str | os.PathLike, *, check_ids: bool = True) -> Embed
         raise EmbeddingsError(f"{d}/ids.npy: expected int64 [rows], got {ids.dtype} {list(ids.shape)}")
     for name, a in (("image", image), ("text", text)):
         if a.ndim != 2 or a.shape[1] != dim or a.shape[0] < count:
-            raise EmbeddingsError(f"{d}/{name}.npy: shape {list(a.shape)} does not hold count={count} rows of dim={dim}")
+            raise EmbeddingsError(
+                f"{d}/{name}.npy: shape {list(a.shape)} does not hold count={count} rows of dim={dim}"
+            )
         if str(a.dtype) != meta.get("dtype", str(a.dtype)):
             raise EmbeddingsError(f"{d}/{name}.npy: dtype {a.dtype} but meta.json says {meta['dtype']}")
     if len(ids) < count:

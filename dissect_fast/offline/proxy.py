@@ -7,6 +7,7 @@ and never O(N * K * D). Embeddings are L2-normalised on the fly; the work runs o
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -16,8 +17,14 @@ log = logging.getLogger(__name__)
 
 def normalized(x: np.ndarray, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows of ``x`` (numpy, any float) as an L2-normalised torch tensor on ``device``."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
-    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    x = np.asarray(x)
+    with warnings.catch_warnings():  # read-only memmap slices: never written (copied below)
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(x)
+    t = src.to(device).to(dtype)  # fp16 crosses to the GPU before it is widened
+    if t.data_ptr() == src.data_ptr():  # no conversion happened: never normalise the caller's array
+        t = t.clone()
+    return t.div_(t.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def _chunk_rows(dim: int, k: int, budget_floats: int = 1 << 25) -> int:
@@ -144,4 +151,3 @@ def class_members(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
     return order, starts
-

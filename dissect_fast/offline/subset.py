@@ -56,8 +56,10 @@ class SubsetResult:
         """A few human-readable lines: what was chosen and how it compares to the full set."""
         lines = [
             f"{self.method}: chose {self.budget:,} of {self.n_total:,} samples (fraction {self.fraction:g})",
-            f"mean CLIPScore (max(0, 100 cos)): subset {self.mean_clipscore_subset:.3f} vs all "
-            f"{self.mean_clipscore_all:.3f}",
+            (
+                f"mean CLIPScore (max(0, 100 cos)): subset {self.mean_clipscore_subset:.3f} vs all "
+                f"{self.mean_clipscore_all:.3f}"
+            ),
         ]
         if self.class_counts is not None:
             sizes, counts = self.class_sizes, self.class_counts
@@ -99,7 +101,7 @@ def budget_for(fraction: float, n: int) -> int:
     return m
 
 
-def pair_cosines(emb: Embeddings, device: str = "cpu", chunk: int = 1 << 16) -> np.ndarray:
+def pair_cosines(emb: Embeddings, device: str = "cpu", chunk: int = 1 << 14) -> np.ndarray:
     """cos(f_i, g_i) for every sample, float32 [N], streamed over the memmaps."""
     out = np.empty(len(emb), dtype=np.float32)
     for a in range(0, len(emb), chunk):
@@ -221,16 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--class-names",
         default=None,
-        help="clipcov proxy classes: .npy of class-name text embeddings [C, D] "
-        "(from `dissect-fast embed --class-names names.txt`); each image gets its zero-shot class",
+        help="clipcov proxy classes: .npy of class-name text embeddings [C, D], e.g. EMB_DIR/class_names.npy "
+        "written by `dissect-fast embed --class-names names.txt`; each image gets its zero-shot class",
     )
     g.add_argument(
-        "--clusters", type=int, default=None, help="clipcov proxy classes: k-means K on the text embeddings "
-        "(default min(1000, max(1, N // 1000)))"
+        "--clusters",
+        type=int,
+        default=None,
+        help="clipcov proxy classes: k-means K on the text embeddings (default min(1000, max(1, N // 1000)))",
     )
     p.add_argument("--approx", choices=APPROX, default="exact", help="clipcov: exact (clamped) or factorized")
-    p.add_argument("--max-class-size", type=int, default=ClipCovConfig.max_class_size,
-                   help="clipcov: larger proxy classes are split into balanced pieces")
+    p.add_argument(
+        "--max-class-size",
+        type=int,
+        default=ClipCovConfig.max_class_size,
+        help="clipcov: larger proxy classes are split into balanced pieces",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npy of the chosen sample ids (int64, sorted)")
@@ -251,16 +259,29 @@ def main_select_subset(argv: list[str] | None = None) -> int:
         names = load_class_names_emb(a.class_names) if a.class_names else None
         emb = load_embeddings(a.embeddings)
         res = select_subset(
-            emb, a.method, a.fraction, class_names_emb=names, clusters=a.clusters, approx=a.approx,
-            seed=a.seed, device=device, config=cfg,
+            emb,
+            a.method,
+            a.fraction,
+            class_names_emb=names,
+            clusters=a.clusters,
+            approx=a.approx,
+            seed=a.seed,
+            device=device,
+            config=cfg,
         )
     except (ValueError, EmbeddingsError) as e:
         parser.error(str(e))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, res.ids)
-    info = dict(res.to_json(), embeddings=str(a.embeddings), device=device, seed=a.seed, approx=a.approx,
-                embeddings_meta={k: emb.meta.get(k) for k in ("model", "checkpoint", "count")})
+    info = dict(
+        res.to_json(),
+        embeddings=str(a.embeddings),
+        device=device,
+        seed=a.seed,
+        approx=a.approx,
+        embeddings_meta={k: emb.meta.get(k) for k in ("model", "checkpoint", "count")},
+    )
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     print(res.summary())
     print(f"wrote {out} ({res.budget:,} ids) and {out.with_suffix('.json')}")

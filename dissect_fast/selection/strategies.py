@@ -23,9 +23,11 @@ STRATEGIES: dict[str, str | None] = {
     "big_loss": "big_loss",
     "dissect-momentum": "historical_base_sampling",
     "dissect-warmup": "warmup_base_sampling",
+    "dissect-gain": None,  # this project's sign-flipped variant (not in the reference code)
 }
 _ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
-_ALIASES.update({"none": "full", "dissect_momentum": "dissect-momentum", "dissect_warmup": "dissect-warmup"})
+_ALIASES.update({"none": "full", "dissect_momentum": "dissect-momentum", "dissect_warmup": "dissect-warmup",
+                 "dissect_gain": "dissect-gain"})
 
 
 def resolve_strategy(name: str) -> str:
@@ -88,6 +90,7 @@ def score_and_select(
     momentum: float | None,
     key: str,
     scale: float,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score, differential, in-place history update and top-k: the op the fused kernel implements.
 
@@ -96,7 +99,7 @@ def score_and_select(
     from dissect_fast.kernels.fused_select import fused_select
 
     return fused_select(
-        image_features, text_features, ids, history, k, momentum=momentum, scale=scale, key=key
+        image_features, text_features, ids, history, k, momentum=momentum, scale=scale, key=key, backend=backend
     )
 
 
@@ -111,6 +114,10 @@ class Strategy:
         self.history = HistoryBuffer(num_ids, device) if self.uses_history else None
 
     uses_history = False
+
+    def _score_select(self, *args, **kw):
+        """`score_and_select` with this run's selection backend (--select-backend)."""
+        return score_and_select(*args, backend=getattr(self.cfg, "backend", "auto"), **kw)
 
     def needs_scoring(self, epoch: int) -> bool:
         """Whether this step needs the no-grad scoring forward over the whole batch."""
@@ -164,7 +171,7 @@ class ClipScore(Strategy):
         return True
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
-        index, score, _ = score_and_select(*feats, ids, None, self.k, momentum=None, key="score", scale=scale)
+        index, score, _ = self._score_select(*feats, ids, None, self.k, momentum=None, key="score", scale=scale)
         return Selection(index=index, score=score)
 
 
@@ -203,7 +210,7 @@ class DissectMomentum(Strategy):
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
         m = self.history_updates(epoch) if self.history.local_updates else None
-        index, score, delta = score_and_select(
+        index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=m, key="delta", scale=scale
         )
         return Selection(index=index, score=score, delta=delta)
@@ -238,7 +245,7 @@ class DissectWarmup(Strategy):
         m = self.history_updates(epoch)
         if m is None or not self.history.local_updates:
             return clip_scores(*feats, scale)
-        _, score, _ = score_and_select(*feats, ids, self.history.values, 0, momentum=m, key="delta", scale=scale)
+        _, score, _ = self._score_select(*feats, ids, self.history.values, 0, momentum=m, key="delta", scale=scale)
         return score
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
@@ -246,7 +253,7 @@ class DissectWarmup(Strategy):
             m = self.history_updates(epoch)
             score = delta = None
             if feats is not None:
-                _, score, delta = score_and_select(
+                _, score, delta = self._score_select(
                     *feats,
                     ids,
                     self.history.values,
@@ -259,13 +266,41 @@ class DissectWarmup(Strategy):
                 return Selection(index=None, score=score, delta=delta)
             perm = torch.randperm(ids.shape[0], device=ids.device, generator=generator)
             return Selection(index=perm[: self.k], score=score, delta=delta)
-        index, score, delta = score_and_select(
+        index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=None, key="delta", scale=scale
         )
         return Selection(index=index, score=score, delta=delta)
 
 
-_CLASSES = {c.name: c for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup)}
+class DissectGain(DissectWarmup):
+    """NOT the published rule: the same warm-up and frozen snapshot w as ``dissect-warmup``, then
+    keep the largest *gain* s - w[id] (= -delta), i.e. the pairs whose score rose most since the
+    warm-up point.
+
+    Rationale (benchmarks/README.md, "Selection quality"): while the model is still learning the
+    clean pairs, their scores keep rising after the warm-up while mismatched pairs' scores stay
+    flat, so the published rule (largest w - s) picks noisy pairs in that regime; the sign flip
+    picks clean ones. In a memorisation regime (noisy scores rising late) the flip would pick the
+    memorised noisy pairs instead; the quality benchmark measures both regimes.
+    Unseen samples (w = NaN) get gain 0, like delta 0 in the published rule.
+    """
+
+    name = "dissect-gain"
+
+    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+        if self.in_warmup(epoch):
+            return super().select(epoch, ids, feats, logit_scale, scale, generator)
+        # k = 0: the kernel only scores and computes delta (w frozen, no history write); the top-k
+        # of -delta runs in torch (on CUDA too, one extra sort of B keys per step).
+        _, score, delta = self._score_select(
+            *feats, ids, self.history.values, 0, momentum=None, key="delta", scale=scale
+        )
+        return Selection(index=topk_positions(-delta, self.k), score=score, delta=delta)
+
+
+_CLASSES = {
+    c.name: c for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup, DissectGain)
+}
 
 
 def make_strategy(cfg, batch_size: int, num_ids: int, device: torch.device) -> Strategy:

@@ -1,0 +1,97 @@
+"""``dissect-fast embed``: image and text embeddings of every sample with a reference model.
+
+Batched on the GPU when there is one (bf16 autocast), written to a memory-mapped embeddings
+directory with ids, resumable (ids already written are skipped), with a progress bar. With
+``--class-names FILE`` it also writes the text embeddings of "a photo of a {name}." prompts as
+``class_names.npy`` for ``select-subset --class-names``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def embed_class_names(model, names: list[str], context_length: int, device, precision) -> np.ndarray:
+    from dissect_fast.data.shards import tokenizer_for
+    from dissect_fast.model import autocast
+
+    tok = tokenizer_for(context_length)
+    prompts = tok([f"a photo of a {n}." for n in names], context_length=context_length).to(device)
+    with torch.no_grad(), autocast(precision, device):
+        g = model.encode_text(prompts)
+    return F.normalize(g.float(), dim=-1).cpu().numpy().astype(np.float16)
+
+
+def main_embed(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dissect-fast embed", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="dissect_fast or open_clip checkpoint of the reference model")
+    p.add_argument("--model", default=None, help="open_clip model name (default: the one named in the checkpoint)")
+    p.add_argument("--data", required=True, help="shards: directory, brace pattern or glob")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--class-names", default=None, help="text file, one class name per line -> class_names.npy")
+    a = p.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from dissect_fast.checkpoint import load_checkpoint
+    from dissect_fast.data.loader import ShardDataset, TorchLoader
+    from dissect_fast.data.shards import resolve_data
+    from dissect_fast.model import autocast, create_model, resolve_device, resolve_precision
+    from dissect_fast.offline.embeddings_io import EmbeddingWriter
+
+    try:
+        shards, index = resolve_data(a.data, "--data")
+    except FileNotFoundError as e:
+        p.error(str(e))
+    if not os.path.isfile(a.checkpoint):
+        p.error(f"--checkpoint {a.checkpoint}: no such file")
+    ck = load_checkpoint(a.checkpoint)
+    name = a.model or ck.get("model_name")
+    if not name:
+        p.error("--model is needed: the checkpoint does not name its model")
+    device = resolve_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    model, _, pre_val, ctx = create_model(name, device)
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else None
+    if dim is None:
+        with torch.no_grad():
+            dim = model.encode_text(torch.zeros(1, ctx, dtype=torch.long, device=device)).shape[-1]
+    writer = EmbeddingWriter(a.out, int(dim), a.dtype, capacity=index.num_samples if index else None,
+                             meta={"model": name, "checkpoint": os.path.abspath(a.checkpoint), "data": a.data})
+    already = writer.count
+    loader = TorchLoader(ShardDataset(shards, a.batch_size, pre_val, ctx, train=False), a.workers, device, False)
+    bar = tqdm(total=index.num_samples if index else None, initial=already, unit="img", desc="embed")
+    with torch.no_grad():
+        for images, tokens, ids in loader:
+            todo = ~torch.from_numpy(writer.done_mask(ids.cpu().numpy()))
+            if not todo.any():
+                continue
+            todo = todo.to(device)
+            with autocast(precision, device):
+                out = model(images[todo], tokens[todo])
+            f = F.normalize(out["image_features"].float(), dim=-1)
+            g = F.normalize(out["text_features"].float(), dim=-1)
+            writer.append(ids[todo].cpu(), f.cpu(), g.cpu())
+            bar.update(int(todo.sum()))
+    bar.close()
+    writer.close()
+    stats = dict(loader.stats)
+    print(f"embedded {writer.count - already} new samples ({writer.count} in {a.out}); skipped "
+          f"{stats.get('bad_samples', 0)} unreadable")
+    if a.class_names:
+        names = [n.strip() for n in open(a.class_names) if n.strip()]
+        np.save(os.path.join(a.out, "class_names.npy"), embed_class_names(model, names, ctx, device, precision))
+        print(f"wrote {len(names)} class-name embeddings to {a.out}/class_names.npy")
+    return 0
