@@ -120,7 +120,7 @@ def worker(a: argparse.Namespace) -> dict:
         cuda_base = torch.cuda.memory_allocated()
     base = AnonPeak.now()
     block = None if a.block_mib is None else a.block_mib << 20
-    cfg = ClipCovConfig(approx=a.approx, device=a.device, block_bytes=block)
+    cfg = ClipCovConfig(approx=a.approx, device=a.device, block_bytes=block, max_class_size=a.max_class_size)
     with AnonPeak() as mem:
         t0 = time.perf_counter()
         res = select_subset(emb, "clipcov", a.fraction, class_names_emb=class_emb, device=a.device, config=cfg)
@@ -135,6 +135,7 @@ def worker(a: argparse.Namespace) -> dict:
         "approx": a.approx,
         "device": a.device,
         "block_bytes": cfg.resolved_block_bytes(),
+        "max_class_size": cfg.max_class_size,
         "seconds_total": round(total, 3),
         "seconds": {k: round(v, 3) for k, v in res.seconds.items()},
         "seconds_generate": round(gen_s, 3),
@@ -187,6 +188,12 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-mib", type=int, default=None, help="ClipCovConfig.block_bytes in MiB (default: its own)")
+    p.add_argument(
+        "--max-class-size",
+        type=int,
+        default=ClipCovConfig.max_class_size,
+        help="ClipCovConfig.max_class_size: larger proxy classes are split (this changes the objective)",
+    )
     p.add_argument("--tmp", default=None, help="directory for the generated memmaps (default: system temp)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per size before it is recorded as timeout")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/subset-<device>-<date>.json)")
@@ -219,6 +226,8 @@ def main() -> None:
                 str(a.fraction),
                 "--seed",
                 str(a.seed),
+                "--max-class-size",
+                str(a.max_class_size),
             ] + ([] if a.block_mib is None else ["--block-mib", str(a.block_mib)])
             t0 = time.perf_counter()
             tmp = tempfile.mkdtemp(dir=a.tmp, prefix="bench_subset_")

@@ -1,6 +1,6 @@
 """Quality of offline subsets (clipcov, clipscore, random) vs online DISSect, on noisy synthetic data.
 
-    python benchmarks/bench_subset_quality.py                 # defaults: ~15 min on 2 idle CPU cores
+    python benchmarks/bench_subset_quality.py                 # defaults: ~15 min on 2 idle CPU cores (OMP_NUM_THREADS=1)
     python benchmarks/bench_subset_quality.py --num-train 600 --epochs 2 --ref-epochs 1   # smoke run
 
 Protocol (one seed, one synthetic set with ``--noise`` of the captions swapped):
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_subset import provenance  # noqa: E402 (benchmarks/ is not a package)
+from bench_subset import provenance  # benchmarks/ is not a package
 
 
 def train(a, data: Path, logs: Path, name: str, epochs: int, extra: list[str]) -> dict:
@@ -79,15 +79,22 @@ def train(a, data: Path, logs: Path, name: str, epochs: int, extra: list[str]) -
 
 
 def table(res: dict) -> str:
+    """Markdown table of the finished runs (pairs trained per epoch: after dissect-warmup's warm-up)."""
+    s = res["settings"]
+    k = int(s["fraction"] * s["batch_size"])
     rows = [
-        "| run | train samples | i->t R@1 | t->i R@1 | clean share of data | train wall (s) | + reference/embed/select (s) |",
+        (
+            "| run | pairs trained / epoch | i->t R@1 | t->i R@1 | clean share | train wall (s) "
+            "| + reference/embed/select (s) |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in res["runs"].items():
         clean = r.get("subset_clean_share", r.get("clean_share_trained_last_epoch"))
         over = r.get("offline_overhead_s")
+        per_epoch = r["steps_per_epoch"] * (k if name.startswith("dissect") else s["batch_size"])
         rows.append(
-            f"| {name} | {r['train_samples']:,} | {r['i2t_R@1']:.1f} | {r['t2i_R@1']:.1f} "
+            f"| {name} | {per_epoch:,} | {r['i2t_R@1']:.1f} | {r['t2i_R@1']:.1f} "
             f"| {'-' if clean is None else f'{clean:.3f}'} | {r['train_wall_s']:.0f} "
             f"| {'-' if over is None else f'{over:.0f}'} |"
         )
@@ -97,17 +104,17 @@ def table(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/bench_subset_quality", help="data, runs, embeddings, subsets")
-    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=500)
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--fraction", type=float, default=0.3)
     p.add_argument("--epochs", type=int, default=10, help="epochs of every compared run")
-    p.add_argument("--ref-epochs", type=int, default=3, help="reference run = dissect-warmup's warm-up point")
-    p.add_argument("--clusters", type=int, default=16, help="clipcov proxy classes (k-means on text embeddings)")
-    p.add_argument("--model", default="tiny-vit")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--ref-epochs", type=int, default=4, help="reference run = dissect-warmup's warm-up point")
+    p.add_argument("--clusters", type=int, default=8, help="clipcov proxy classes (k-means on text embeddings)")
+    p.add_argument("--model", default="micro-vit")
+    p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--warmup", type=int, default=20, help="LR warm-up steps")
+    p.add_argument("--warmup", type=int, default=10, help="LR warm-up steps")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated runs (random,clipscore,clipcov,dissect-warmup,full)")
@@ -116,7 +123,7 @@ def main() -> None:
 
     import torch
 
-    from dissect_fast.data.shards import INDEX_NAME, load_index
+    from dissect_fast.data.shards import INDEX_NAME, DatasetIndex
     from dissect_fast.data.synthetic import make_synthetic
     from dissect_fast.offline.embed import main_embed
     from dissect_fast.offline.subset import main_select_subset
@@ -138,7 +145,7 @@ def main() -> None:
     if not (data / "train" / INDEX_NAME).is_file():
         make_synthetic(str(data), a.num_train, a.num_val, a.noise, 32, a.seed, samples_per_shard=500, progress=False)
     res["offline"]["synth_s"] = round(time.perf_counter() - t, 1)
-    clean = load_index(str(data / "train")).clean_flags()
+    clean = DatasetIndex.load(str(data / "train")).clean_flags()
     assert clean is not None, "the synthetic set writes clean flags"
     res["clean_share_all"] = float(clean.mean())
 

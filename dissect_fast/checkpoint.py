@@ -1,12 +1,42 @@
-"""Atomic checkpoints that open_clip can load (``state_dict`` key) and that resume a run exactly."""
+"""Atomic, verified checkpoints that open_clip can load (``state_dict`` key) and that resume a run exactly.
+
+Writing: the state is serialised into ``<path>.tmp.<pid>`` while its SHA-256 is computed, fsynced,
+renamed over ``<path>`` (atomic on POSIX) and the directory fsynced; then a sidecar
+``<path>.sha256`` (JSON: size, sha256, epoch, step) is written the same way. The old sidecar is
+removed *before* the rename, so a sidecar that exists always describes the file beside it: a
+mismatch means the file was damaged after it was written. A process killed at any point leaves
+the previous file whole (plus, at worst, a stale ``.tmp.<pid>`` file that the next run removes).
+
+Reading: ``load_checkpoint`` checks size and hash against the sidecar when there is one, then
+``torch.load``s; any failure is a ``CheckpointError``. ``find_resumable`` returns the newest
+checkpoint of a run folder that passes both, so ``--resume latest`` falls back past a damaged file.
+"""
 
 from __future__ import annotations
 
+import errno
+import glob
+import hashlib
+import json
+import logging
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import torch
+
+log = logging.getLogger("dissect_fast")
+SIDECAR = ".sha256"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or foreign; the message names the file."""
+
+
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint; the previous checkpoint is intact."""
 
 
 def rng_state() -> dict:
@@ -33,31 +63,198 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file, fsync, then rename: a reader sees the old or the new file, whole."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+class _HashingWriter:
+    """File wrapper that hashes what goes through it (torch.save needs write/flush only)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        n = self.f.write(b)
+        self.h.update(memoryview(b)[:n] if n is not None else b)
+        self.size += n if n is not None else len(b)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_atomic(path: str, write, before_replace=None) -> None:
+    """``write(fileobj)`` into a temporary file, fsync, rename over ``path``, fsync the folder.
+    ENOSPC (or a quota) becomes DiskFullError; the temporary file is removed on any failure."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        _remove(tmp)
+        if _is_enospc(e):
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"no space left on the device while writing checkpoint {path}: free space there or "
+                f"point --logs at a bigger disk; the previous checkpoint is intact",
+            ) from e
         raise
+    _fsync_dir(os.path.dirname(path))
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by save_checkpoint; a clear error for a damaged or foreign file."""
+def _is_enospc(e: BaseException | None) -> bool:
+    for _ in range(8):  # torch.save may wrap the OSError in a RuntimeError
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _write_sidecar(path: str, meta: dict) -> None:
+    data = json.dumps(meta).encode()
+    _write_atomic(path + SIDECAR, lambda f: f.write(data))
+
+
+def save_checkpoint(state: dict, path: str) -> dict:
+    """Atomically write ``state`` to ``path`` with a verified sidecar; returns the sidecar's content."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    meta: dict = {}
+
+    def write(f):
+        hw = _HashingWriter(f)
+        torch.save(state, hw)
+        meta.update(size=hw.size, sha256=hw.h.hexdigest())
+
+    _write_atomic(path, write, before_replace=lambda: _remove(path + SIDECAR))
+    # until the new sidecar exists, `path` is checked by loading it; a sidecar always matches its file
+    meta.update(epoch=state.get("epoch"), step=state.get("step"), epoch_step=state.get("epoch_step", 0))
+    _write_sidecar(path, meta)
+    return meta
+
+
+def link_checkpoint(src: str, dst: str) -> None:
+    """Make ``dst`` the same checkpoint as ``src`` (a hard link, so no second copy on disk; a copy where
+    the file system has no hard links), atomically, sidecar included."""
+
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    _remove(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        _remove(dst + SIDECAR)
+        os.replace(tmp, dst)
+    except BaseException as e:
+        _remove(tmp)
+        if _is_enospc(e):
+            raise DiskFullError(
+                errno.ENOSPC, f"no space left on the device while writing {dst}; {src} is intact"
+            ) from e
+        raise
+    if os.path.isfile(src + SIDECAR):
+        with open(src + SIDECAR, "rb") as f:
+            data = f.read()
+        _write_atomic(dst + SIDECAR, lambda f: f.write(data))
+    _fsync_dir(os.path.dirname(dst))
+
+
+def read_sidecar(path: str) -> dict | None:
+    try:
+        with open(path + SIDECAR) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise CheckpointError when ``path`` does not match its sidecar (size, then SHA-256)."""
+    meta = read_sidecar(path)
+    if meta is None:
+        return  # no sidecar (a file from elsewhere, or a kill between rename and sidecar): loading checks it
+    size = os.path.getsize(path)
+    if size != meta.get("size"):
+        raise CheckpointError(f"checkpoint {path} is damaged: {size} bytes, its sidecar says {meta.get('size')}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if h.hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is damaged: its SHA-256 does not match {path}{SIDECAR}")
+
+
+def load_checkpoint(path: str, verify: bool = True) -> dict:
+    """Load a checkpoint written by save_checkpoint; CheckpointError for a damaged or foreign file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if verify:
+        verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise RuntimeError(f"checkpoint {path} has no state_dict: not a dissect_fast/open_clip checkpoint")
+        raise CheckpointError(f"checkpoint {path} has no state_dict: not a dissect_fast/open_clip checkpoint")
     return ckpt
+
+
+def _order_key(path: str) -> tuple:
+    """Newest first: by the step recorded in the sidecar, else by the epoch in the name, then mtime."""
+    meta = read_sidecar(path) or {}
+    m = re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(path))
+    step = meta.get("step")
+    return (step if isinstance(step, int) else -1, int(m.group(1)) if m else -1, os.path.getmtime(path))
+
+
+def find_resumable(ckpt_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint in ``ckpt_dir`` that verifies and loads, with its content; damaged ones are
+    logged and skipped. None when the folder holds no checkpoint at all."""
+    cands = [p for p in glob.glob(os.path.join(ckpt_dir, "*.pt")) if os.path.isfile(p)]
+    errors = []
+    for p in sorted(cands, key=_order_key, reverse=True):
+        try:
+            return p, load_checkpoint(p)
+        except CheckpointError as e:
+            log.warning("--resume latest: skipping %s", e)
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError(f"--resume latest: no intact checkpoint in {ckpt_dir}: " + "; ".join(errors))
+    return None
+
+
+def remove_stale_temporaries(ckpt_dir: str) -> list[str]:
+    """Delete ``*.tmp.<pid>`` files a killed writer left behind; returns what was removed."""
+    gone = []
+    for p in glob.glob(os.path.join(ckpt_dir, "*.tmp.*")):
+        _remove(p)
+        gone.append(p)
+    return gone
 
 
 def strip_prefixes(sd: dict) -> dict:

@@ -116,6 +116,7 @@ class SelectConfig:
     warmup_point: int = 10  #: dissect-warmup: epochs < W are the warm-up
     momentum: float = 0.9  #: dissect-momentum: beta of the history update
     warmup_train: str = "random"  #: dissect-warmup, epochs < W: random k-subset or full batch
+    history_dtype: str = "fp32"  #: history buffer storage: fp32 (4 B/sample) or bf16 (2 B/sample)
     backend: str = "auto"  #: selection op: auto (fused Triton on CUDA) | triton | torch (unfused reference)
 
     def __post_init__(self) -> None:
@@ -129,6 +130,8 @@ class SelectConfig:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.warmup_train not in ("random", "full"):
             raise ConfigError(f"--warmup-train must be random or full, got {self.warmup_train!r}")
+        if self.history_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"--history-dtype must be fp32 or bf16, got {self.history_dtype!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"--select-backend must be auto, triton or torch, got {self.backend!r}")
         if self.warmup_point < 1 and self.strategy in ("dissect-warmup", "dissect-gain"):
@@ -137,6 +140,22 @@ class SelectConfig:
     def k(self, batch_size: int) -> int:
         """Samples trained per rank and step."""
         return batch_size if self.strategy == "full" else int(self.rate * batch_size)
+
+
+@dataclass
+class DistConfig:
+    """Multi-GPU / multi-node training under torchrun (ignored in a single process)."""
+
+    local_loss: bool = False  #: ClipLoss: local features against the gathered ones (open_clip --local-loss)
+    gather_with_grad: bool = True  #: ClipLoss: all-gather with gradient (exact full-batch gradient)
+    check_sync_every: int = 0  #: compare history checksums across ranks every N steps (0: at epoch ends only)
+    dist_timeout: float = 10.0  #: minutes a collective may wait for a peer before the rank fails
+
+    def __post_init__(self) -> None:
+        if self.check_sync_every < 0:
+            raise ConfigError(f"--check-sync-every must be >= 0 steps (0: epoch ends only), got {self.check_sync_every}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
 
 
 @dataclass
@@ -152,6 +171,18 @@ class RunConfig:
     plots: bool = True
     tensorboard: bool = True
     progress: bool = True
+    max_nonfinite_steps: int = 10  #: stop after this many consecutive steps with a non-finite loss or gradient
+
+    def __post_init__(self) -> None:
+        if self.log_every_n_steps < 1:
+            raise ConfigError(f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}")
+        if self.val_every < 1:
+            raise ConfigError(f"--val-every must be >= 1 epoch, got {self.val_every}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"--max-nonfinite-steps must be >= 1 step, got {self.max_nonfinite_steps}")
+        if self.resume not in (None, "latest") and not os.path.isfile(self.resume):
+            raise ConfigError(f"--resume {self.resume}: no such checkpoint file (give a .pt path, or `latest` "
+                              f"with the run's --logs and --name)")
 
 
 @dataclass
@@ -163,6 +194,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
         s, o = self.select, self.optim
@@ -190,6 +222,7 @@ class TrainConfig:
             optim=OptimConfig(**d["optim"]),
             select=SelectConfig(**d["select"]),
             run=RunConfig(**d["run"]),
+            dist=DistConfig(**d.get("dist", {})),
         )
 
 
@@ -244,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup-train", default="random", choices=["random", "full"])
     s.add_argument("--select-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="selection op: auto = fused Triton kernel on CUDA; torch = the unfused reference")
+    s.add_argument("--history-dtype", default="fp32", choices=["fp32", "bf16"], help="history buffer storage")
+    g = p.add_argument_group("distributed (torchrun)")
+    g.add_argument("--local-loss", action="store_true", help="ClipLoss over local vs gathered features")
+    g.add_argument("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="all-gather features with gradient in ClipLoss")
+    g.add_argument("--check-sync-every", type=int, default=0,
+                   help="verify identical history buffers across ranks every N steps (0: at epoch ends only)")
+    g.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a collective waits for a dead peer")
     r = p.add_argument_group("run")
     r.add_argument("--logs", default="./logs")
     r.add_argument("--name", default=None)
@@ -254,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-tensorboard", action="store_true")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop after this many consecutive steps with a non-finite loss/gradient (each is skipped)")
     return p
 
 
@@ -300,6 +343,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 warmup_point=a.warmup_point,
                 momentum=a.momentum,
                 warmup_train=a.warmup_train,
+                history_dtype=a.history_dtype,
                 backend=a.select_backend,
             ),
             run=RunConfig(
@@ -312,6 +356,13 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 plots=not a.no_plots,
                 tensorboard=not a.no_tensorboard,
                 progress=not a.no_progress,
+                max_nonfinite_steps=a.max_nonfinite_steps,
+            ),
+            dist=DistConfig(
+                local_loss=a.local_loss,
+                gather_with_grad=a.gather_with_grad,
+                check_sync_every=a.check_sync_every,
+                dist_timeout=a.dist_timeout,
             ),
         )
     except ConfigError as e:

@@ -37,6 +37,20 @@ def _clean_after(metrics: list[dict], first_epoch: int) -> float | None:
     return num / den if den else None
 
 
+def _progress_line(name: str, epochs: int):
+    """One short line per epoch, so the demo shows it is alive."""
+
+    def show(m: dict) -> None:
+        parts = [f"[demo] {name} epoch {m['epoch']}/{epochs}", f"loss {m['train_loss']:.3f}", f"{m['wall_s']:.0f} s"]
+        if "val/image_to_text_R@1" in m:
+            parts.append(f"i2t R@1 {m['val/image_to_text_R@1']:.1f}")
+        if "select/clean_fraction" in m:
+            parts.append(f"clean share trained {m['select/clean_fraction']:.2f}")
+        print(", ".join(parts), flush=True)
+
+    return show
+
+
 def plot_demo(results: dict, out_dir: str) -> list[str]:
     import matplotlib
 
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.getLogger("dissect_fast").setLevel(logging.WARNING)
+        trainer.on_epoch_end = _progress_line(name, a.epochs)
         t = time.time()
         metrics = trainer.fit()
         results[name] = {"metrics": metrics, "wall_s": time.time() - t}

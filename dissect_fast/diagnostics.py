@@ -81,7 +81,8 @@ def plot_epoch(arrays: dict, epoch: int, out_dir: str) -> str | None:
             if x.size:
                 ax.hist(x, bins=50, alpha=0.55, color=c, label=f"{label} (n={x.size})", density=True)
         ax.set_title(f"epoch {epoch}: {key}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, f"epoch_{epoch:03d}_score_delta.png")
     fig.savefig(path, dpi=90)

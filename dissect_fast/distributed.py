@@ -1,8 +1,12 @@
-"""Process group set-up from torchrun's environment, and the gathers the trainer needs."""
+"""Process group set-up from torchrun's environment, the gathers the trainer needs, the history
+sync check, and torchelastic restart support."""
 
 from __future__ import annotations
 
+import datetime
+import glob
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -24,14 +28,50 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Initialise NCCL (GPU) or gloo (CPU) when launched by torchrun; a single process otherwise."""
+class HistoryDesyncError(RuntimeError):
+    """The history buffer replicas differ between ranks (they must be bit-identical)."""
+
+
+def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInfo:
+    """Initialise NCCL (GPU) or gloo (CPU) when launched by torchrun; a single process otherwise.
+
+    ``timeout_minutes`` bounds every collective: a rank whose peer died fails after it instead of
+    hanging (torchrun's agent normally tears the group down first; this covers the rest).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _attempt_store(world, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world, timeout=timeout
+            )
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """On one node under torchrun, the agent's TCPStore, with keys private to this restart attempt.
+
+    torchrun shares one TCPStore server across all restart attempts of a job; the process group's
+    keys (each rank's address) of a killed attempt are still there, and a restarted rank that reads
+    its dead peer's stale address waits forever to connect (seen with gloo on torch 2.14). Prefixing
+    the keys with the restart count fixes that. One agent (one node) gives every rank the same
+    count; with several nodes the agents' counts may differ, so there we leave the default store
+    (multi-node elastic runs: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a fresh store per
+    attempt; see the README)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"dissect_fast/attempt_{elastic_restart_count()}/", store)
 
 
 def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -43,6 +83,30 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_in_sync(checksum: torch.Tensor, info: DistInfo, step: int) -> list[list[int]]:
+    """All-gather every rank's history checksum and compare; returns them per rank (a host sync:
+    call it every ``--check-sync-every`` steps, not every step). Every rank sees the same gathered
+    values, so every rank raises together on drift and none is left waiting in a collective."""
+    sums = all_gather_cat(checksum.reshape(1, -1), info).cpu().tolist()
+    bad = [r for r, s in enumerate(sums) if s != sums[0]]
+    if bad:
+        raise HistoryDesyncError(
+            f"history buffer out of sync at step {step}: rank(s) {bad} differ from rank 0 "
+            f"(checksums per rank: {sums}). Every rank must apply the same all-gathered updates; this is a bug "
+            f"or memory corruption, not a setting: report it, and resume from the last checkpoint"
+        )
+    return sums
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -51,3 +115,68 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- torchelastic restarts
+def elastic_restart_count() -> int:
+    """How often torchrun (``--max-restarts``) has restarted this job's workers; 0 on the first try."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_run_id() -> str | None:
+    """torchrun's rendezvous id (a fresh uuid with ``--standalone``, ``--rdzv-id`` otherwise); None
+    outside torchrun or when it is the uninformative default ``none``."""
+    rid = os.environ.get("TORCHELASTIC_RUN_ID")
+    return rid if rid and rid != "none" else None
+
+
+ELASTIC_ID_FILE = "torchelastic_run_id"
+
+
+def find_elastic_run(logs: str, run_id: str) -> str | None:
+    """Name of the newest run folder under ``logs`` that this torchrun job created (it holds the
+    job's rendezvous id), so a restarted job without ``--name`` finds its own checkpoints."""
+    found = []
+    for marker in glob.glob(os.path.join(logs, "*", ELASTIC_ID_FILE)):
+        try:
+            with open(marker) as f:
+                if f.read().strip() == run_id:
+                    found.append((os.path.getmtime(marker), os.path.basename(os.path.dirname(marker))))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------------- fault injection (tests only)
+class FaultHooks:
+    """Fault injection for the distributed tests ONLY; never set these variables in a real run.
+
+    ``DISSECT_FAST_TEST_KILL_AT_STEP=RANK:STEP``: that rank SIGKILLs itself after global step STEP,
+    on the first attempt only (not after a torchelastic restart): tests elastic restarts.
+    ``DISSECT_FAST_TEST_DRIFT_AT_STEP=RANK:STEP``: that rank corrupts history entry 0 after step
+    STEP: tests that ``--check-sync-every`` catches diverged replicas.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.kill_step = self._parse("DISSECT_FAST_TEST_KILL_AT_STEP", rank) if elastic_restart_count() == 0 else None
+        self.drift_step = self._parse("DISSECT_FAST_TEST_DRIFT_AT_STEP", rank)
+        self.active = self.kill_step is not None or self.drift_step is not None
+
+    @staticmethod
+    def _parse(var: str, rank: int) -> int | None:
+        v = os.environ.get(var)
+        if not v:
+            return None
+        try:
+            r, s = (int(x) for x in v.split(":"))
+        except ValueError:
+            raise ValueError(f"{var}={v!r}: expected RANK:STEP (test-only variable)") from None
+        return s if r == rank else None
+
+    def after_step(self, step: int, history) -> None:
+        if step == self.drift_step and history is not None:
+            with torch.no_grad():
+                h0 = history.values[:1]
+                h0.copy_(torch.nan_to_num(h0.float(), nan=0.0) + 1.0)
+        if step == self.kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -12,6 +12,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: make the package i
 def main(argv: list[str] | None = None) -> list[dict]:
     from dissect_fast.config import config_from_args
     from dissect_fast.distributed import cleanup
+    from dissect_fast.reliability import RunStopped
     from dissect_fast.trainer import Trainer
 
     cfg = config_from_args(argv)
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(2) from None
     try:
         return trainer.fit()
+    except RunStopped as e:  # a full disk, bad data, non-finite steps, SIGTERM/SIGINT: a message, not a traceback
+        print(f"dissect_fast.train: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     finally:
         cleanup(trainer.dist)
 

@@ -20,14 +20,28 @@ import numpy as np
 import torch
 
 from dissect_fast import checkpoint as ckpt_io
+from dissect_fast import reliability
 from dissect_fast.config import TrainConfig, save_config
 from dissect_fast.data.loader import ShardDataset, TorchLoader
 from dissect_fast.data.shards import resolve_data
 from dissect_fast.diagnostics import EpochDiagnostics, plot_epoch, plot_history
-from dissect_fast.distributed import DistInfo, all_gather_cat, barrier, init_distributed
+from dissect_fast.distributed import (
+    ELASTIC_ID_FILE,
+    DistInfo,
+    FaultHooks,
+    all_gather_cat,
+    barrier,
+    broadcast_object,
+    check_in_sync,
+    elastic_restart_count,
+    elastic_run_id,
+    find_elastic_run,
+    init_distributed,
+)
 from dissect_fast.evaluate import evaluate
 from dissect_fast.model import (
     Forwards,
+    check_scoring_options,
     create_model,
     make_optimizer,
     model_name_for,
@@ -86,7 +100,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.model.device)
-        self.dist: DistInfo = init_distributed(self.device.type)
+        self.dist: DistInfo = init_distributed(self.device.type, cfg.dist.dist_timeout)
         if self.device.type == "cuda":
             if cfg.model.device == "auto" or cfg.model.device == "cuda":
                 self.device = torch.device("cuda", self.dist.local_rank)
@@ -98,6 +112,7 @@ class Trainer:
 
         # Everything the user can get wrong fails here, before any model, loader or GPU work.
         self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
+        check_scoring_options(self.model_name, cfg.model.score_resolution, cfg.model.score_patch_dropout)
         self.train_shards, self.index = resolve_data(cfg.data.train_data, "--train-data")
         self.val_shards = resolve_data(cfg.data.val_data, "--val-data")[0] if cfg.data.val_data else None
         self.num_ids = self._num_ids()
@@ -109,15 +124,22 @@ class Trainer:
                 f"x {self.dist.world_size} rank(s): lower the batch size"
             )
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self._preloaded: tuple[str, dict] | None = None
+        self.resume_state = self._load_resume()  # loaded and checked against this run before the model is built
 
         self.model, pre_train, pre_val, self.context_length = create_model(self.model_name, self.device)
-        self.forwards = Forwards(self.model, self.precision, self.device, cfg.model.compile, self.dist.enabled)
+        self.forwards = Forwards(
+            self.model, self.precision, self.device, cfg.model.compile, self.dist.enabled,
+            score_resolution=cfg.model.score_resolution, score_patch_dropout=cfg.model.score_patch_dropout,
+            score_cudagraphs=cfg.model.score_cudagraphs,
+        )
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp")
         self.loss_fn = self._loss()
         self.strategy = make_strategy(cfg.select, cfg.data.batch_size, self.num_ids, self.device)
         if self.strategy.history is not None:
             self.strategy.history.local_updates = not self.dist.enabled
+        self.hooks = FaultHooks(self.dist.rank)  # test-only fault injection; inactive unless its env vars are set
         self.k = cfg.select.k(cfg.data.batch_size)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.run.seed * 7919 + self.dist.rank)
@@ -130,6 +152,12 @@ class Trainer:
         self.metrics: list[dict] = []
         self.score_scale = 100.0
         self.tb = None
+        self.on_epoch_end = None  #: optional callback(metrics) on the main rank, e.g. the demo's progress line
+        self.timer = None  #: a dissect_fast.timing.PhaseTimer (benchmarks); None = no timing at all
+        self.stop = reliability.StopSignal()  # SIGTERM/SIGINT -> checkpoint after the current step, exit
+        self.guard = reliability.NonFiniteGuard(self.optimizer, self.device, cfg.run.max_nonfinite_steps,
+                                                self.scaler.is_enabled())
+        self._epoch_resume: dict | None = None  # data position inside an epoch, from an interrupted run
 
     # ------------------------------------------------------------------ set-up helpers
     def _set_seed(self, seed: int) -> None:
@@ -141,13 +169,24 @@ class Trainer:
 
     def _run_dir(self) -> str:
         r = self.cfg.run
-        if r.name is None:
-            r.name = f"{self.cfg.select.strategy}-{time.strftime('%Y_%m_%d-%H_%M_%S')}"
+        if r.name is None:  # rank 0 names the run: the ranks' clocks may straddle a second
+            r.name = broadcast_object(self._default_run_name() if self.dist.is_main else None, self.dist)
         path = os.path.join(r.logs, r.name)
         if self.dist.is_main:
             os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+            if elastic_run_id() is not None:  # lets a restarted torchrun job without --name find this folder
+                with open(os.path.join(path, ELASTIC_ID_FILE), "w") as f:
+                    f.write(elastic_run_id())
         barrier(self.dist)
         return path
+
+    def _default_run_name(self) -> str:
+        rid = elastic_run_id()
+        if rid is not None and elastic_restart_count() > 0:
+            found = find_elastic_run(self.cfg.run.logs, rid)
+            if found is not None:
+                return found
+        return f"{self.cfg.select.strategy}-{time.strftime('%Y_%m_%d-%H_%M_%S')}"
 
     def _num_ids(self) -> int:
         if self.index is not None:
@@ -185,7 +224,8 @@ class Trainer:
     def _loss(self):
         from open_clip.loss import ClipLoss
 
-        return ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
+        d = self.cfg.dist
+        return ClipLoss(local_loss=d.local_loss, gather_with_grad=d.gather_with_grad, cache_labels=True,
                         rank=self.dist.rank, world_size=self.dist.world_size)
 
     def _data_backend(self) -> str:
@@ -237,6 +277,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "config": self.cfg.to_dict(),
             "metrics": self.metrics,
+            "nonfinite": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -253,25 +294,122 @@ class Trainer:
         self.metrics = list(state.get("metrics", []))
         ckpt_io.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
+        self.guard.load_state_dict(state.get("nonfinite", {}))
+        self._epoch_resume = state.get("epoch_resume")
+        if self.dist.rank > 0:  # the checkpoint holds rank 0's RNG streams: derive this rank's own
+            seed = self.cfg.run.seed + 1_000_003 * self.step + self.dist.rank
+            self._set_seed(seed)
+            self.generator.manual_seed(seed * 7919 + self.dist.rank)
 
     def resume_path(self) -> str | None:
         r = self.cfg.run.resume
+        if elastic_restart_count() > 0:  # torchrun restarted the workers: go on from this run's last checkpoint
+            p = self._latest_intact()
+            if p is not None:
+                return p
         if r is None:
             return None
         if r == "latest":
-            p = os.path.join(self.run_dir, "checkpoints", "latest.pt")
-            return p if os.path.isfile(p) else None
+            return self._latest_intact()
         if not os.path.isfile(r):
             raise FileNotFoundError(f"--resume {r}: no such checkpoint")
         return r
 
+    def _latest_intact(self) -> str | None:
+        """This run's newest checkpoint that verifies and loads (damaged ones are logged and skipped)."""
+        self._preloaded = ckpt_io.find_resumable(os.path.join(self.run_dir, "checkpoints"))
+        return self._preloaded[0] if self._preloaded else None
+
+    def _load_resume(self) -> tuple[str, dict] | None:
+        path = self.resume_path()
+        if path is None:
+            return None
+        pre, self._preloaded = self._preloaded, None
+        state = pre[1] if pre is not None and pre[0] == path else ckpt_io.load_checkpoint(path)
+        if state.get("model_name") != self.model_name:
+            raise ValueError(
+                f"--resume {path}: checkpoint was trained with model {state.get('model_name')!r}, this run builds "
+                f"{self.model_name!r}: pass the same --model"
+            )
+        h = (state.get("strategy") or {}).get("history")
+        if h is not None and h["values"].numel() != self.num_ids:
+            raise ValueError(
+                f"--resume {path}: its history buffer has {h['values'].numel()} entries but --train-data has an id "
+                f"range of {self.num_ids}: resume with the training data the checkpoint was trained on"
+            )
+        return path, state
+
+    def _last_checkpoint(self) -> str | None:
+        p = os.path.join(self.run_dir, "checkpoints", "latest.pt")
+        return p if os.path.isfile(p) else None
+
+    def _write_checkpoint(self, state: dict, name: str) -> str:
+        """Atomic, verified write of checkpoints/<name>; latest.pt then names the same file. A full disk
+        stops the run (RunStopped) with the previous checkpoint intact."""
+        d = os.path.join(self.run_dir, "checkpoints")
+        path = os.path.join(d, name)
+        try:
+            ckpt_io.save_checkpoint(state, path)
+            if name != "latest.pt":
+                ckpt_io.link_checkpoint(path, os.path.join(d, "latest.pt"))
+        except ckpt_io.DiskFullError as e:
+            raise reliability.RunStopped(f"{e.strerror}; last good checkpoint: {self._last_checkpoint()}") from e
+        return path
+
     def save(self, epoch_done: int) -> None:
         if not self.dist.is_main:
             return
-        state = self.state_dict(epoch_done)
-        d = os.path.join(self.run_dir, "checkpoints")
-        ckpt_io.save_checkpoint(state, os.path.join(d, f"epoch_{epoch_done}.pt"))
-        ckpt_io.save_checkpoint(state, os.path.join(d, "latest.pt"))
+        self._write_checkpoint(self.state_dict(epoch_done), f"epoch_{epoch_done}.pt")
+
+    def _should_stop(self, n_steps: int | None) -> bool:
+        """A stop signal, agreed by all ranks. Single process: checked after every step (a Python flag,
+        no sync). Several ranks: at log steps and epoch ends only, where an all-reduce is affordable."""
+        if not self.dist.enabled:
+            return self.stop.requested
+        if n_steps is not None and n_steps % self.cfg.run.log_every_n_steps:
+            return False
+        return reliability.agree_on_stop(self.stop.requested, self.dist)
+
+    def _interrupted(self, epoch: int, where: str, path: str | None) -> reliability.Interrupted:
+        import signal
+
+        signum = self.stop.signum or signal.SIGTERM
+        r = self.cfg.run
+        return reliability.Interrupted(
+            f"stopped by {signal.Signals(signum).name} {where} (step {self.step}); checkpoint: {path}. "
+            f"To continue, run the same command with --resume latest --logs {r.logs} --name {r.name}", signum)
+
+    def _save_interrupted(self, epoch: int, n_steps: int, loss_sum: torch.Tensor, epoch_rng: dict) -> None:
+        """Checkpoint the state after step ``n_steps`` of ``epoch`` with its data position, then raise
+        Interrupted. Resuming re-reads the epoch's first n_steps batches without training on them."""
+        path = None
+        if self.dist.is_main:
+            state = self.state_dict(epoch)  # the epoch in progress: resume re-enters it
+            state["epoch_step"] = n_steps
+            state["epoch_resume"] = {
+                "epoch": epoch, "epoch_step": n_steps, "epoch_rng": epoch_rng, "step_rng": ckpt_io.rng_state(),
+                "loss_sum": loss_sum.detach().cpu(), "nonfinite_epoch": self.guard.epoch.cpu(),
+                "diag": {k: getattr(self.diag, k).detach().cpu()
+                         for k in ("score", "delta", "trained", "n_trained", "n_clean_trained")},
+            }
+            path = self._write_checkpoint(state, "latest.pt")
+        barrier(self.dist)
+        raise self._interrupted(epoch, f"in epoch {epoch + 1} after {n_steps}/{self.steps_per_epoch} steps", path)
+
+    def _skip_to_position(self, epoch: int, batches, resume: dict) -> tuple[int, torch.Tensor]:
+        """Consume the batches an interrupted run already trained on and restore the epoch's partial
+        sums; RNG streams are put back so the rest of the epoch is what it would have been."""
+        n = int(resume["epoch_step"])
+        log.info("resuming epoch %d at step %d of %d: re-reading %d batches without training", epoch + 1, n,
+                 self.steps_per_epoch, n)
+        for _ in range(n):
+            next(batches)
+        if self.dist.rank == 0:
+            ckpt_io.set_rng_state(resume["step_rng"])
+        for k, v in resume["diag"].items():
+            getattr(self.diag, k).copy_(v.to(self.device))
+        self.guard.epoch.copy_(resume["nonfinite_epoch"])
+        return n, resume["loss_sum"].to(self.device)
 
     # ------------------------------------------------------------------ the step
     def _scale(self) -> float:
@@ -285,26 +423,37 @@ class Trainer:
             self.score_scale = float(self.model.logit_scale.detach().exp())
 
     def train_step(self, epoch: int, images, tokens, ids) -> torch.Tensor:
-        strategy = self.strategy
+        strategy, t = self.strategy, self.timer
         feats = self.forwards.score(images, tokens) if strategy.needs_scoring(epoch) else None
+        if t is not None:
+            t.mark("score")
         logit_scale = self.model.logit_scale.detach().exp()
         sel = strategy.select(epoch, ids, feats, logit_scale, self._scale(), self.generator)
         if sel.index is None:
             t_images, t_tokens, t_ids = images, tokens, ids
         else:
             t_images, t_tokens, t_ids = images[sel.index], tokens[sel.index], ids[sel.index]
+        if t is not None:
+            t.mark("select")
 
         out = self.forwards.train(t_images, t_tokens)
         loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if t is not None:
+            t.mark("train")
+        grad_norm = None
         if self.cfg.optim.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        self.guard.before_step(loss, grad_norm)  # a non-finite loss/gradient skips the update, decided on the device
         self.scaler.step(self.optimizer)
+        self.guard.after_step()
         self.scaler.update()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
+        if t is not None:
+            t.mark("optim")
 
         score, delta = sel.score, sel.delta
         if score is None:  # no scoring pass: the training forward's features score what was trained
@@ -314,11 +463,24 @@ class Trainer:
         if self.dist.enabled and m is not None and strategy.history is not None:
             scored_ids = ids if score.shape[0] == ids.shape[0] else t_ids
             strategy.history.update(all_gather_cat(scored_ids, self.dist), all_gather_cat(score.float(), self.dist), m)
+        if t is not None:
+            t.mark("sync")  # includes scoring the trained sub-batch for diagnostics when no scoring pass ran
         self.diag.record(ids, score, delta, t_ids)
+        if t is not None:
+            t.mark("other")
         return loss.detach()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict]:
+        """Train all epochs. SIGTERM/SIGINT: the current step finishes, a checkpoint is written and
+        reliability.Interrupted is raised (the CLI turns it into a message and exit code 128 + signal)."""
+        self.stop.install()
+        try:
+            return self._fit()
+        finally:
+            self.stop.restore()
+
+    def _fit(self) -> list[dict]:
         cfg = self.cfg
         if self.dist.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.json"))
@@ -327,10 +489,18 @@ class Trainer:
                 json.dump(prov, f, indent=1)
             log.info("provenance: %s", json.dumps(prov))
             log.info("config: %s", json.dumps(cfg.to_dict()))
-        path = self.resume_path()
+        if self.dist.is_main:
+            for p in ckpt_io.remove_stale_temporaries(os.path.join(self.run_dir, "checkpoints")):
+                log.warning("removed %s, a checkpoint write that did not finish (killed process)", p)
+        path, state = self.resume_state if self.resume_state is not None else (None, None)
+        self.resume_state = None
         if path is not None:
-            self.load_state_dict(ckpt_io.load_checkpoint(path))
+            self.load_state_dict(state)
             log.info("resumed from %s at epoch %d (step %d)", path, self.start_epoch, self.step)
+            if elastic_restart_count() > 0:
+                log.warning("torchelastic restart %d: resumed from %s", elastic_restart_count(), path)
+            if self.dist.is_main:  # drop lines of epochs the checkpoint does not hold (a crash after writing them)
+                self._rewrite_metrics()
         elif cfg.run.resume == "latest":
             log.info("--resume latest: no checkpoint in %s yet, starting fresh", self.run_dir)
         log.info(
@@ -345,7 +515,12 @@ class Trainer:
         t_start = time.time()
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             metrics = self.train_epoch(epoch, t_start)
+            sums = self._check_history_sync()
+            if sums is not None:
+                metrics["dist/history_checksums"] = sums
             self.metrics.append(metrics)
+            if self.on_epoch_end is not None and self.dist.is_main:
+                self.on_epoch_end(metrics)
             if self.dist.is_main:
                 with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -357,9 +532,26 @@ class Trainer:
                     plot_history(self.metrics, os.path.join(self.run_dir, "plots"))
             self.save(epoch + 1)
             barrier(self.dist)
+            if epoch + 1 < cfg.optim.epochs and self._should_stop(None):
+                raise self._interrupted(epoch, f"after epoch {epoch + 1}", self._last_checkpoint())
         if self.tb is not None:
             self.tb.close()
         return self.metrics
+
+    def _check_history_sync(self) -> list[list[int]] | None:
+        """Every rank's history checksum, after verifying they are equal (HistoryDesyncError if not);
+        None without several ranks or without a history. A host sync: not for every step."""
+        h = self.strategy.history
+        if not self.dist.enabled or h is None:
+            return None
+        return check_in_sync(h.checksum(), self.dist, self.step)
+
+    def _rewrite_metrics(self) -> None:
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in self.metrics)
+        os.replace(tmp, path)
 
     def _epoch_batches(self):
         """Exactly ``steps_per_epoch`` batches on every rank (DDP needs equal step counts): a rank
@@ -387,57 +579,80 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.diag.reset()
+        self.guard.start_epoch()
+        resume = self._epoch_resume if self._epoch_resume and self._epoch_resume["epoch"] == epoch else None
+        self._epoch_resume = None
+        if resume is not None and self.dist.rank == 0:
+            ckpt_io.set_rng_state(resume["epoch_rng"])
+        epoch_rng = ckpt_io.rng_state()  # what an interrupted epoch restarts its data order from
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         n_steps, t0, last_loss = 0, time.time(), float("nan")
+        batches = self._epoch_batches()
+        if resume is not None:
+            n_steps, loss_sum = self._skip_to_position(epoch, batches, resume)
         bar = None
         if cfg.run.progress and self.dist.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False)
-        for images, tokens, ids in self._epoch_batches():
+            bar = tqdm(total=self.steps_per_epoch, initial=n_steps, desc=f"epoch {epoch}", unit="step", leave=False)
+        for images, tokens, ids in batches:
             lr = cosine_lr(self.step, cfg.optim.lr, cfg.optim.warmup, self.total_steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             loss = self.train_step(epoch, images, tokens, ids)
-            loss_sum += loss
+            loss_sum += self.guard.masked(loss)
             n_steps += 1
             self.step += 1
+            if self.hooks.active:
+                self.hooks.after_step(self.step, self.strategy.history)
+            if cfg.dist.check_sync_every and self.step % cfg.dist.check_sync_every == 0:
+                self._check_history_sync()
             if n_steps % cfg.run.log_every_n_steps == 0 or n_steps == self.steps_per_epoch:
                 last_loss = float(loss)  # the one host sync, every n steps
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"non-finite loss at step {self.step}: lower --lr or use fp32")
+                self.guard.check(self.step, self._last_checkpoint())  # too many non-finite steps: NonFiniteError
                 self._refresh_scale()
                 if bar is not None:
                     rate = n_steps * cfg.data.batch_size * self.dist.world_size / max(1e-9, time.time() - t0)
                     bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{rate:.0f}", lr=f"{lr:.2e}")
             if bar is not None:
                 bar.update(1)
+            if n_steps < self.steps_per_epoch and self._should_stop(n_steps):
+                if bar is not None:
+                    bar.close()
+                self._save_interrupted(epoch, n_steps, loss_sum, epoch_rng)
         if bar is not None:
             bar.close()
         wall = time.time() - t0
         stats = dict(self.train_loader.stats)
+        skipped = int(self.guard.epoch)
         metrics = {
             "epoch": epoch + 1,
             "step": self.step,
             "samples_seen": self.step * cfg.data.batch_size * self.dist.world_size,
             "wall_s": round(time.time() - t_start, 3),
             "epoch_wall_s": round(wall, 3),
-            "train_loss": float(loss_sum) / max(1, n_steps),
+            "train_loss": float(loss_sum) / (n_steps - skipped) if n_steps > skipped else float("nan"),
+            "nonfinite_steps": skipped,
             "lr": cosine_lr(max(0, self.step - 1), cfg.optim.lr, cfg.optim.warmup, self.total_steps),
             "data/bad_samples": int(stats.get("bad_samples", 0)),
         }
         metrics.update(self.diag.summary())
+        metrics.update({f"data/{k}": int(v) for k, v in sorted(stats.items())
+                        if not k.startswith("shard:") and k not in ("ok", "bad_samples")})
         bad_frac = stats.get("bad_samples", 0) / max(1, stats.get("ok", 0) + stats.get("bad_samples", 0))
         if stats.get("bad_samples"):
             worst = sorted(((v, k[6:]) for k, v in stats.items() if k.startswith("shard:")), reverse=True)[:5]
             log.warning("epoch %d: skipped %d bad samples (%s); worst shards: %s", epoch, stats["bad_samples"],
                         {k: v for k, v in stats.items() if not k.startswith("shard:") and k != "ok"}, worst)
             if bad_frac > cfg.data.max_bad_fraction:
-                raise RuntimeError(
-                    f"{100 * bad_frac:.2f}% of training samples were unreadable (> --max-bad-fraction "
-                    f"{cfg.data.max_bad_fraction}); worst shards: {worst}"
-                )
+                msg = (f"{100 * bad_frac:.2f}% of epoch {epoch + 1}'s training samples were unreadable (> "
+                       f"--max-bad-fraction {cfg.data.max_bad_fraction}); worst shards (bad samples, shard): {worst}. "
+                       f"Repair or drop those shards, or raise --max-bad-fraction")
+                if self.dist.is_main:
+                    with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps({**metrics, "stopped": msg}) + "\n")
+                raise reliability.TooManyBadSamples(msg)
         if self.val_loader is not None and ((epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == cfg.optim.epochs):
             if self.dist.is_main:
                 metrics.update(evaluate(self.model, self.val_loader, self.precision, self.device))

@@ -269,6 +269,18 @@ def test_split_large_classes_caps_sizes_and_keeps_small_ones():
     assert set(np.unique(new[:1000])) & {1, 2} == set()  # pieces never merge into other classes
 
 
+def test_split_several_interleaved_large_classes():
+    rng = np.random.default_rng(1)
+    labels = rng.permutation(np.repeat([0, 1, 2, 3], [500, 9, 300, 260]))
+    new, n_split = split_large_classes(labels, rng.normal(size=(len(labels), 6)), max_size=100)
+    counts = np.bincount(new)
+    assert n_split == 3 and counts.max() <= 100 and counts[np.unique(new[labels != 1])].min() >= 50
+    assert (new[labels == 1] == 1).all() and counts[1] == 9
+    for c in (0, 2, 3):  # each big class becomes pieces that hold exactly its members
+        pieces = np.unique(new[labels == c])
+        assert np.isin(new, pieces).sum() == (labels == c).sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # Embeddings directory
 # ---------------------------------------------------------------------------------------------
@@ -410,9 +422,81 @@ def test_cli_select_subset(tmp_path, emb, capsys):
     assert "chose 80 of 400" in printed and "mean CLIPScore" in printed and "proxy classes (class-names)" in printed
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["budget"] == 80 and sum(info["class_counts"]) == 80 and info["method"] == "clipcov"
+    lazy = tmp_path / "lazy.npy"  # the float64 lazy-greedy reference picks the same set
+    assert main_select_subset(args + ["--class-names", str(names), "--greedy", "lazy", "--out", str(lazy)]) == 0
+    assert (np.load(lazy) == ids).all() and json.loads(lazy.with_suffix(".json").read_text())["greedy"] == "lazy"
     with pytest.raises(SystemExit) as e:
         main_select_subset(args[:-1] + ["1.5", "--out", str(out)])
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         main_select_subset(args + ["--class-names", str(tmp_path / "names.txt"), "--out", str(out)])
     assert "dissect-fast embed --class-names" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole offline workflow: embed -> select-subset -> train with --subset (both loaders)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def subset_file(tiny_data, tmp_path_factory):
+    """`dissect-fast embed` of tiny_data with a random-init micro-vit, then a clipcov 50% subset."""
+    from dissect_fast.model import create_model
+    from dissect_fast.offline.embed import main_embed
+
+    root = tmp_path_factory.mktemp("offline")
+    torch.manual_seed(0)
+    model = create_model("micro-vit", torch.device("cpu"))[0]
+    torch.save({"state_dict": model.state_dict(), "model_name": "micro-vit"}, root / "ref.pt")
+    args = ["--checkpoint", str(root / "ref.pt"), "--data", str(tiny_data / "train"), "--out", str(root / "emb"),
+            "--device", "cpu", "--batch-size", "64", "--workers", "0"]  # fmt: skip
+    (root / "names.txt").write_text("circle\nsquare\n\ntriangle\n")
+    assert main_embed(args + ["--class-names", str(root / "names.txt")]) == 0
+    emb = load_embeddings(root / "emb")
+    assert len(emb) == 240 and sorted(emb.ids.tolist()) == list(range(240)) and emb.dim == 32
+    assert np.load(root / "emb" / "class_names.npy").shape == (3, 32)  # blank lines skipped
+    norms = np.linalg.norm(emb.image.astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)  # stored normalised, fp16
+    before = emb.image.copy()
+    assert main_embed(args) == 0  # resume: nothing left to embed, nothing rewritten
+    emb2 = load_embeddings(root / "emb")
+    assert len(emb2) == 240 and (emb2.image == before).all()
+    with pytest.raises(SystemExit):  # resuming with another on-disk dtype is a clear CLI error
+        main_embed(args + ["--dtype", "float32"])
+    out = root / "subset.npy"
+    assert main_select_subset(["--embeddings", str(root / "emb"), "--method", "clipcov", "--fraction", "0.5",
+                               "--class-names", str(root / "emb" / "class_names.npy"), "--device", "cpu",
+                               "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.with_suffix(".json").read_text())["class_source"] == "class-names"
+    ids = np.load(out)
+    assert len(ids) == 120 and np.isin(ids, np.arange(240)).all()
+    return out
+
+
+@pytest.mark.parametrize(
+    "backend,strategy", [("torch", ["--select-strategy", "full"]), ("dali", ["--select-strategy", "dissect-momentum"])]
+)
+def test_subset_file_round_trips_into_trainer(tiny_data, subset_file, tmp_path, backend, strategy):
+    from dissect_fast.config import config_from_args
+    from dissect_fast.data.dali_loader import dali_unavailable_reason
+    from dissect_fast.trainer import Trainer
+
+    if backend == "dali" and dali_unavailable_reason():
+        pytest.skip(dali_unavailable_reason())
+    argv = ["--train-data", str(tiny_data / "train"), "--model", "micro-vit", "--batch-size", "20", "--epochs", "2",
+            "--lr", "1e-3", "--warmup", "2", "--workers", "0", "--logs", str(tmp_path), "--name", backend,
+            "--no-progress", "--no-tensorboard", "--no-plots", "--device", "cpu", "--data-backend", backend,
+            "--select-rate", "0.5", "--subset", str(subset_file), *strategy]  # fmt: skip
+    t = Trainer(config_from_args(argv))
+    assert t.data_backend == backend and t.num_samples == 120 and t.steps_per_epoch == 6
+    seen: list[int] = []
+    step = t.train_step
+
+    def recording_step(epoch, images, tokens, ids):
+        seen.extend(ids.tolist())
+        return step(epoch, images, tokens, ids)
+
+    t.train_step = recording_step
+    metrics = t.fit()
+    subset = set(np.load(subset_file).tolist())
+    assert len(seen) == 2 * 6 * 20 and set(seen) <= subset  # only subset ids are ever loaded
+    assert len(set(seen)) >= 100  # and (nearly) all of them: an epoch drops at most the shard tails
+    assert metrics[-1]["select/trained_samples"] == 6 * (20 if strategy[-1] == "full" else 10)

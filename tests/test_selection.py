@@ -148,3 +148,32 @@ def test_history_buffer_state_roundtrip_and_size_check():
     assert torch.equal(torch.nan_to_num(h2.values, -1), torch.nan_to_num(h.values, -1))
     with pytest.raises(ValueError, match="same training data"):
         HistoryBuffer(5, "cpu").load_state_dict(h.state_dict())
+
+
+def test_gain_keeps_largest_score_rise_since_warmup():
+    """dissect-gain: same warm-up record as dissect-warmup, then the largest s - w (the sign-flipped rule)."""
+    s, _ = make("dissect-gain", rate=0.4, warmup_point=2)
+    assert resolve_strategy("dissect_gain") == "dissect-gain"
+    ids = torch.tensor([0, 1, 2, 3, 4])
+    gen = torch.Generator().manual_seed(0)
+    assert not s.needs_scoring(0) and s.needs_scoring(1) and s.needs_scoring(2)
+    f, g = feats_with_cos([0.4, 0.5, 0.1, 0.2, 0.3])
+    s.select(1, ids, (f, g), torch.tensor(1.0), 100.0, gen)  # last warm-up epoch: w <- s
+    f2, g2 = feats_with_cos([0.1, 0.55, 0.2, 0.28, 0.3])  # gain = s - w = [-30, 5, 10, 8, 0]
+    sel = s.select(2, ids, (f2, g2), torch.tensor(1.0), 100.0, gen)
+    assert sel.index.tolist() == [2, 3]  # descending by gain
+    assert torch.allclose(sel.delta, torch.tensor([30.0, -5.0, -10.0, -8.0, 0.0]), atol=1e-3)
+    assert torch.allclose(s.history.values[:5], torch.tensor([40.0, 50.0, 10.0, 20.0, 30.0]), atol=1e-3)  # frozen
+    # the published rule on the same scores picks the opposite end
+    w, _ = make("dissect-warmup", rate=0.4, warmup_point=2)
+    w.history.values.copy_(s.history.values)
+    assert w.select(2, ids, (f2, g2), torch.tensor(1.0), 100.0, gen).index.tolist() == [0, 4]
+
+
+def test_gain_unseen_sample_counts_as_zero_gain():
+    s, _ = make("dissect-gain", rate=0.4, warmup_point=1)
+    s.history.values[0] = 50.0  # gain -10; ids 1, 2 unseen -> gain 0; id 3 seen at 10 -> gain 20
+    s.history.values[3] = 10.0
+    f, g = feats_with_cos([0.4, 0.5, 0.1, 0.3])
+    sel = s.select(1, torch.tensor([0, 1, 2, 3]), (f, g), torch.tensor(1.0), 100.0, None)
+    assert sel.index.tolist() == [3, 1]

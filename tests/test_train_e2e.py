@@ -36,6 +36,7 @@ STRATEGY_ARGS = {
     "big_loss": ["--select-rate", "0.3"],
     "dissect-momentum": ["--select-rate", "0.3"],
     "dissect-warmup": ["--select-rate", "0.3", "--warmup-point", "1"],
+    "dissect-gain": ["--select-rate", "0.3", "--warmup-point", "1"],
 }
 
 

@@ -4,13 +4,25 @@ Shards are split over (rank, worker) in a per-epoch shuffled order; each worker 
 in a buffer and yields full batches plus one remainder, which the main process merges so that an
 epoch drops fewer than B samples per rank. Unreadable samples are skipped and counted by reason
 and shard; the counts travel in-band with the batches and are summed in ``TorchLoader.stats``.
+
+What counts as bad (skipped, ``bad_samples`` + a reason): an image that does not decode
+(``corrupt_image``) or is smaller than ``MIN_IMAGE_SIDE`` pixels a side (``tiny_image``, e.g. the
+1x1 placeholders of dead links), a missing field (``missing_field``), an id that is not 8 bytes
+(``bad_id``), negative or >= the id range (``id_out_of_range``), an id seen before in this
+worker's share of the epoch (``duplicate_id``, the first copy is kept), an empty or non-UTF-8
+caption (``bad_caption``), a shard that is not a tar (``not_a_tar``) or ends early
+(``truncated_tar``, the sample being read is lost). Mapped, not bad: grayscale, CMYK, palette or
+alpha images are converted to RGB (``image_converted``), PNG/WebP/... data under any image key is
+decoded by content (``image_not_jpeg``).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
+import signal
 import tarfile
 from collections import Counter
 
@@ -24,6 +36,8 @@ from dissect_fast.data.shards import decode_id, tokenizer_for
 EOT_TOKEN = 49407  # open_clip's CLIP tokenizer end-of-text id
 REQUIRED = ("jpg", "id")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MIN_IMAGE_SIDE = 8  #: smaller images are placeholders or tracking pixels, not training data
+log = logging.getLogger("dissect_fast")
 
 
 def fit_tokens(tok: np.ndarray, context_length: int) -> np.ndarray:
@@ -43,6 +57,7 @@ def fit_tokens(tok: np.ndarray, context_length: int) -> np.ndarray:
 def iter_tar_samples(path: str, stats: Counter):
     """Yield dicts of raw fields grouped by key; a truncated or invalid tar ends early, counted."""
     current: dict | None = None
+    members = 0
     try:
         with tarfile.open(path, mode="r|*") as tf:
             for m in tf:
@@ -51,6 +66,7 @@ def iter_tar_samples(path: str, stats: Counter):
                 base = os.path.basename(m.name)
                 if "." not in base:
                     continue
+                members += 1
                 key, ext = base.split(".", 1)
                 key = os.path.join(os.path.dirname(m.name), key)
                 data = tf.extractfile(m).read()
@@ -60,8 +76,8 @@ def iter_tar_samples(path: str, stats: Counter):
                 if current is None:
                     current = {"__key__": key}
                 current[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = "not_a_tar" if current is None and "empty" not in str(e) else "truncated_tar"
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        reason = "truncated_tar" if members else "not_a_tar"
         stats[f"{reason}"] += 1
         stats[f"shard:{os.path.basename(path)}"] += 1
         current = None  # the sample being read when the tar broke is incomplete: dropped, counted
@@ -88,7 +104,13 @@ class ShardDataset(IterableDataset):
         subset_mask: np.ndarray | None = None,
         num_ids: int | None = None,
     ) -> None:
-        self.shards, self.batch_size, self.transform = list(shards), batch_size, transform
+        unique = list(dict.fromkeys(shards))
+        if len(unique) != len(shards):
+            log.warning(
+                "%d shard(s) are listed more than once (overlapping patterns?); each is read once",
+                len(shards) - len(unique),
+            )
+        self.shards, self.batch_size, self.transform = unique, batch_size, transform
         self.context_length, self.train, self.seed = context_length, train, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.subset_mask, self.num_ids = subset_mask, num_ids
@@ -105,7 +127,20 @@ class ShardDataset(IterableDataset):
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         return order[slot::slots]
 
-    def decode(self, s: dict, stats: Counter):
+    @staticmethod
+    def _seen(sid: int, seen, mark: bool = False) -> bool:
+        """Whether ``sid`` was already yielded this epoch (a bitmap when the id range is known); ``mark``
+        records it. Only samples that decode are marked, so a bad first copy does not hide a good one."""
+        if isinstance(seen, set):
+            if mark:
+                seen.add(sid)
+            return sid in seen
+        byte, bit = sid >> 3, 1 << (sid & 7)
+        if mark:
+            seen[byte] |= bit
+        return bool(seen[byte] & bit)
+
+    def decode(self, s: dict, stats: Counter, seen=None):
         """(image tensor, tokens int64, id) or None when the sample is unusable (counted)."""
         img_key = next((e for e in IMAGE_EXTS if e in s), None)
         if img_key is None or "id" not in s:
@@ -121,6 +156,9 @@ class ShardDataset(IterableDataset):
             return None
         if self.subset_mask is not None and not self.subset_mask[sid]:
             stats["not_in_subset"] += 1
+            return None
+        if seen is not None and self._seen(sid, seen):
+            stats["duplicate_id"] += 1
             return None
         if "tok" in s:
             tok = fit_tokens(np.frombuffer(s["tok"], dtype="<i4"), self.context_length)
@@ -139,18 +177,28 @@ class ShardDataset(IterableDataset):
         try:
             with Image.open(io.BytesIO(s[img_key])) as im:
                 im.load()
+                if min(im.size) < MIN_IMAGE_SIDE:
+                    stats["tiny_image"] += 1
+                    return None
+                if im.format != "JPEG":
+                    stats["image_not_jpeg"] += 1
+                if im.mode != "RGB":
+                    stats["image_converted"] += 1
                 img = self.transform(im.convert("RGB"))
-        except Exception:  # PIL raises many types on corrupt data
+        except Exception:  # noqa: BLE001 -- PIL raises many types on corrupt data
             stats["corrupt_image"] += 1
             return None
+        if seen is not None:
+            self._seen(sid, seen, mark=True)
         return img, torch.from_numpy(tok.astype(np.int64)), sid
 
     def _samples(self, shards: list[str], stats: Counter, rng: random.Random):
         buf = []
+        seen = set() if self.num_ids is None else bytearray((self.num_ids + 7) // 8)
         for path in shards:
             for raw in iter_tar_samples(path, stats):
                 filtered = stats["not_in_subset"]
-                out = self.decode(raw, stats)
+                out = self.decode(raw, stats, seen)
                 if out is None:
                     if stats["not_in_subset"] == filtered:  # unusable, not merely filtered out
                         stats["bad_samples"] += 1
@@ -184,13 +232,22 @@ class ShardDataset(IterableDataset):
         yield ("stats", dict(stats))
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process: a Ctrl-C or a scheduler's SIGTERM to the
+    whole process group must not kill them mid-epoch while the trainer finishes its step and saves.
+    They still end with the main process (DataLoader's own watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _collate(samples):
     imgs, toks, ids = zip(*samples)
     return torch.stack(imgs), torch.stack(toks), torch.tensor(ids, dtype=torch.int64)
 
 
 class TorchLoader:
-    """Iterable of (images, tokens, ids) on ``device``; ``stats`` holds the last epoch's skip counts."""
+    """Iterable of (images, tokens, ids) on ``device``; ``stats`` sums the skip counts of every pass
+    since the last ``set_epoch`` (an epoch that re-reads its shards keeps the first pass's counts)."""
 
     def __init__(self, dataset: ShardDataset, workers: int, device: torch.device, drop_last: bool) -> None:
         self.dataset, self.workers, self.device, self.drop_last = dataset, workers, device, drop_last
@@ -198,15 +255,19 @@ class TorchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+        self.stats = Counter()
 
     def _to_device(self, imgs, toks, ids):
         nb = self.device.type == "cuda"
-        return imgs.to(self.device, non_blocking=nb), toks.to(self.device, non_blocking=nb), ids.to(
-            self.device, non_blocking=nb
+        return (
+            imgs.to(self.device, non_blocking=nb),
+            toks.to(self.device, non_blocking=nb),
+            ids.to(self.device, non_blocking=nb),
         )
 
     def __iter__(self):
-        self.stats = Counter()
+        if not self.dataset.train:  # evaluation passes are not bracketed by set_epoch
+            self.stats = Counter()
         workers = min(self.workers, max(1, len(self.dataset.shards) // max(1, self.dataset.world_size)))
         dl = DataLoader(
             self.dataset,
@@ -215,6 +276,7 @@ class TorchLoader:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         )
         B = self.dataset.batch_size
         pending: list[tuple] = []

@@ -37,17 +37,22 @@ def main_embed(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="on-disk dtype; .npy has no bfloat16, and for unit-norm vectors float16 is the more precise 2-byte type",
+    )
     p.add_argument("--class-names", default=None, help="text file, one class name per line -> class_names.npy")
     a = p.parse_args(argv)
 
     from tqdm import tqdm
 
-    from dissect_fast.checkpoint import load_checkpoint
+    from dissect_fast.checkpoint import CheckpointError, load_checkpoint
     from dissect_fast.data.loader import ShardDataset, TorchLoader
     from dissect_fast.data.shards import resolve_data
     from dissect_fast.model import autocast, create_model, resolve_device, resolve_precision
-    from dissect_fast.offline.embeddings_io import EmbeddingWriter
+    from dissect_fast.offline.embeddings_io import EmbeddingsError, EmbeddingWriter
 
     try:
         shards, index = resolve_data(a.data, "--data")
@@ -55,7 +60,10 @@ def main_embed(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint}: no such file")
-    ck = load_checkpoint(a.checkpoint)
+    try:
+        ck = load_checkpoint(a.checkpoint)
+    except CheckpointError as e:
+        p.error(f"--checkpoint: {e}")
     name = a.model or ck.get("model_name")
     if not name:
         p.error("--model is needed: the checkpoint does not name its model")
@@ -68,8 +76,16 @@ def main_embed(argv: list[str] | None = None) -> int:
     if dim is None:
         with torch.no_grad():
             dim = model.encode_text(torch.zeros(1, ctx, dtype=torch.long, device=device)).shape[-1]
-    writer = EmbeddingWriter(a.out, int(dim), a.dtype, capacity=index.num_samples if index else None,
-                             meta={"model": name, "checkpoint": os.path.abspath(a.checkpoint), "data": a.data})
+    try:
+        writer = EmbeddingWriter(
+            a.out,
+            int(dim),
+            a.dtype,
+            capacity=index.num_samples if index else None,
+            meta={"model": name, "checkpoint": os.path.abspath(a.checkpoint), "data": a.data},
+        )
+    except EmbeddingsError as e:  # resuming into a directory written by another model or dtype
+        p.error(f"--out: {e}")
     already = writer.count
     loader = TorchLoader(ShardDataset(shards, a.batch_size, pre_val, ctx, train=False), a.workers, device, False)
     bar = tqdm(total=index.num_samples if index else None, initial=already, unit="img", desc="embed")
@@ -88,10 +104,13 @@ def main_embed(argv: list[str] | None = None) -> int:
     bar.close()
     writer.close()
     stats = dict(loader.stats)
-    print(f"embedded {writer.count - already} new samples ({writer.count} in {a.out}); skipped "
-          f"{stats.get('bad_samples', 0)} unreadable")
+    print(
+        f"embedded {writer.count - already} new samples ({writer.count} in {a.out}); skipped "
+        f"{stats.get('bad_samples', 0)} unreadable"
+    )
     if a.class_names:
-        names = [n.strip() for n in open(a.class_names) if n.strip()]
+        with open(a.class_names) as fh:
+            names = [n.strip() for n in fh if n.strip()]
         np.save(os.path.join(a.out, "class_names.npy"), embed_class_names(model, names, ctx, device, precision))
         print(f"wrote {len(names)} class-name embeddings to {a.out}/class_names.npy")
     return 0

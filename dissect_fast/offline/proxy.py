@@ -119,8 +119,10 @@ def split_large_classes(
     counts = np.bincount(labels)
     next_label = len(counts)
     big = np.flatnonzero(counts > max_size)
+    if len(big):
+        order, starts = class_members(labels)  # one O(N log N) sort, not one O(N) scan per big class
     for c in big:
-        stack = [np.flatnonzero(labels == c)]
+        stack = [order[starts[c] : starts[c + 1]]]
         first = True
         while stack:
             idx = stack.pop()
@@ -136,9 +138,9 @@ def split_large_classes(
             for _ in range(8):  # power iteration on t^T t: the principal axis
                 v = t.T @ (t @ v)
                 v = v / v.norm().clamp_min(1e-12)
-            order = torch.argsort(t @ v, stable=True).cpu().numpy()
+            by_axis = torch.argsort(t @ v, stable=True).cpu().numpy()
             half = len(idx) // 2
-            stack += [np.sort(idx[order[half:]]), np.sort(idx[order[:half]])]
+            stack += [np.sort(idx[by_axis[half:]]), np.sort(idx[by_axis[:half]])]
         log.info("split class %d (%d samples) into pieces of <= %d", c, counts[c], max_size)
     return labels, len(big)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dissect_fast.offline.clipcov import APPROX, ClipCovConfig, clipcov_select
+from dissect_fast.offline.clipcov import ALGORITHMS, APPROX, ClipCovConfig, clipcov_select
 from dissect_fast.offline.embeddings_io import Embeddings, EmbeddingsError, load_embeddings
 from dissect_fast.offline.proxy import default_num_clusters, kmeans, normalized, split_large_classes, zero_shot_labels
 
@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=ClipCovConfig.max_class_size,
         help="clipcov: larger proxy classes are split into balanced pieces",
     )
+    p.add_argument(
+        "--greedy",
+        choices=ALGORITHMS,
+        default="merge",
+        help="clipcov: merge (per-class greedy runs on the device, merged by gain; scalable) or the global "
+        "float64 references lazy / plain (small N only: they hold the embeddings in memory); same picks",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npy of the chosen sample ids (int64, sorted)")
@@ -255,7 +262,7 @@ def main_select_subset(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        cfg = ClipCovConfig(approx=a.approx, device=device, max_class_size=a.max_class_size)
+        cfg = ClipCovConfig(approx=a.approx, device=device, max_class_size=a.max_class_size, algorithm=a.greedy)
         names = load_class_names_emb(a.class_names) if a.class_names else None
         emb = load_embeddings(a.embeddings)
         res = select_subset(
@@ -280,6 +287,7 @@ def main_select_subset(argv: list[str] | None = None) -> int:
         device=device,
         seed=a.seed,
         approx=a.approx,
+        greedy=a.greedy,
         embeddings_meta={k: emb.meta.get(k) for k in ("model", "checkpoint", "count")},
     )
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))

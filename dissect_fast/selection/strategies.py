@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dissect_fast.selection.history import HistoryBuffer
+from dissect_fast.selection.history import HISTORY_DTYPES, HistoryBuffer, float32_window
 
 #: name -> reference-code alias (METHOD.md table)
 STRATEGIES: dict[str, str | None] = {
@@ -98,6 +98,15 @@ def score_and_select(
     """
     from dissect_fast.kernels.fused_select import fused_select
 
+    if history is not None and history.dtype != torch.float32:  # --history-dtype bf16: the op works in float32
+        win = float32_window(history, ids)
+        out = fused_select(
+            image_features, text_features, win.positions, win.values, k, momentum=momentum, scale=scale, key=key,
+            backend=backend,
+        )
+        if momentum is not None:
+            win.write_back()
+        return out
     return fused_select(
         image_features, text_features, ids, history, k, momentum=momentum, scale=scale, key=key, backend=backend
     )
@@ -111,7 +120,8 @@ class Strategy:
 
     def __init__(self, k: int, batch_size: int, num_ids: int, device: torch.device, cfg) -> None:
         self.k, self.batch_size, self.cfg = k, batch_size, cfg
-        self.history = HistoryBuffer(num_ids, device) if self.uses_history else None
+        dtype = HISTORY_DTYPES[getattr(cfg, "history_dtype", "fp32")]
+        self.history = HistoryBuffer(num_ids, device, dtype) if self.uses_history else None
 
     uses_history = False
 

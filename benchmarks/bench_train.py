@@ -1,0 +1,837 @@
+"""Wall-clock of DISSect against full-data training, side by side, with a per-phase breakdown.
+
+    python benchmarks/bench_train.py --device cpu --tiny                 # ~1 minute on a 2-core CPU
+    python benchmarks/bench_train.py --train-data SHARDS --model ViT-B-32 --batch-size 1024 --compile
+    dissect-fast bench train [same flags]
+    python benchmarks/bench_train.py --report                           # README table + chart from results/
+
+Every configuration trains the same model on the same shards in this one process, one after the
+other: the trainer is built, runs ``--warmup-steps`` untimed steps (compilation, autotuning, loader
+start-up), then ``--steps`` timed steps. A step is exactly ``Trainer.train_step`` plus the wait for
+the next batch; a ``dissect_fast.timing.PhaseTimer`` attached to the trainer splits it into phases
+(data wait, scoring forward, selection, train forward + backward, optimizer, sync, other) with CUDA
+events on GPU and perf_counter on CPU. DISSect rows time the steady state after the warm-up point
+(``dissect-warmup``: scoring pass + delta top-k every step) with a history buffer filled with random
+scores. open_clip's own trainer runs as a subprocess on the same shards, model and batch; its
+per-step "Batch (t)" log lines (``--log-every-n-steps 1``) after the same warm-up give its step time.
+
+Cheap scoring: rows ``dissect-r0.2-res{R}`` / ``-pd{P}`` score at resolution R / with patch dropout
+P. Their agreement with full-resolution scoring is measured in a separate, untimed run: a model
+trained with full-resolution DISSect (``dissect-momentum``, so the history fills) over a pool of
+cached batches, every cheap scorer scoring the same batch with the same weights each step; the
+overlap |top-k(full) & top-k(cheap)| / k is reported for the CLIPScore key and for the DISSect
+delta key (steps where every sample in the batch has a history value).
+Results: benchmarks/results/train-<device>-<date>.json (rows + device, versions, commit, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "benchmarks" / "README.md"
+CPU_TARGET = {"config": "dissect-r0.3", "max_ratio": 0.75}
+GPU_TARGETS = {"dissect-r0.2": 0.58, "cheapest_overlap>=0.9": 0.45, "full_vs_open_clip": 1.3, "data_share": 0.05}
+# tiny-vit, not micro-vit: micro-vit is so small that per-op overheads and the optimizer's fixed cost (its
+# vocabulary embedding is most of its parameters) dominate a step, which no real model resembles.
+TINY = {
+    "model": "tiny-vit",
+    "batch_size": 64,
+    "steps": 2,
+    "warmup_steps": 2,
+    "rounds": 5,
+    "num_train": 4096,
+    "image_size": 32,
+    "score_resolutions": "16",
+    "score_patch_dropouts": "0.5",
+    "overlap_steps": 8,
+    "overlap_pool": 4,
+    "workers": 1,
+}
+
+
+# ----------------------------------------------------------------------------------------- set-up
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench_train", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny synthetic data and model (tiny-vit): the CPU mode")
+    p.add_argument(
+        "--train-data", default=None, help="shard dir with index.json (default: synthetic data written to --data-cache)"
+    )
+    p.add_argument(
+        "--data-cache",
+        default=os.path.join(tempfile.gettempdir(), "dissect_bench_data"),
+        help="where synthetic data is written once and reused",
+    )
+    p.add_argument("--num-train", type=int, default=None, help="synthetic samples (default 98304; tiny 4096)")
+    p.add_argument("--image-size", type=int, default=None, help="synthetic image side (default 224; tiny 32)")
+    p.add_argument("--model", default=None, help="default ViT-B-32 (tiny: tiny-vit)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 1024; tiny 64)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per block (default 50; tiny 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed blocks of --steps per configuration, "
+        "interleaved round-robin when > 1 (default 1; tiny 5: a shared CPU's load drifts)",
+    )
+    p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 15; tiny 2)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default 8; tiny 1)")
+    p.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"])
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forwards (GPU runs should)")
+    p.add_argument("--configs", default=None, help="comma list of configuration names to run (full always runs)")
+    p.add_argument(
+        "--score-resolutions",
+        default=None,
+        help="comma list of cheap scoring resolutions (default 160,128,96; tiny 16)",
+    )
+    p.add_argument("--score-patch-dropouts", default=None, help="comma list (default 0.25,0.5,0.75; tiny 0.5)")
+    p.add_argument("--overlap-steps", type=int, default=None, help="steps of the agreement run (default 300)")
+    p.add_argument("--overlap-pool", type=int, default=None, help="cached batches it cycles over (default 8)")
+    p.add_argument(
+        "--epoch-samples",
+        type=int,
+        default=None,
+        help="samples per epoch for the epoch-equivalent wall-clock (default: the training set's size)",
+    )
+    p.add_argument("--no-peer", action="store_true", help="skip open_clip's trainer")
+    p.add_argument("--no-overlap", action="store_true", help="skip the agreement run")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<device>-<date>.json)")
+    p.add_argument("--no-save", action="store_true", help="print only (tests)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="regenerate the table and chart in benchmarks/README.md from the stored results and exit",
+    )
+    a = p.parse_args(argv)
+    gpu = a.device != "cpu" and torch.cuda.is_available()
+    defaults = (
+        TINY
+        if a.tiny
+        else {
+            "model": "ViT-B-32",
+            "batch_size": 1024,
+            "steps": 50,
+            "warmup_steps": 15,
+            "rounds": 1,
+            "num_train": 98304,
+            "image_size": 224,
+            "score_resolutions": "160,128,96",
+            "score_patch_dropouts": "0.25,0.5,0.75",
+            "overlap_steps": 300,
+            "overlap_pool": 8,
+            "workers": 8 if gpu else 2,
+        }
+    )
+    for k, v in defaults.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.score_resolutions = [int(x) for x in str(a.score_resolutions).split(",") if x]
+    a.score_patch_dropouts = [float(x) for x in str(a.score_patch_dropouts).split(",") if x]
+    if a.steps < 2 or a.rounds < 1:
+        p.error("--steps must be >= 2 and --rounds >= 1")
+    return a
+
+
+def configurations(a: argparse.Namespace, device: torch.device) -> list[tuple[str, list[str]]]:
+    """(name, trainer flags) of every configuration, the full-data reference first."""
+    dissect = ["--select-strategy", "dissect-warmup", "--warmup-point", "1"]
+    rows = [("full", ["--select-strategy", "full"])]
+    rows += [(f"dissect-r{r}", [*dissect, "--select-rate", str(r)]) for r in (0.2, 0.3, 0.5)]
+    rows += [("random-r0.2", ["--select-strategy", "random", "--select-rate", "0.2"])]
+    rows += [("dissect-r0.2-torch-select", [*dissect, "--select-rate", "0.2", "--select-backend", "torch"])]
+    rows += [
+        (f"dissect-r0.2-res{R}", [*dissect, "--select-rate", "0.2", "--score-resolution", str(R)])
+        for R in a.score_resolutions
+    ]
+    rows += [
+        (f"dissect-r0.2-pd{P}", [*dissect, "--select-rate", "0.2", "--score-patch-dropout", str(P)])
+        for P in a.score_patch_dropouts
+    ]
+    if device.type == "cuda" and a.compile:
+        rows += [("dissect-r0.2-cudagraphs", [*dissect, "--select-rate", "0.2", "--score-cudagraphs"])]
+    if a.configs:
+        keep = set(a.configs.split(",")) | {"full"}
+        unknown = keep - {n for n, _ in rows} - {"open_clip"}
+        if unknown:
+            raise SystemExit(f"--configs: unknown configuration(s) {sorted(unknown)}; known: {[n for n, _ in rows]}")
+        rows = [r for r in rows if r[0] in keep]
+    return rows
+
+
+def _write_part(job: tuple) -> None:
+    from dissect_fast.data.synthetic import write_split
+
+    part_dir, n, first_id, image_size, seed, per_shard = job
+    write_split(part_dir, n, first_id, 0.4, image_size, seed, per_shard, progress=False)
+
+
+def prepare_data(a: argparse.Namespace) -> str:
+    """--train-data, or a synthetic set (written once per --data-cache, in parallel parts with
+    disjoint id ranges, merged under one dataset index)."""
+    if a.train_data:
+        return a.train_data
+    import multiprocessing
+
+    from dissect_fast.data.shards import DatasetIndex, ShardInfo
+
+    root = os.path.join(a.data_cache, f"synth-{a.num_train}-{a.image_size}", "train")
+    if os.path.isfile(os.path.join(root, "index.json")):
+        return root
+    parts = max(1, min(os.cpu_count() or 1, a.num_train // 4096))
+    sizes = [a.num_train // parts + (i < a.num_train % parts) for i in range(parts)]
+    per_shard = max(64, min(1024, a.num_train // (16 * parts)))
+    jobs, first = [], 0
+    for i, n in enumerate(sizes):
+        jobs.append((os.path.join(root, f"part-{i:02d}"), n, first, a.image_size, 1000 + i, per_shard))
+        first += n
+    print(f"writing {a.num_train} synthetic samples at {a.image_size} px to {root} ({parts} processes)", flush=True)
+    if parts == 1:
+        _write_part(jobs[0])
+    else:
+        with multiprocessing.get_context("spawn").Pool(parts) as pool:
+            pool.map(_write_part, jobs)
+    idx = [DatasetIndex.load(j[0]) for j in jobs]
+    shards = [ShardInfo(os.path.relpath(os.path.join(ix.root, s.path), root), s.count) for ix in idx for s in ix.shards]
+    DatasetIndex(
+        num_samples=sum(ix.num_samples for ix in idx),
+        id_min=0,
+        id_max=first - 1,
+        shards=shards,
+        context_length=idx[0].context_length,
+        has_tokens=idx[0].has_tokens,
+    ).save(root)
+    return root
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
+
+
+# ----------------------------------------------------------------------------------------- one configuration
+def build_trainer(a, data: str, flags: list[str], logs: str, name: str, compile: bool | None = None):
+    from dissect_fast.config import config_from_args
+    from dissect_fast.trainer import Trainer
+
+    argv = [
+        "--train-data",
+        data,
+        "--model",
+        a.model,
+        "--batch-size",
+        str(a.batch_size),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "10",
+        "--workers",
+        str(a.workers),
+        "--data-backend",
+        a.data_backend,
+        "--precision",
+        a.precision,
+        "--device",
+        a.device,
+        "--logs",
+        logs,
+        "--name",
+        name,
+        "--no-progress",
+        "--no-tensorboard",
+        "--no-plots",
+        *(["--compile"] if (a.compile if compile is None else compile) else []),
+        *flags,
+    ]
+    return Trainer(config_from_args(argv))
+
+
+def batches(trainer):
+    """Endless batches from the trainer's loader (a new pass when the shards run out)."""
+    while True:
+        got = 0
+        for b in trainer.train_loader:
+            got += 1
+            yield b
+        if not got:
+            raise RuntimeError("the training loader yielded no batch: too few samples for the batch size")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ConfigRun:
+    """One configuration: its own Trainer, warmed up on construction, timed in blocks of steps."""
+
+    def __init__(self, a, data: str, name: str, flags: list[str], logs: str) -> None:
+        self.a, self.name, self.flags = a, name, flags
+        t = self.trainer = build_trainer(a, data, flags, logs, name)
+        per_pass = t.num_samples // a.batch_size
+        self.restarts = a.warmup_steps + a.steps * a.rounds > per_pass
+        if self.restarts:
+            print(
+                f"[bench_train] warning: {a.warmup_steps} + {a.rounds} x {a.steps} steps exceed one pass over "
+                f"the data ({per_pass} batches): loader restarts fall into timed steps; use more data",
+                file=sys.stderr,
+            )
+        if t.strategy.history is not None:  # a filled history: the delta top-k sees realistic keys
+            g = torch.Generator(device=t.device).manual_seed(0)
+            t.strategy.history.values.copy_(torch.rand(t.num_ids, device=t.device, generator=g) * 40)
+        t.model.train()
+        self.it = batches(t)
+        self.i = 0
+        self.step_s: list[float] = []
+        self.phases: list[dict] = []
+        self.wall = 0.0
+        for _ in range(a.warmup_steps):
+            self.loss = self._step()
+        sync(t.device)
+
+    def _step(self) -> torch.Tensor:
+        from dissect_fast.trainer import cosine_lr
+
+        t = self.trainer
+        images, tokens, ids = next(self.it)
+        if t.timer is not None:
+            t.timer.mark("data")
+        lr = cosine_lr(self.i, t.cfg.optim.lr, t.cfg.optim.warmup, 10_000)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        self.i += 1
+        # dissect-warmup with --warmup-point 1: epoch 1 is the steady state (scoring + delta top-k)
+        return t.train_step(1, images, tokens, ids)
+
+    def timed(self, steps: int) -> None:
+        from dissect_fast.timing import PhaseTimer
+
+        t = self.trainer
+        sync(t.device)
+        timer = t.timer = PhaseTimer(t.device)
+        w0 = time.perf_counter()
+        for _ in range(steps):
+            timer.step()
+            self.loss = self._step()
+        timer.step()
+        sync(t.device)
+        self.wall += time.perf_counter() - w0
+        t.timer = None
+        res = timer.collect()
+        self.step_s += res["step_s"]
+        self.phases += res["per_step_phases_s"]
+
+    def row(self) -> dict:
+        a, t = self.a, self.trainer
+        n = len(self.step_s)
+        step_s = statistics.median(self.step_s)
+        sums = {p: sum(ph[p] for ph in self.phases) for p in self.phases[0]}
+        n_epoch = a.epoch_samples or t.num_samples
+        loss = float(self.loss)
+        return {
+            "config": self.name,
+            "flags": self.flags,
+            "k": t.k,
+            "batch_size": a.batch_size,
+            "steps": n,
+            "rounds": a.rounds,
+            "median_step_ms": round(step_s * 1e3, 4),
+            "min_step_ms": round(min(self.step_s) * 1e3, 4),
+            "mean_step_ms": round(self.wall / n * 1e3, 4),
+            "samples_per_s": round(a.batch_size / step_s, 2),
+            "epoch_samples": n_epoch,
+            "epoch_s": round(step_s * math.ceil(n_epoch / a.batch_size), 3),
+            "wall_s": round(self.wall, 4),
+            "phases_ms_per_step": {
+                p: round(statistics.median(ph[p] for ph in self.phases) * 1e3, 4) for p in self.phases[0]
+            },  # per-phase medians
+            "phases_mean_ms_per_step": {p: round(v / n * 1e3, 4) for p, v in sums.items()},
+            "phases_sum_s": round(sum(sums.values()), 4),
+            "loader_restarts_in_timed_steps": self.restarts,
+            "final_loss": round(loss, 4) if math.isfinite(loss) else None,
+            "timing": "cuda events" if t.device.type == "cuda" else "perf_counter",
+        }
+
+    def close(self) -> None:
+        import gc
+
+        cuda = self.trainer.device.type == "cuda"
+        self.it.close()
+        del self.trainer, self.it, self.loss
+        if self.a.rounds == 1:  # nothing else is alive: drop compiled graphs that still reference the model
+            torch._dynamo.reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def run_configs(a, data: str, configs: list[tuple[str, list[str]]], logs: str) -> list[dict]:
+    """Time every configuration; with --rounds > 1 all trainers stay alive and the timed blocks are
+    interleaved round-robin, so a drift in machine load hits every configuration alike."""
+    rows = []
+    if a.rounds == 1:
+        for name, flags in configs:
+            print(f"[bench_train] {name} ...", flush=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                r = ConfigRun(a, data, name, flags, logs)
+                r.timed(a.steps)
+            rows.append(r.row())
+            r.close()
+            print(f"[bench_train] {name}: {rows[-1]['median_step_ms']:.2f} ms/step", flush=True)
+        return rows
+    runs = []
+    for name, flags in configs:
+        print(f"[bench_train] {name}: build + warm-up ...", flush=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            runs.append(ConfigRun(a, data, name, flags, logs))
+    for k in range(a.rounds):
+        print(f"[bench_train] round {k + 1}/{a.rounds}", flush=True)
+        for r in runs:
+            r.timed(a.steps)
+    rows = [r.row() for r in runs]
+    for r in runs:
+        r.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- agreement
+def measure_overlap(a, data: str, logs: str) -> dict:
+    """Top-k agreement of every cheap scorer with full-resolution scoring (module docstring)."""
+    from dissect_fast.model import ScoringPass
+    from dissect_fast.selection.strategies import clip_scores, topk_positions
+
+    # untimed, so eager: compiling seven scorers would only cost time (numerics match to bf16 rounding)
+    t = build_trainer(
+        a, data, ["--select-strategy", "dissect-momentum", "--select-rate", "0.2"], logs, "overlap", compile=False
+    )
+    t.model.train()
+    it = batches(t)
+    pool = [next(it) for _ in range(a.overlap_pool)]
+    del it
+    cheap = {f"dissect-r0.2-res{R}": {"resolution": R} for R in a.score_resolutions}
+    cheap.update({f"dissect-r0.2-pd{P}": {"patch_dropout": P} for P in a.score_patch_dropouts})
+    scorers = {n: ScoringPass(t.model, t.precision, t.device, False, **kw) for n, kw in cheap.items()}
+    k, dev = t.k, t.device
+    sums = {n: torch.zeros(2, device=dev) for n in scorers}  # [score-key overlap, delta-key overlap] sums
+    n_delta = torch.zeros((), device=dev)
+    zeros = torch.zeros((), device=dev)  # share of full-resolution scores clamped to 0 (ties in the keys)
+    hist = t.strategy.history.values
+
+    def inter(a_idx: torch.Tensor, b_idx: torch.Tensor, B: int) -> torch.Tensor:
+        m = torch.zeros(B, dtype=torch.bool, device=dev)
+        m[a_idx] = True
+        return m[b_idx].sum().float() / k
+
+    for step in range(a.overlap_steps):
+        images, tokens, ids = pool[step % len(pool)]
+        B = ids.shape[0]
+        h = hist[ids]
+        seen = ~torch.isnan(h)
+        all_seen = seen.all().float()
+        s_full = clip_scores(*t.forwards.score(images, tokens), 100.0)
+        top_s = topk_positions(s_full, k)
+        zeros += (s_full == 0).float().mean()
+        top_d = topk_positions(torch.where(seen, h - s_full, torch.zeros_like(s_full)), k)
+        for n, sc in scorers.items():
+            s = clip_scores(*sc(images, tokens), 100.0)
+            d = torch.where(seen, h - s, torch.zeros_like(s))
+            sums[n][0] += inter(top_s, topk_positions(s, k), B)
+            sums[n][1] += inter(top_d, topk_positions(d, k), B) * all_seen
+        n_delta += all_seen
+        t.train_step(0, images, tokens, ids)  # full-resolution DISSect trains the shared weights
+    nd = int(n_delta)
+    out = {
+        "steps": a.overlap_steps,
+        "pool_batches": a.overlap_pool,
+        "k": k,
+        "delta_steps": nd,
+        "strategy_trained": "dissect-momentum (full-resolution scoring)",
+        "zero_score_share": round(float(zeros) / a.overlap_steps, 4),
+        "overlap": {
+            n: {
+                "score_key": round(float(v[0]) / a.overlap_steps, 4),
+                "delta_key": round(float(v[1]) / nd, 4) if nd else None,
+            }
+            for n, v in sums.items()
+        },
+    }
+    del t
+    return out
+
+
+# ----------------------------------------------------------------------------------------- open_clip peer
+def shard_list(data: str) -> list[str]:
+    from dissect_fast.data.shards import resolve_data
+
+    return resolve_data(data, "--train-data")[0]
+
+
+def run_peer(a, data: str, device: torch.device, logs: str) -> dict:
+    """open_clip_train.main on the same shards, model, batch and precision; per-step times from its log."""
+    row = {"config": "open_clip", "batch_size": a.batch_size, "steps": a.steps}
+    try:
+        import open_clip_train  # noqa: F401
+        import pandas  # noqa: F401  (open_clip_train imports it)
+    except ImportError as e:
+        return {**row, "skipped": f"open_clip_train cannot run here: {e}"}
+    n_steps = a.warmup_steps + a.steps * a.rounds
+    precision = a.precision if a.precision != "auto" else ("amp_bf16" if device.type == "cuda" else "fp32")
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "open_clip_peer.py"),
+        "--train-data",
+        "::".join(shard_list(data)),
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(n_steps * a.batch_size),
+        "--batch-size",
+        str(a.batch_size),
+        "--model",
+        a.model,
+        "--precision",
+        precision,
+        "--workers",
+        str(a.workers),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "10",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--report-to",
+        "",
+        "--logs",
+        logs,
+        "--name",
+        f"peer-{os.getpid()}-{time.time_ns()}",
+        "--device",
+        "cuda" if device.type == "cuda" else "cpu",
+        "--seed",
+        "0",
+    ]
+    if a.compile:
+        argv.append("--torchcompile")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600, check=False)
+    wall = time.perf_counter() - t0
+    log = p.stdout + p.stderr
+    pat = re.compile(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),")
+    found = [(float(m.group(1)), float(m.group(2))) for m in pat.finditer(log)]
+    if p.returncode != 0 or len(found) <= a.warmup_steps:
+        tail = " | ".join(log.strip().splitlines()[-3:])
+        return {**row, "skipped": f"open_clip trainer failed (exit {p.returncode}, {len(found)} step lines): {tail}"}
+    timed = found[a.warmup_steps :]
+    # open_clip prints averages since its last log line; with --log-every-n-steps 1 each line is one step
+    # (its first line times the first batch alone, inside the warm-up we skip).
+    step_s = statistics.median(b for _, b in timed)
+    return {
+        **row,
+        "steps": len(timed),
+        "median_step_ms": round(step_s * 1e3, 4),
+        "samples_per_s": round(a.batch_size / step_s, 2),
+        "data_wait_ms_per_step": round(statistics.median(d for d, _ in timed) * 1e3, 4),
+        "wall_s_incl_startup": round(wall, 2),
+        "timing": "open_clip log, Batch (t) per step (host wall-clock, 3 decimals)",
+        "command": " ".join(argv[1:]),
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+def summarise(rows: list[dict], overlap: dict | None) -> None:
+    full = next(r for r in rows if r["config"] == "full")
+    base_score = next((r["phases_ms_per_step"]["score"] for r in rows if r["config"] == "dissect-r0.2"), None)
+    for r in rows:
+        if "median_step_ms" not in r:
+            continue
+        r["ratio_to_full"] = round(r["median_step_ms"] / full["median_step_ms"], 4)
+        if "min_step_ms" in r:  # the least-disturbed step: a robust estimate on a shared, loaded CPU
+            r["ratio_to_full_min"] = round(r["min_step_ms"] / full["min_step_ms"], 4)
+        ph = r.get("phases_ms_per_step")
+        if ph:
+            r["data_share"] = round(ph["data"] / max(1e-12, sum(ph.values())), 4)
+            if base_score and r["config"].startswith("dissect-r0.2-") and ph["score"] > 0:
+                r["score_speedup"] = round(base_score / ph["score"], 3)
+        if overlap and r["config"] in overlap["overlap"]:
+            r["topk_overlap"] = overlap["overlap"][r["config"]]
+    peer = next((r for r in rows if r["config"] == "open_clip" and "samples_per_s" in r), None)
+    if peer:
+        full["vs_open_clip_samples_per_s"] = round(full["samples_per_s"] / peer["samples_per_s"], 3)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    from dissect_fast.timing import PHASES
+
+    head = [
+        "config",
+        "k",
+        "samples/s",
+        "ms/step",
+        "epoch s",
+        "x full",
+        *(f"{p} ms" for p in PHASES),
+        "score x",
+        "top-k overlap",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            cells = [r["config"], *[""] * (len(head) - 2), "skipped: " + r["skipped"][:80].replace("|", "/")]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        ph = r.get("phases_ms_per_step") or {}
+        ov = r.get("topk_overlap")
+        ovs = ""
+        if ov:
+            dk = "n/a" if ov["delta_key"] is None else f"{ov['delta_key']:.3f}"
+            ovs = f"{ov['score_key']:.3f} (score) / {dk} (delta)"
+        cells = [
+            r["config"],
+            str(r.get("k", "")),
+            f"{r['samples_per_s']:.0f}",
+            f"{r['median_step_ms']:.2f}",
+            f"{r['epoch_s']:.1f}" if "epoch_s" in r else "",
+            f"{r['ratio_to_full']:.3f}" if "ratio_to_full" in r else "",
+            *(f"{ph[p]:.2f}" if p in ph else "" for p in PHASES),
+            f"{r['score_speedup']:.2f}" if "score_speedup" in r else "",
+            ovs,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_breakdown(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dissect_fast.timing import PHASES
+
+    rows = [r for r in result["rows"] if r.get("phases_ms_per_step")]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    for p in PHASES:
+        vals = [r["phases_ms_per_step"][p] for r in rows]
+        ax.barh([r["config"] for r in rows], vals, left=left, label=p)
+        left = [x + v for x, v in zip(left, vals)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (per-phase medians over the timed steps)")
+    ax.set_title(f"{result['device']}: {result['model']}, batch {result['batch_size']}")
+    ax.legend(ncol=len(PHASES), fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.06))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+BEGIN, END = "<!-- bench_train:begin (generated by bench_train.py --report) -->", "<!-- bench_train:end -->"
+
+
+def report() -> int:
+    """Rewrite the generated block of benchmarks/README.md from stored train-*.json: per device, every
+    file of its newest date, rows merged by configuration (a later file wins; each row keeps the ratio
+    measured against the full-data row of its own invocation)."""
+    groups: dict[str, list[dict]] = {}
+    for f in sorted(RESULTS.glob("train-*.json")):
+        r = json.loads(f.read_text())
+        r["file"] = f.name
+        groups.setdefault(r["device"], []).append(r)
+    parts = []
+    for device, runs in sorted(groups.items()):
+        day = max(r["date"][:10] for r in runs)
+        runs = sorted((r for r in runs if r["date"][:10] == day), key=lambda r: r["date"])
+        merged: dict[str, dict] = {}
+        for r in runs:
+            for row in r["rows"]:
+                merged[row["config"]] = {**row, "file": r["file"]}
+        last = dict(runs[-1], rows=list(merged.values()))
+        png = RESULTS / (Path(runs[-1]["file"]).stem + ".png")
+        plot_breakdown(last, png)
+        files = ", ".join(f"`results/{r['file']}`" for r in runs)
+        cmds = "; ".join(f"`{r['command']}`" for r in runs)
+        parts.append(
+            f"### {device} ({day}, commit {runs[-1]['commit']})\n\n"
+            f"{cmds} -- model {last['model']}, batch {last['batch_size']}, {last['steps']} timed steps x "
+            f"{last.get('rounds', 1)} round(s) after {last['warmup_steps']} warm-up steps, precision "
+            f"{last['precision']}, compile {last['compile']}. Stored in {files}.\n\n{markdown_table(last['rows'])}\n\n"
+            + "".join(f"{r['verdict']}\n" for r in runs if r.get("verdict"))
+            + f"\n![phase breakdown](results/{png.name})\n"
+        )
+    block = BEGIN + "\n" + "\n".join(parts) + END
+    text = README.read_text() if README.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    README.write_text(text)
+    print(f"wrote {README} ({len(parts)} device(s))")
+    return 0
+
+
+def verdict(rows: list[dict], device: torch.device) -> str:
+    by = {r["config"]: r for r in rows if "ratio_to_full" in r}
+    if device.type != "cuda":
+        r = by.get(CPU_TARGET["config"])
+        if r is None:
+            return ""
+        ok = r["ratio_to_full"] <= CPU_TARGET["max_ratio"]
+        out = (
+            f"CPU target: {CPU_TARGET['config']} costs {r['ratio_to_full']:.3f} x full data by median step "
+            f"(target <= {CPU_TARGET['max_ratio']}): {'met' if ok else 'NOT met'}; by fastest step "
+            f"{r.get('ratio_to_full_min', float('nan')):.3f} x."
+        )
+        a, b = by.get("dissect-r0.2"), by.get("dissect-r0.2-torch-select")
+        if a and b:  # on CPU both run the same torch selection: their gap is the measurement noise
+            gap = max(a["median_step_ms"], b["median_step_ms"]) / min(a["median_step_ms"], b["median_step_ms"])
+            out += (
+                f" Noise check: dissect-r0.2 and dissect-r0.2-torch-select run identical code on CPU; their "
+                f"median steps differ by {gap:.2f} x."
+            )
+        return out
+    out = []
+    if "dissect-r0.2" in by:
+        v = by["dissect-r0.2"]["ratio_to_full"]
+        out.append(f"dissect r=0.2 full-res scoring: {v:.3f} x full (target <= {GPU_TARGETS['dissect-r0.2']})")
+    cheap = [r for n, r in by.items() if r.get("topk_overlap") and (r["topk_overlap"]["delta_key"] or 0) >= 0.9]
+    if cheap:
+        best = min(cheap, key=lambda r: r["ratio_to_full"])
+        out.append(
+            f"cheapest scoring with delta top-k overlap >= 0.9: {best['config']} at "
+            f"{best['ratio_to_full']:.3f} x full (target <= {GPU_TARGETS['cheapest_overlap>=0.9']})"
+        )
+    full = by.get("full", {})
+    if "vs_open_clip_samples_per_s" in full:
+        out.append(
+            f"full data vs open_clip trainer: {full['vs_open_clip_samples_per_s']:.2f} x samples/s "
+            f"(target >= {GPU_TARGETS['full_vs_open_clip']})"
+        )
+    shares = [r["data_share"] for r in by.values() if "data_share" in r]
+    if shares:
+        out.append(f"max data-wait share: {max(shares):.3f} (target < {GPU_TARGETS['data_share']})")
+    return "; ".join(out) + ("." if out else "")
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None and "--report" in argv or argv is None and "--report" in sys.argv[1:]:
+        return report()
+    a = parse_args(argv)
+    import logging
+
+    from dissect_fast.model import resolve_device
+
+    logging.getLogger("dissect_fast").setLevel(logging.WARNING)
+    device = resolve_device(a.device)
+    data = prepare_data(a)
+    logs = tempfile.mkdtemp(prefix="bench_train_logs_")
+    rows: list[dict] = []
+    overlap = None
+    try:
+        rows = run_configs(a, data, configurations(a, device), logs)
+        if not a.no_overlap and (a.score_resolutions or a.score_patch_dropouts):
+            print("[bench_train] top-k agreement of cheap scoring ...", flush=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                overlap = measure_overlap(a, data, logs)
+        if not a.no_peer and (not a.configs or "open_clip" in a.configs.split(",")):
+            print("[bench_train] open_clip trainer (peer) ...", flush=True)
+            rows.append(run_peer(a, data, device, logs))
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    summarise(rows, overlap)
+    import open_clip
+
+    result = {
+        "benchmark": "train",
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(),
+        "command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "model": a.model,
+        "batch_size": a.batch_size,
+        "steps": a.steps,
+        "rounds": a.rounds,
+        "warmup_steps": a.warmup_steps,
+        "precision": a.precision,
+        "compile": a.compile,
+        "data": data,
+        "workers": a.workers,
+        "tiny": a.tiny,
+        "rows": rows,
+        "overlap": overlap,
+    }
+    result["verdict"] = verdict(rows, device)
+    print_table(rows)
+    r03 = next((r for r in rows if r["config"] == "dissect-r0.3"), None)
+    if r03:
+        print(f"ratio dissect-r0.3 / full: {r03['ratio_to_full']:.3f}")
+    if result["verdict"]:
+        print(result["verdict"])
+    if not a.no_save:
+        tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+        out = Path(a.out) if a.out else RESULTS / f"train-{tag}-{datetime.date.today().isoformat()}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    main.last_result = result  # for tests and callers that import the module
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Per-phase step timing for benchmarks: CUDA events on GPU, perf_counter on CPU.
+
+The trainer calls ``mark(phase)`` at the end of each phase of a step when a timer is attached
+(``Trainer.timer``; None by default, and then the step runs no timing code at all). A segment
+between two consecutive marks is charged to the later mark's phase. On CUDA every mark records
+an event into the current stream (no host synchronisation), so phases are measured on the GPU's
+timeline: a host stall (e.g. waiting for data) only shows where it leaves the GPU idle. Events
+are read once, in ``collect()``, after one synchronize. On CPU, ops run synchronously and a mark
+reads ``time.perf_counter()``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+#: the phases a training step is split into (benchmarks/README.md explains each)
+PHASES = ("data", "score", "select", "train", "optim", "sync", "other")
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+        self._bounds: list[int] = []  # indices into _marks where a step begins
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """End of ``phase``: the time since the previous mark is charged to it."""
+        self._marks.append((phase, self._now()))
+
+    def step(self) -> None:
+        """Step boundary (call before each step and once after the last): closes the previous step;
+        the time since its last mark (loop overhead) is charged to ``other``."""
+        self._bounds.append(len(self._marks))
+        self.mark("other")
+
+    def collect(self) -> dict:
+        """Seconds per phase (summed over the timed steps, and the per-step median), per-step durations."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        if len(self._bounds) < 2:
+            raise RuntimeError("PhaseTimer.collect: call step() before the first and after the last step")
+        first, last = self._bounds[0], self._bounds[-1]
+
+        def dt(a, b) -> float:
+            if self.cuda:
+                return a.elapsed_time(b) / 1e3
+            return b - a
+
+        per_step = []
+        for a, b in zip(self._bounds, self._bounds[1:]):
+            ph = dict.fromkeys(PHASES, 0.0)
+            for i in range(a + 1, b + 1):
+                name, t = self._marks[i]
+                ph[name] = ph.get(name, 0.0) + dt(self._marks[i - 1][1], t)
+            per_step.append(ph)
+        steps = [dt(self._marks[a][1], self._marks[b][1]) for a, b in zip(self._bounds, self._bounds[1:])]
+        return {
+            "phases_s": {p: sum(ph[p] for ph in per_step) for p in per_step[0]},
+            "phases_median_s": {p: statistics.median(ph[p] for ph in per_step) for p in per_step[0]},
+            "per_step_phases_s": per_step,
+            "step_s": steps,
+            "median_step_s": statistics.median(steps),
+            "total_s": dt(self._marks[first][1], self._marks[last][1]),
+        }
