@@ -64,8 +64,8 @@ def _attempt_store(world: int, timeout: datetime.timedelta):
     count; with several nodes the agents' counts may differ, so there we leave the default store
     (multi-node elastic runs: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a fresh store per
     attempt; see the README)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or elastic_restart_count() == 0:
+        return None  # the first attempt finds no stale keys: torch's own set-up
     if int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1 or "MASTER_ADDR" not in os.environ:
         return None
     store = dist.TCPStore(

@@ -479,6 +479,9 @@ class Trainer:
             return self._fit()
         finally:
             self.stop.restore()
+            for loader in (self.train_loader, self.val_loader):  # no worker left behind by an exception
+                if hasattr(loader, "close"):
+                    loader.close()
 
     def _fit(self) -> list[dict]:
         cfg = self.cfg

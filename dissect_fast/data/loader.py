@@ -252,10 +252,18 @@ class TorchLoader:
     def __init__(self, dataset: ShardDataset, workers: int, device: torch.device, drop_last: bool) -> None:
         self.dataset, self.workers, self.device, self.drop_last = dataset, workers, device, drop_last
         self.stats: Counter = Counter()
+        self._active = None  # the DataLoader iterator of the pass in progress (its worker processes)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
         self.stats = Counter()
+
+    def close(self) -> None:
+        """Stop the worker processes of an unfinished pass now (they ignore SIGTERM, see
+        ``_ignore_stop_signals``, so they must be shut down through the DataLoader, not left to exit)."""
+        it, self._active = self._active, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def _to_device(self, imgs, toks, ids):
         nb = self.device.type == "cuda"
@@ -280,7 +288,8 @@ class TorchLoader:
         )
         B = self.dataset.batch_size
         pending: list[tuple] = []
-        for kind, *rest in dl:
+        self._active = it = iter(dl)
+        for kind, *rest in it:
             if kind == "stats":
                 self.stats.update(rest[0])
             elif kind == "batch":
