@@ -13,7 +13,7 @@ import os
 import time
 
 DEFAULTS = dict(num_train=2000, num_val=500, noise=0.4, epochs=24, warmup_point=8, rate=0.3, batch_size=100,
-                lr=5e-3, model="tiny-vit")
+                lr=5e-3, model="micro-vit")
 
 
 def _runs(a) -> list[tuple[str, list[str]]]:
