@@ -492,7 +492,6 @@ class Trainer:
                 json.dump(prov, f, indent=1)
             log.info("provenance: %s", json.dumps(prov))
             log.info("config: %s", json.dumps(cfg.to_dict()))
-        if self.dist.is_main:
             for p in ckpt_io.remove_stale_temporaries(os.path.join(self.run_dir, "checkpoints")):
                 log.warning("removed %s, a checkpoint write that did not finish (killed process)", p)
         path, state = self.resume_state if self.resume_state is not None else (None, None)
