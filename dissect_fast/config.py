@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dissect_fast.selection.strategies import STRATEGIES, resolve_strategy
+from dissect_fast.selection.strategies import STRATEGIES, WARMUP_STRATEGIES, resolve_strategy
 
 
 class ConfigError(ValueError):
@@ -111,7 +111,7 @@ class OptimConfig:
 class SelectConfig:
     """Online batch selection (METHOD.md)."""
 
-    strategy: str = "full"  #: full | random | clipscore | small_loss | big_loss | dissect-momentum | dissect-warmup | dissect-gain
+    strategy: str = "full"  #: a name of selection.strategies.STRATEGIES (or an alias)
     rate: float = 0.2  #: r: share of each batch trained on, k = floor(r * B)
     warmup_point: int = 10  #: dissect-warmup: epochs < W are the warm-up
     momentum: float = 0.9  #: dissect-momentum: beta of the history update
@@ -134,7 +134,7 @@ class SelectConfig:
             raise ConfigError(f"--history-dtype must be fp32 or bf16, got {self.history_dtype!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"--select-backend must be auto, triton or torch, got {self.backend!r}")
-        if self.warmup_point < 1 and self.strategy in ("dissect-warmup", "dissect-gain"):
+        if self.warmup_point < 1 and self.strategy in WARMUP_STRATEGIES:
             raise ConfigError(f"--warmup-point must be >= 1 epoch for {self.strategy}, got {self.warmup_point}")
 
     def k(self, batch_size: int) -> int:
@@ -203,7 +203,7 @@ class TrainConfig:
                 f"--select-rate {s.rate} x --batch-size {self.data.batch_size} leaves k = 0 samples to train on: "
                 f"raise the rate or the batch size (k = floor(r * B) >= 1)"
             )
-        if s.strategy in ("dissect-warmup", "dissect-gain") and s.warmup_point >= o.epochs:
+        if s.strategy in WARMUP_STRATEGIES and s.warmup_point >= o.epochs:
             raise ConfigError(
                 f"--warmup-point {s.warmup_point} >= --epochs {o.epochs}: the warm-up would never end; "
                 f"use a warm-up point below the number of epochs"

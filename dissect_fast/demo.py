@@ -1,8 +1,9 @@
-"""The embedded demo: one noisy synthetic set, one small CLIP, four ways of training it.
+"""The embedded demo: one noisy synthetic set, one small CLIP, five ways of training it.
 
 Full data, the published ``dissect-warmup`` rule, ``clipscore`` and ``random`` (both at the same
-rate) train for the same epochs; the table shows what each run measured: retrieval R@1 on the clean
-validation split, wall-clock, and the share of clean pairs among the samples each run trained on.
+rate), and this project's ``warmup-clipscore`` variant train for the same epochs; the table shows
+what each run measured: retrieval R@1 on the clean validation split, wall-clock, and the share of
+clean pairs among the samples each run trained on.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 import os
 import time
 
-DEFAULTS = dict(num_train=2000, num_val=500, noise=0.4, epochs=24, warmup_point=8, rate=0.3, batch_size=100,
-                lr=5e-3, model="micro-vit")
+DEFAULTS = dict(num_train=2000, num_val=500, noise=0.4, epochs=30, warmup_point=10, rate=0.3, batch_size=100,
+                lr=3e-3, model="micro-rn")
 
 
 def _runs(a) -> list[tuple[str, list[str]]]:
@@ -24,6 +25,9 @@ def _runs(a) -> list[tuple[str, list[str]]]:
                             "--warmup-point", str(a.warmup_point), "--warmup-train", a.warmup_train]),
         ("clipscore", ["--select-strategy", "clipscore", "--select-rate", r]),
         ("random", ["--select-strategy", "random", "--select-rate", r]),
+        # this project's variant (not the published rule): the same warm-up, then the highest current scores
+        ("warmup-clipscore", ["--select-strategy", "warmup-clipscore", "--select-rate", r,
+                              "--warmup-point", str(a.warmup_point), "--warmup-train", a.warmup_train]),
     ]
 
 
@@ -129,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--model", default=DEFAULTS["model"])
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"],
+                   help="auto: DALI whenever it imports (its CPU path decodes about 3x faster than the torch loader "
+                        "on this demo), else the torch loader")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default=None, help="comma-separated subset of: full,dissect-warmup,clipscore,random")
+    p.add_argument("--only", default=None,
+                   help="comma-separated subset of: full,dissect-warmup,clipscore,random,warmup-clipscore")
     a = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dissect_fast.config import config_from_args
+    from dissect_fast.data.dali_loader import dali_unavailable_reason
     from dissect_fast.data.shards import INDEX_NAME
     from dissect_fast.data.synthetic import make_synthetic
     from dissect_fast.trainer import Trainer
@@ -146,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] writing a synthetic set: {a.num_train} training pairs ({a.noise:.0%} noisy), "
               f"{a.num_val} clean validation pairs -> {data}")
         make_synthetic(data, a.num_train, a.num_val, a.noise, 32, a.seed, samples_per_shard=500)
+    backend = a.data_backend
+    if backend == "auto":
+        backend = "torch" if dali_unavailable_reason() else "dali"
     settings = {k: getattr(a, k) for k in ("num_train", "num_val", "noise", "epochs", "warmup_point", "warmup_train",
                                             "rate", "batch_size", "lr", "model", "seed")}
+    settings["data_backend"] = backend
     results: dict = {"_settings": settings}
     wanted = set(a.only.split(",")) if a.only else None
     for name, extra in _runs(a):
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_run = [
             "--train-data", os.path.join(data, "train"), "--val-data", os.path.join(data, "val"),
             "--model", a.model, "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
-            "--warmup", "50", "--wd", "0.1", "--workers", str(a.workers), "--logs", os.path.join(a.out, "runs"),
+            "--warmup", "50", "--wd", "0.1", "--workers", str(a.workers), "--data-backend", backend, "--logs", os.path.join(a.out, "runs"),
             "--name", name, "--seed", str(a.seed), "--device", a.device, "--no-progress",
             "--val-every", str(max(1, a.epochs // 6)), *extra,
         ]

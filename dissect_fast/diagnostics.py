@@ -78,12 +78,13 @@ def plot_epoch(arrays: dict, epoch: int, out_dir: str) -> str | None:
         v = arrays[key]
         for label, m, c in (("clean", clean, "tab:green"), ("noisy", ~clean, "tab:red")):
             x = v[m & ~np.isnan(v)]
-            if x.size:
-                ax.hist(x, bins=50, alpha=0.55, color=c, label=f"{label} (n={x.size})", density=True)
+            if x.size:  # one step artist per series: far cheaper than 50 bar patches, drawn every epoch
+                dens, edges = np.histogram(x, bins=50, density=True)
+                ax.stairs(dens, edges, fill=True, alpha=0.55, color=c, label=f"{label} (n={x.size})")
         ax.set_title(f"epoch {epoch}: {key}")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.9, wspace=0.2)
     path = os.path.join(out_dir, f"epoch_{epoch:03d}_score_delta.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)

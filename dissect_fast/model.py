@@ -16,7 +16,7 @@ _registered = False
 
 
 def register_model_configs() -> None:
-    """Make dissect_fast's small model configs (tiny-vit, micro-vit) known to open_clip by name."""
+    """Make dissect_fast's small model configs (tiny-vit, micro-vit, micro-rn) known to open_clip by name."""
     global _registered
     if not _registered:
         import open_clip

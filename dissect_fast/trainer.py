@@ -48,7 +48,7 @@ from dissect_fast.model import (
     resolve_device,
     resolve_precision,
 )
-from dissect_fast.selection.strategies import make_strategy
+from dissect_fast.selection.strategies import HISTORY_STRATEGIES, make_strategy
 
 log = logging.getLogger("dissect_fast")
 
@@ -199,7 +199,7 @@ class Trainer:
         return self.cfg.data.train_num_samples or 1
 
     def strategy_needs_index(self) -> bool:
-        return self.cfg.select.strategy in ("dissect-momentum", "dissect-warmup", "dissect-gain") or self.cfg.data.subset is not None
+        return self.cfg.select.strategy in HISTORY_STRATEGIES or self.cfg.data.subset is not None
 
     def _subset_and_count(self) -> tuple[np.ndarray | None, int]:
         d = self.cfg.data
@@ -530,8 +530,8 @@ class Trainer:
                     for k, v in metrics.items():
                         if isinstance(v, (int, float)):
                             self.tb.add_scalar(k, v, self.step)
-                if cfg.run.plots:
-                    plot_history(self.metrics, os.path.join(self.run_dir, "plots"))
+                if cfg.run.plots and (any(k.startswith("val/") for k in metrics) or epoch + 1 == cfg.optim.epochs):
+                    plot_history(self.metrics, os.path.join(self.run_dir, "plots"))  # on eval epochs and the last
             self.save(epoch + 1)
             barrier(self.dist)
             if epoch + 1 < cfg.optim.epochs and self._should_stop(None):

@@ -150,24 +150,32 @@ def test_history_buffer_state_roundtrip_and_size_check():
         HistoryBuffer(5, "cpu").load_state_dict(h.state_dict())
 
 
-def test_gain_keeps_largest_score_rise_since_warmup():
-    """dissect-gain: same warm-up record as dissect-warmup, then the largest s - w (the sign-flipped rule)."""
-    s, _ = make("dissect-gain", rate=0.4, warmup_point=2)
-    assert resolve_strategy("dissect_gain") == "dissect-gain"
+def warmed_up_then_select(name, alias):
+    """A warm-up strategy at rate 0.4, W = 2: epoch 1 records w = [40, 50, 10, 20, 30], epoch 2 sees
+    s = [10, 55, 20, 28, 30] (so w - s = [30, -5, -10, -8, 0]); returns (strategy, epoch-2 selection, feats)."""
+    s, _ = make(name, rate=0.4, warmup_point=2)
+    assert resolve_strategy(alias) == name
     ids = torch.tensor([0, 1, 2, 3, 4])
     gen = torch.Generator().manual_seed(0)
     assert not s.needs_scoring(0) and s.needs_scoring(1) and s.needs_scoring(2)
-    f, g = feats_with_cos([0.4, 0.5, 0.1, 0.2, 0.3])
-    s.select(1, ids, (f, g), torch.tensor(1.0), 100.0, gen)  # last warm-up epoch: w <- s
-    f2, g2 = feats_with_cos([0.1, 0.55, 0.2, 0.28, 0.3])  # gain = s - w = [-30, 5, 10, 8, 0]
+    warm = s.select(0, ids, None, torch.tensor(1.0), 100.0, gen)  # a random k-subset, nothing recorded
+    assert warm.index.shape == (2,) and torch.isnan(s.history.values[:5]).all()
+    s.select(1, ids, feats_with_cos([0.4, 0.5, 0.1, 0.2, 0.3]), torch.tensor(1.0), 100.0, gen)  # w <- s
+    f2, g2 = feats_with_cos([0.1, 0.55, 0.2, 0.28, 0.3])
     sel = s.select(2, ids, (f2, g2), torch.tensor(1.0), 100.0, gen)
-    assert sel.index.tolist() == [2, 3]  # descending by gain
     assert torch.allclose(sel.delta, torch.tensor([30.0, -5.0, -10.0, -8.0, 0.0]), atol=1e-3)
     assert torch.allclose(s.history.values[:5], torch.tensor([40.0, 50.0, 10.0, 20.0, 30.0]), atol=1e-3)  # frozen
+    return s, sel, (f2, g2)
+
+
+def test_gain_keeps_largest_score_rise_since_warmup():
+    """dissect-gain: same warm-up record as dissect-warmup, then the largest s - w (the sign-flipped rule)."""
+    s, sel, feats = warmed_up_then_select("dissect-gain", "dissect_gain")
+    assert sel.index.tolist() == [2, 3]  # descending by gain
     # the published rule on the same scores picks the opposite end
     w, _ = make("dissect-warmup", rate=0.4, warmup_point=2)
     w.history.values.copy_(s.history.values)
-    assert w.select(2, ids, (f2, g2), torch.tensor(1.0), 100.0, gen).index.tolist() == [0, 4]
+    assert w.select(2, torch.arange(5), feats, torch.tensor(1.0), 100.0, None).index.tolist() == [0, 4]
 
 
 def test_gain_unseen_sample_counts_as_zero_gain():
@@ -177,3 +185,19 @@ def test_gain_unseen_sample_counts_as_zero_gain():
     f, g = feats_with_cos([0.4, 0.5, 0.1, 0.3])
     sel = s.select(1, torch.tensor([0, 1, 2, 3]), (f, g), torch.tensor(1.0), 100.0, None)
     assert sel.index.tolist() == [3, 1]
+
+
+def test_warmup_clipscore_keeps_highest_current_score_after_warmup():
+    """warmup-clipscore: dissect-warmup's warm-up and snapshot, then the top-k of the current score s, not of
+    w - s; delta is still reported."""
+    _, sel, _ = warmed_up_then_select("warmup-clipscore", "warmup_clipscore")
+    assert sel.index.tolist() == [1, 4]  # the two largest current scores (55, 30)
+
+
+def test_warmup_clipscore_full_warmup_trains_whole_batch():
+    s, _ = make("warmup-clipscore", rate=0.4, warmup_point=1, warmup_train="full")
+    f, g = feats_with_cos([0.4, 0.5, 0.1])
+    assert s.trains_full_batch(0) and not s.trains_full_batch(1)
+    sel = s.select(0, torch.tensor([0, 1, 2]), (f, g), torch.tensor(1.0), 100.0, None)
+    assert sel.index is None
+    assert torch.allclose(s.history.values[:3], torch.tensor([40.0, 50.0, 10.0]), atol=1e-3)

@@ -37,6 +37,7 @@ STRATEGY_ARGS = {
     "dissect-momentum": ["--select-rate", "0.3"],
     "dissect-warmup": ["--select-rate", "0.3", "--warmup-point", "1"],
     "dissect-gain": ["--select-rate", "0.3", "--warmup-point", "1"],
+    "warmup-clipscore": ["--select-rate", "0.3", "--warmup-point", "1", "--warmup-train", "full"],
 }
 
 

@@ -48,11 +48,13 @@ import numpy as np
 from dissect_fast.data.shards import (
     DEFAULT_CONTEXT_LENGTH,
     INDEX_NAME,
+    TAR_ERRORS,
     DatasetIndex,
     ShardInfo,
     decode_id,
     encode_id,
     expand_shards,
+    iter_tar_members,
 )
 
 log = logging.getLogger("dissect_fast")
@@ -136,29 +138,20 @@ def _scan_groups(path: str, verify: str, stats: Counter) -> list[_Group]:
     file_size = os.path.getsize(path)
     try:
         with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(m.name), key)
-                ext = ext.lower()
-                data = tf.extractfile(m).read()
+            for key, ext, m, data in iter_tar_members(tf):
                 if current is not None and current.key != key:
                     _finish_group(current, pending, verify)
                     close(current)
                     current, pending = None, {}
                 if current is None:
                     current = _new_group(len(groups), key)
-                current.members[ext] = (m.offset_data, m.size, base)
+                current.members[ext] = (m.offset_data, m.size, os.path.basename(m.name))
                 if ext in IMAGE_EXTS or ext in ("id", "tok", "txt", "clean"):
                     pending[ext] = data
                     # a stream read of a cut member returns short data without an error: the torch loader
                     # then rejects it by content; DALI would read past the end, so it is flagged here too
                     current.beyond_eof |= m.offset_data + m.size > file_size
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except TAR_ERRORS as e:
         reason = "not_a_tar" if current is None and "empty" not in str(e) else "truncated_tar"
         stats[reason] += 1
         stats[f"shard:{os.path.basename(path)}"] += 1

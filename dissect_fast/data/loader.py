@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dissect_fast.data.shards import decode_id, tokenizer_for
+from dissect_fast.data.shards import TAR_ERRORS, decode_id, iter_tar_members, tokenizer_for
 
 EOT_TOKEN = 49407  # open_clip's CLIP tokenizer end-of-text id
 REQUIRED = ("jpg", "id")
@@ -60,23 +60,15 @@ def iter_tar_samples(path: str, stats: Counter):
     members = 0
     try:
         with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
+            for key, ext, _, data in iter_tar_members(tf):
                 members += 1
-                key, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(m.name), key)
-                data = tf.extractfile(m).read()
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key}
-                current[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+                current[ext] = data
+    except TAR_ERRORS:
         reason = "truncated_tar" if members else "not_a_tar"
         stats[f"{reason}"] += 1
         stats[f"shard:{os.path.basename(path)}"] += 1

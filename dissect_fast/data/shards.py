@@ -227,6 +227,27 @@ def write_dali_indexes(shards: list[str]) -> None:
         logging.getLogger("dissect_fast").debug("no DALI .idx files for %s: %s", os.path.dirname(shards[0]), e)
 
 
+#: what a broken shard raises while it is streamed (truncated, not a tar, unreadable)
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
+
+
+def iter_tar_members(tf: tarfile.TarFile):
+    """(key, ext, member, data) for each regular file named ``KEY.EXT`` of a tar opened in stream mode.
+
+    ``key`` keeps the member's folder (webdataset's grouping), ``ext`` is lower-cased; directories and
+    names without an extension are skipped. Errors of a broken tar propagate (``TAR_ERRORS``): the
+    training loader and the index tool each count them, and must group members identically.
+    """
+    for m in tf:
+        if not m.isfile():
+            continue
+        base = os.path.basename(m.name)
+        if "." not in base:
+            continue
+        key, ext = base.split(".", 1)
+        yield os.path.join(os.path.dirname(m.name), key), ext.lower(), m, tf.extractfile(m).read()
+
+
 def tokenizer_for(context_length: int = DEFAULT_CONTEXT_LENGTH):
     """open_clip's default (CLIP BPE) tokenizer, which every open_clip model without an HF text tower uses."""
     from open_clip.tokenizer import SimpleTokenizer
