@@ -47,7 +47,13 @@ GRIDS = {
                                                                   "warmup-clipscore", "random", "clipscore",
                                                                   "dissect-momentum"],
                     dissect_rates=[0.2, 0.5], dissect_rate_noises=[0.5], dissect_rate_strategies=["dissect-warmup"],
-                    dissect_rate_more_seeds=False, sweeps=True, sweep_strategies=["dissect-warmup"], sweep_epochs=False),
+                    dissect_rate_more_seeds=False, sweeps=True, sweep_strategies=["dissect-warmup", "warmup-clipscore"],
+                    sweep_epochs=False),
+    # follow-up to the reduced grid: its 50% noise runs of the two rules that keep a warm-up snapshot, at the
+    # later warm-up point W = 20 (where warmup-clipscore's sweep run reached 0.966 clean), all three seeds
+    "reduced-w20": dict(num_train=2000, num_val=500, batch_size=100, epochs=30, warmup_point=20, model="micro-rn",
+                        lr=3e-3, lr_warmup=50, noises=[0.5], seeds=[0, 1, 2], warmup_train="full",
+                        strategies=["warmup-clipscore", "dissect-warmup"], dissect_rates=[], sweeps=False),
     # the reduced grid's regime at 5x the data and every seed and sweep; sized for a GPU (tiny-vit, the earlier
     # choice, barely left chance level on this task: a 32 px ViT learns colour and position far slower than a CNN)
     "full": dict(num_train=10000, num_val=1000, batch_size=100, epochs=30, warmup_point=10, model="micro-rn",
