@@ -29,8 +29,10 @@ import warnings
 
 import numpy as np
 
-STRATEGIES = ["full", "random", "clipscore", "small_loss", "big_loss", "dissect-momentum", "dissect-warmup",
-              "dissect-gain", "warmup-clipscore"]
+from dissect_fast.selection.strategies import STRATEGIES as _ALL
+from dissect_fast.selection.strategies import WARMUP_STRATEGIES
+
+STRATEGIES = list(_ALL)
 #: grid presets: data size, model, epochs, warm-up point, noise levels, seeds, strategies, sweeps
 GRIDS = {
     "quick": dict(num_train=200, num_val=50, batch_size=40, epochs=2, warmup_point=1, model="micro-rn", lr=3e-3,
@@ -62,7 +64,7 @@ GRIDS = {
 }
 RATE = 0.3
 DISSECT = ("dissect-warmup", "dissect-gain")  #: also run at DISSect's other rates
-WARMUP = ("dissect-warmup", "dissect-gain", "warmup-clipscore")  #: strategies with a warm-up point and mode
+WARMUP = WARMUP_STRATEGIES  #: strategies with a warm-up point and mode
 
 
 def plan_runs(g: dict) -> list[dict]:
@@ -151,13 +153,6 @@ def ensure_data(root: str, noise: float, num_train: int, num_val: int) -> str:
     return d
 
 
-def data_backend(device: str) -> str:
-    """DALI wherever it imports (on CPU too: about 3x the torch loader's rate on these small JPEGs)."""
-    from dissect_fast.data.dali_loader import dali_unavailable_reason
-
-    return "torch" if dali_unavailable_reason() else "dali"
-
-
 def group_means(score: np.ndarray, trained_after: np.ndarray, clean: np.ndarray) -> dict:
     """Mean CLIPScore per epoch of clean/noisy x trained-after-warm-up/not (NaN = not scored)."""
     out = {}
@@ -175,13 +170,14 @@ def group_means(score: np.ndarray, trained_after: np.ndarray, clean: np.ndarray)
 
 def train_one(r: dict, g: dict, data: str, work: str, device: str) -> dict:
     from dissect_fast.config import config_from_args
+    from dissect_fast.data.dali_loader import dali_if_available
     from dissect_fast.trainer import Trainer
 
     name = f"{r['sweep']}-noise{int(100 * r['noise'])}-{r['strategy']}-r{r['rate']}-s{r['seed']}-{abs(hash(run_key(r))) % 10**6}"
     argv = ["--train-data", os.path.join(data, "train"), "--val-data", os.path.join(data, "val"),
             "--model", r["model"], "--batch-size", str(g["batch_size"]), "--epochs", str(r["epochs"]),
             "--lr", str(g["lr"]), "--warmup", str(g["lr_warmup"]), "--wd", "0.1", "--workers", "1",
-            "--data-backend", data_backend(device),
+            "--data-backend", dali_if_available(),
             "--logs", work, "--name", name, "--seed", str(r["seed"]), "--device", device, "--no-progress",
             "--no-plots", "--no-tensorboard", "--val-every", str(r["epochs"]), "--log-every-n-steps", "1000",
             "--select-strategy", r["strategy"], "--select-rate", str(r["rate"]),

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dissect_fast.config import config_from_args
-    from dissect_fast.data.dali_loader import dali_unavailable_reason
+    from dissect_fast.data.dali_loader import dali_if_available
     from dissect_fast.data.shards import INDEX_NAME
     from dissect_fast.data.synthetic import make_synthetic
     from dissect_fast.trainer import Trainer
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] writing a synthetic set: {a.num_train} training pairs ({a.noise:.0%} noisy), "
               f"{a.num_val} clean validation pairs -> {data}")
         make_synthetic(data, a.num_train, a.num_val, a.noise, 32, a.seed, samples_per_shard=500)
-    backend = a.data_backend
-    if backend == "auto":
-        backend = "torch" if dali_unavailable_reason() else "dali"
+    backend = dali_if_available() if a.data_backend == "auto" else a.data_backend
     settings = {k: getattr(a, k) for k in ("num_train", "num_val", "noise", "epochs", "warmup_point", "warmup_train",
                                             "rate", "batch_size", "lr", "model", "seed")}
     settings["data_backend"] = backend
@@ -170,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         argv_run = [
             "--train-data", os.path.join(data, "train"), "--val-data", os.path.join(data, "val"),
             "--model", a.model, "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
-            "--warmup", "50", "--wd", "0.1", "--workers", str(a.workers), "--data-backend", backend, "--logs", os.path.join(a.out, "runs"),
-            "--name", name, "--seed", str(a.seed), "--device", a.device, "--no-progress",
+            "--warmup", "50", "--wd", "0.1", "--workers", str(a.workers), "--data-backend", backend,
+            "--logs", os.path.join(a.out, "runs"), "--name", name, "--seed", str(a.seed), "--device", a.device, "--no-progress",
             "--val-every", str(max(1, a.epochs // 6)), *extra,
         ]
         run_dir = os.path.join(a.out, "runs", name)

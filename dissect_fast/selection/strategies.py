@@ -26,10 +26,6 @@ STRATEGIES: dict[str, str | None] = {
     "dissect-gain": None,  # this project's sign-flipped variant (not in the reference code)
     "warmup-clipscore": None,  # this project's score-level variant (not in the reference code)
 }
-#: strategies with a warm-up phase and a frozen snapshot (--warmup-point, --warmup-train apply)
-WARMUP_STRATEGIES = ("dissect-warmup", "dissect-gain", "warmup-clipscore")
-#: strategies that index a per-sample history buffer by sample id
-HISTORY_STRATEGIES = ("dissect-momentum", *WARMUP_STRATEGIES)
 _ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
 _ALIASES.update({"none": "full", "dissect_momentum": "dissect-momentum", "dissect_warmup": "dissect-warmup",
                  "dissect_gain": "dissect-gain", "warmup_clipscore": "warmup-clipscore"})
@@ -281,6 +277,10 @@ class DissectWarmup(Strategy):
                 return Selection(index=None, score=score, delta=delta)
             perm = torch.randperm(ids.shape[0], device=ids.device, generator=generator)
             return Selection(index=perm[: self.k], score=score, delta=delta)
+        return self.select_after_warmup(ids, feats, scale)
+
+    def select_after_warmup(self, ids, feats, scale) -> Selection:
+        """The published rule: the k largest delta = w[id] - s, w frozen. Variants override only this."""
         index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=None, key="delta", scale=scale
         )
@@ -302,9 +302,7 @@ class DissectGain(DissectWarmup):
 
     name = "dissect-gain"
 
-    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
-        if self.in_warmup(epoch):
-            return super().select(epoch, ids, feats, logit_scale, scale, generator)
+    def select_after_warmup(self, ids, feats, scale) -> Selection:
         # k = 0: the kernel only scores and computes delta (w frozen, no history write); the top-k
         # of -delta runs in torch (on CUDA too, one extra sort of B keys per step).
         _, score, delta = self._score_select(
@@ -329,9 +327,7 @@ class WarmupClipScore(DissectWarmup):
 
     name = "warmup-clipscore"
 
-    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
-        if self.in_warmup(epoch):
-            return super().select(epoch, ids, feats, logit_scale, scale, generator)
+    def select_after_warmup(self, ids, feats, scale) -> Selection:
         index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=None, key="score", scale=scale
         )
@@ -342,6 +338,10 @@ _CLASSES = {
     c.name: c for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup, DissectGain,
                         WarmupClipScore)
 }
+#: strategies with a warm-up phase and a frozen snapshot (--warmup-point, --warmup-train apply)
+WARMUP_STRATEGIES = tuple(n for n, c in _CLASSES.items() if issubclass(c, DissectWarmup))
+#: strategies that index a per-sample history buffer by sample id
+HISTORY_STRATEGIES = tuple(n for n, c in _CLASSES.items() if c.uses_history)
 
 
 def make_strategy(cfg, batch_size: int, num_ids: int, device: torch.device) -> Strategy:
