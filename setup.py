@@ -20,6 +20,7 @@ setup(
         "torchvision",
         "open_clip_torch>=2.24",
         "webdataset>=0.2.86",
+        "braceexpand",
         "numpy",
         "pillow",
         "tqdm",

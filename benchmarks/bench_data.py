@@ -66,7 +66,8 @@ def realistic_jpeg(seed: int, size=(400, 300), quality: int = 90) -> bytes:
 
 def make_shards(out: str, unique: int, samples: int, per_shard: int, workers: int) -> dict:
     """``samples`` samples in shards; ``unique`` distinct JPEGs cycled (decoding cost is per sample)."""
-    from dissect_fast.data.shards import ShardWriter, tokenize, tokenizer_for
+    from dissect_fast.data.shards import tokenize, tokenizer_for
+    from dissect_fast.data.writer import ShardWriter
 
     t0 = time.time()
     with Pool(workers) as pool:

@@ -35,7 +35,7 @@ SELECT_RATE = 0.2
 TARGETS = {"speedup_eager": 3.0, "speedup_compiled": 1.5, "step_share": 0.01, "copy_fraction": 0.6}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sizes: D = 512 at every B, plus B = 65536, D = 1024")
     p.add_argument(
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default=None, help="comma-separated BxD list overriding the default sizes, e.g. 4096x512")
     p.add_argument("--sweep", action="store_true", help="also time kernel configs at B in {4096, 65536}, D = 512")
     p.add_argument("--no-train-step", action="store_true", help="skip the ViT-B-32 training step")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def git_commit() -> str:
@@ -186,8 +186,8 @@ def train_step_ms(batch: int = 1024) -> tuple[float | None, str]:
         torch.cuda.empty_cache()
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_select needs a CUDA device", file=sys.stderr)
         return 1

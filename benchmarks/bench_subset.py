@@ -178,7 +178,7 @@ def provenance(device: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated N (1e5 notation ok)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -199,7 +199,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/subset-<device>-<date>.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.worker:
         print("ROW " + json.dumps(worker(a)), flush=True)
         return

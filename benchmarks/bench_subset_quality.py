@@ -29,6 +29,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ def train(a, data: Path, logs: Path, name: str, epochs: int, extra: list[str]) -
         "--device", "cpu", "--no-progress", "--no-tensorboard", "--no-plots", "--val-every", str(epochs),
         "--data-backend", "torch", *extra,
     ]  # fmt: skip
+    shutil.rmtree(logs / name, ignore_errors=True)  # a re-run starts afresh (the trainer refuses an existing run)
     trainer = Trainer(config_from_args(argv))
     logging.getLogger("dissect_fast").setLevel(logging.WARNING)
     load0 = os.getloadavg()[0]
@@ -101,7 +103,7 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/bench_subset_quality", help="data, runs, embeddings, subsets")
     p.add_argument("--num-train", type=int, default=2000)
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated runs (random,clipscore,clipcov,dissect-warmup,full)")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/subset-quality-cpu-<date>.json)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     import torch
 

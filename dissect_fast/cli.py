@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -60,27 +61,25 @@ def _eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dissect-fast eval", description="Retrieval R@K of a saved checkpoint.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--val-data", required=True)
+    p.add_argument("--data-index", default=None, help="dataset index of --val-data when it is not beside the shards")
     p.add_argument("--model", default=None, help="default: the model named in the checkpoint")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     a = p.parse_args(argv)
-    from dissect_fast.checkpoint import load_checkpoint
-    from dissect_fast.data.loader import ShardDataset, TorchLoader
+    from dissect_fast.data.loader import eval_loader
     from dissect_fast.data.shards import resolve_data
     from dissect_fast.evaluate import evaluate
-    from dissect_fast.model import create_model, resolve_device, resolve_precision
+    from dissect_fast.model import model_from_checkpoint, resolve_device, resolve_precision
 
-    shards, _ = resolve_data(a.val_data, "--val-data")
-    ck = load_checkpoint(a.checkpoint)
-    name = a.model or ck.get("model_name")
-    if not name:
-        p.error("--model is needed: the checkpoint does not name its model")
     device = resolve_device(a.device)
-    model, _, pre_val, ctx = create_model(name, device)
-    model.load_state_dict(ck["state_dict"])
-    loader = TorchLoader(ShardDataset(shards, a.batch_size, pre_val, ctx, train=False), a.workers, device, False)
+    try:  # user errors end in one line, not a traceback
+        shards, index = resolve_data(a.val_data, "--val-data", a.data_index)
+        model, _, pre_val, ctx = model_from_checkpoint(a.checkpoint, a.model, device)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    loader = eval_loader(shards, index, a.batch_size, pre_val, ctx, a.workers, device)
     m = evaluate(model, loader, resolve_precision(a.precision, device), device)
     print(json.dumps(m, indent=1))
     return 0
@@ -119,7 +118,6 @@ def _index(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     import importlib.util
-    import os
 
     which = argv[0] if argv and not argv[0].startswith("-") else "train"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv

@@ -30,7 +30,10 @@ class DataConfig:
     batch_size: int = 256  #: per-rank batch size B (before selection)
     workers: int = 2  #: data loader worker processes per rank
     data_backend: str = "auto"  #: torch | dali | auto (dali when CUDA and DALI are there)
+    dataset_type: str = "webdataset"  #: open_clip's --dataset-type: webdataset or auto (both read .tar shards)
+    dataset_resampled: bool = False  #: open_clip's meaning: shards drawn with replacement; needs a known epoch size
     subset: str | None = None  #: .npy of sample ids to train on (offline subset selection)
+    data_index: str | None = None  #: dataset index (index.json or its folder) for shards not beside it, e.g. URLs
     max_bad_fraction: float = 0.01  #: stop when more than this share of samples is unreadable
 
     def __post_init__(self) -> None:
@@ -40,12 +43,24 @@ class DataConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.dataset_type == "csv":
+            raise ConfigError("--dataset-type csv is not read directly: convert the CSV to shards with "
+                              "`dissect-fast shards --csv FILE --images DIR --out DIR` and pass --train-data DIR/train")
+        if self.dataset_type == "synthetic":
+            raise ConfigError("--dataset-type synthetic is not supported yet: write a synthetic set as shards with "
+                              "`dissect-fast synth --out DIR` and pass --train-data DIR/train")
+        if self.dataset_type not in ("webdataset", "auto"):
+            raise ConfigError(f"--dataset-type must be webdataset or auto, got {self.dataset_type!r}")
         if self.data_backend not in ("auto", "torch", "dali"):
             raise ConfigError(f"--data-backend must be auto, torch or dali, got {self.data_backend!r}")
         if self.train_num_samples is not None and self.train_num_samples < 1:
             raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.data_index is not None and not (os.path.isfile(self.data_index) or os.path.isfile(
+                os.path.join(self.data_index, "index.json"))):
+            raise ConfigError(f"--data-index {self.data_index}: no index.json there (write one with `dissect-fast index "
+                              f"SHARDS --out DIR`)")
         if self.subset is not None and not os.path.isfile(self.subset):
             raise ConfigError(f"--subset {self.subset}: no such file (write one with `dissect-fast select-subset`)")
 
@@ -172,6 +187,7 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     max_nonfinite_steps: int = 10  #: stop after this many consecutive steps with a non-finite loss or gradient
+    record: bool = False  #: write select_record/record_{epoch}.npz (what each epoch scored and selected) per epoch
 
     def __post_init__(self) -> None:
         if self.log_every_n_steps < 1:
@@ -227,6 +243,7 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The training flags: open_clip's names where open_clip has the flag, the DISSect reference's for selection."""
     p = argparse.ArgumentParser(
         prog="dissect_fast.train",
         description="Train a CLIP model with DISSect online sample selection (or a baseline).",
@@ -235,11 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--train-data", required=True, help="shard dir (with index.json), brace pattern or glob of .tar")
     d.add_argument("--val-data", default=None, help="validation shards, same forms as --train-data")
-    d.add_argument("--train-num-samples", type=int, default=None, help="default: from the dataset index")
+    d.add_argument("--train-num-samples", type=int, default=None,
+                   help="samples per epoch; smaller than the data = a shorter epoch (open_clip's meaning); "
+                        "default: the dataset index's count")
+    d.add_argument("--dataset-type", default="webdataset",
+                   help="webdataset | auto (both read .tar shards); csv: convert first with `dissect-fast shards`")
+    d.add_argument("--dataset-resampled", action="store_true",
+                   help="draw shards with replacement (open_clip's meaning); needs a known epoch size "
+                        "(--train-num-samples or a dataset index)")
     d.add_argument("--batch-size", type=int, default=256, help="per-rank batch size before selection")
     d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
-    d.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"])
+    d.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"],
+                   help="loader: auto = DALI when CUDA and DALI are there, else torch")
     d.add_argument("--subset", default=None, help=".npy of sample ids to train on (from select-subset)")
+    d.add_argument("--data-index", default=None,
+                   help="the dataset index (index.json or its folder) of --train-data when it is not beside the "
+                        "shards, e.g. for pipe:/http URLs: ids and counts come from it")
     d.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more samples are unreadable")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="RN50", help="open_clip model name or a dissect_fast tiny config")
@@ -247,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", default="auto", help="auto | fp32 | amp_bf16 | amp")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--compile", action="store_true", help="torch.compile the forwards")
-    m.add_argument("--score-scale", default="100", choices=["100", "learned"])
+    m.add_argument("--score-scale", default="100", choices=["100", "learned"],
+                   help="CLIPScore scale: 100 (reference) or the model's learned logit scale")
     m.add_argument("--score-resolution", type=int, default=None,
                    help="score at this image side in pixels (ViT: multiple of the patch size, <= image size)")
     m.add_argument("--score-patch-dropout", type=float, default=0.0,
@@ -255,26 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--score-cudagraphs", action="store_true",
                    help="with --compile on CUDA: compile the scoring pass with CUDA graphs (reduce-overhead)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=32)
-    o.add_argument("--lr", type=float, default=5e-4)
-    o.add_argument("--wd", type=float, default=0.2)
+    o.add_argument("--epochs", type=int, default=32, help="training epochs")
+    o.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine schedule)")
+    o.add_argument("--wd", type=float, default=0.2, help="weight decay (not on gains, biases, logit scale)")
     o.add_argument("--warmup", type=int, default=10000, help="linear LR warm-up steps")
-    o.add_argument("--beta1", type=float, default=0.9)
-    o.add_argument("--beta2", type=float, default=0.98)
-    o.add_argument("--eps", type=float, default=1e-6)
-    o.add_argument("--grad-clip-norm", type=float, default=None)
+    o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    o.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    o.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    o.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm to this (None: off)")
     s = p.add_argument_group("selection")
-    s.add_argument(
-        "--select-strategy",
-        "--select",
-        dest="select_strategy",
-        default="full",
-        help="one of " + ", ".join(STRATEGIES) + " (reference aliases accepted)",
-    )
+    s.add_argument("--select", action="store_true",
+                   help="train on a selected share of every batch (reference switch); alone: dissect-warmup")
+    s.add_argument("--select-strategy", default=None,
+                   help="one of " + ", ".join(STRATEGIES) + " (reference names accepted, `ours` = dissect-warmup); "
+                        "implies --select; None: full without --select, dissect-warmup with it")
     s.add_argument("--select-rate", type=float, default=0.2, help="r: share of each batch trained on")
     s.add_argument("--warmup-point", type=int, default=10, help="dissect-warmup: warm-up epochs")
     s.add_argument("--momentum", type=float, default=0.9, help="dissect-momentum: history momentum beta")
-    s.add_argument("--warmup-train", default="random", choices=["random", "full"])
+    s.add_argument("--warmup-train", default="random", choices=["random", "full"],
+                   help="dissect-warmup: what the warm-up epochs train on (random k-subset or the full batch)")
     s.add_argument("--select-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="selection op: auto = fused Triton kernel on CUDA; torch = the unfused reference")
     s.add_argument("--history-dtype", default="fp32", choices=["fp32", "bf16"], help="history buffer storage")
@@ -286,18 +314,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify identical history buffers across ranks every N steps (0: at epoch ends only)")
     g.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a collective waits for a dead peer")
     r = p.add_argument_group("run")
-    r.add_argument("--logs", default="./logs")
-    r.add_argument("--name", default=None)
+    r.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
+                   help="folder of the run folders; under torchrun use --logs-dir: torchrun rejects --logs "
+                        "(unless `--` precedes the script)")
+    r.add_argument("--name", default=None,
+                   help="run folder under --logs (may hold slashes); None: STRATEGY-DATE. An existing run is "
+                        "refused unless --resume is given")
     r.add_argument("--resume", default=None, help="checkpoint path or `latest`")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--log-every-n-steps", type=int, default=10)
-    r.add_argument("--val-every", type=int, default=1)
-    r.add_argument("--no-plots", action="store_true")
-    r.add_argument("--no-tensorboard", action="store_true")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
+    r.add_argument("--log-every-n-steps", type=int, default=10, help="read the loss on the host every N steps")
+    r.add_argument("--val-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--record", action="store_true",
+                   help="write select_record/record_EPOCH.npz per epoch: per sample id what was scored and selected")
+    r.add_argument("--no-plots", action="store_true", help="write no plots")
+    r.add_argument("--no-tensorboard", action="store_true", help="write no tensorboard events")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss/gradient (each is skipped)")
     return p
+
+
+def select_strategy_from_flags(select: bool, strategy: str | None) -> str:
+    """The strategy the reference's two flags name: --select alone = dissect-warmup, a strategy alone implies
+    selection, neither = full; --select with a no-selection strategy is a contradiction."""
+    if strategy is None:
+        return "dissect-warmup" if select else "full"
+    try:
+        name = resolve_strategy(strategy)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    if select and name == "full":
+        raise ConfigError(f"--select with --select-strategy {strategy}: {strategy} trains on the whole batch; "
+                          f"drop --select, or name a selection strategy")
+    return name
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
@@ -313,7 +362,10 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 batch_size=a.batch_size,
                 workers=a.workers,
                 data_backend=a.data_backend,
+                dataset_type=a.dataset_type,
+                dataset_resampled=a.dataset_resampled,
                 subset=a.subset,
+                data_index=a.data_index,
                 max_bad_fraction=a.max_bad_fraction,
             ),
             model=ModelConfig(
@@ -338,7 +390,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 grad_clip_norm=a.grad_clip_norm,
             ),
             select=SelectConfig(
-                strategy=a.select_strategy,
+                strategy=select_strategy_from_flags(a.select, a.select_strategy),
                 rate=a.select_rate,
                 warmup_point=a.warmup_point,
                 momentum=a.momentum,
@@ -357,6 +409,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 tensorboard=not a.no_tensorboard,
                 progress=not a.no_progress,
                 max_nonfinite_steps=a.max_nonfinite_steps,
+                record=a.record,
             ),
             dist=DistConfig(
                 local_loss=a.local_loss,

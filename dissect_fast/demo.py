@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 DEFAULTS = dict(num_train=2000, num_val=500, noise=0.4, epochs=30, warmup_point=10, rate=0.3, batch_size=100,
@@ -173,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             "--val-every", str(max(1, a.epochs // 6)), *extra,
         ]
         run_dir = os.path.join(a.out, "runs", name)
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            os.remove(os.path.join(run_dir, "metrics.jsonl"))
+        if os.path.isdir(run_dir):  # a re-run of the demo starts this run afresh (the trainer refuses old runs)
+            shutil.rmtree(run_dir)
         trainer = Trainer(config_from_args(argv_run))
         import logging
 

@@ -99,11 +99,11 @@ def plot_history(metrics: list[dict], out_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    ep = [m["epoch"] for m in metrics]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for key in ("val/image_to_text_R@1", "val/text_to_image_R@1"):
-        if all(key in m for m in metrics):
-            ax.plot(ep, [m[key] for m in metrics], marker="o", label=key.split("/")[1])
+        pts = [(m["epoch"], m[key]) for m in metrics if key in m]  # --val-every N: only every N-th epoch has it
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=key.split("/")[1])
     ax.set_xlabel("epoch")
     ax.set_ylabel("R@1 (%)")
     if ax.get_legend_handles_labels()[0]:

@@ -310,3 +310,27 @@ class Forwards:
 
     def score(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scoring(images, tokens)
+
+
+def model_from_checkpoint(path: str, name: str | None, device: torch.device):
+    """(model, model name, eval preprocess, context length) of a saved dissect_fast or open_clip checkpoint, for
+    the command-line tools; ValueError with a one-line message naming the flag for every user mistake."""
+    from dissect_fast.checkpoint import CheckpointError, load_checkpoint
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint {path}: no such file")
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    name = name or ck.get("model_name")
+    if not name:
+        raise ValueError("--model is needed: the checkpoint does not name its model")
+    model_name_for(name, None)
+    model, _, pre_val, ctx = create_model(name, device)
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"--checkpoint {path} does not fit model {name!r} (pass the --model it was trained with): "
+                         f"{str(e).splitlines()[0]}") from None
+    return model, name, pre_val, ctx

@@ -7,8 +7,10 @@ stay on the device and are read every ``--log-every-n-steps`` steps.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import logging.handlers
 import math
 import os
 import platform
@@ -22,8 +24,8 @@ import torch
 from dissect_fast import checkpoint as ckpt_io
 from dissect_fast import reliability
 from dissect_fast.config import TrainConfig, save_config
-from dissect_fast.data.loader import ShardDataset, TorchLoader
-from dissect_fast.data.shards import resolve_data
+from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
+from dissect_fast.data.shards import check_ids_known, is_url, resolve_data
 from dissect_fast.diagnostics import EpochDiagnostics, plot_epoch, plot_history
 from dissect_fast.distributed import (
     ELASTIC_ID_FILE,
@@ -82,18 +84,40 @@ def provenance(device: torch.device) -> dict:
     return info
 
 
-def setup_logging(run_dir: str | None, is_main: bool) -> None:
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(run_dir: str | None, is_main: bool, buffer: bool = False) -> None:
+    """Log to stdout, and on the main rank to RUN/out.log; ``buffer``: no run folder yet, keep the records
+    in memory until ``attach_run_log`` (the folder is made only once set-up has succeeded)."""
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(fmt)
+    h.setFormatter(_LOG_FORMAT)
     log.addHandler(h)
     if run_dir and is_main:
-        fh = logging.FileHandler(os.path.join(run_dir, "out.log"))
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+        attach_run_log(run_dir)
+    elif buffer and is_main:
+        log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
     log.propagate = False
+
+
+def attach_run_log(run_dir: str) -> None:
+    """Log to RUN/out.log from now on, starting with what was buffered while the run was set up."""
+    fh = logging.FileHandler(os.path.join(run_dir, "out.log"))
+    fh.setFormatter(_LOG_FORMAT)
+    for h in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        h.setTarget(fh)
+        h.flush()
+        log.removeHandler(h)
+        h.close()
+    log.addHandler(fh)
+
+
+def run_exists(path: str) -> bool:
+    """Whether ``path`` holds a run's results: its config, a checkpoint or metrics."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "metrics.jsonl")) or bool(
+        glob.glob(os.path.join(path, "checkpoints", "*.pt")))
 
 
 class Trainer:
@@ -107,16 +131,27 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(cfg.model.precision, self.device)
         self._set_seed(cfg.run.seed + self.dist.rank)
-        self.run_dir = self._run_dir()
-        setup_logging(self.run_dir, self.dist.is_main)
+        self.run_dir = self._run_dir()  # named and checked, made only once set-up has succeeded (_make_run_dir)
+        setup_logging(None, self.dist.is_main, buffer=True)
 
         # Everything the user can get wrong fails here, before any model, loader or GPU work.
         self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
         check_scoring_options(self.model_name, cfg.model.score_resolution, cfg.model.score_patch_dropout)
-        self.train_shards, self.index = resolve_data(cfg.data.train_data, "--train-data")
-        self.val_shards = resolve_data(cfg.data.val_data, "--val-data")[0] if cfg.data.val_data else None
+        self.train_shards, self.index = resolve_data(cfg.data.train_data, "--train-data", cfg.data.data_index)
+        if cfg.data.dataset_resampled and cfg.data.train_num_samples is None and self.index is None:
+            raise ValueError("--dataset-resampled needs a known epoch size: give --train-num-samples, or shards with "
+                             "a dataset index (run `dissect-fast index` on them)")
+        check_ids_known(self.train_shards, self.index, "--train-data")
+        self.val_shards, self.val_index = resolve_data(cfg.data.val_data, "--val-data") if cfg.data.val_data else (
+            None, None)
         self.num_ids = self._num_ids()
         self.subset_mask, self.num_samples = self._subset_and_count()
+        available = self.index.num_samples if self.index is not None else None
+        if self.subset_mask is not None:
+            available = int(self.subset_mask.sum())
+        #: an epoch is --train-num-samples samples, less than one pass over the data (or a resampled stream)
+        self.partial_epochs = cfg.data.dataset_resampled or (
+            cfg.data.train_num_samples is not None and available is not None and self.num_samples < available)
         self.steps_per_epoch = self.num_samples // (cfg.data.batch_size * self.dist.world_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -158,6 +193,7 @@ class Trainer:
         self.guard = reliability.NonFiniteGuard(self.optimizer, self.device, cfg.run.max_nonfinite_steps,
                                                 self.scaler.is_enabled())
         self._epoch_resume: dict | None = None  # data position inside an epoch, from an interrupted run
+        self._make_run_dir()  # last: a run that fails to set up leaves no folder behind
 
     # ------------------------------------------------------------------ set-up helpers
     def _set_seed(self, seed: int) -> None:
@@ -168,17 +204,30 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _run_dir(self) -> str:
+        """The run folder's path (not made yet). A folder that already holds a run is refused, like open_clip
+        does, unless this run resumes (--resume, or a torchelastic restart)."""
         r = self.cfg.run
         if r.name is None:  # rank 0 names the run: the ranks' clocks may straddle a second
             r.name = broadcast_object(self._default_run_name() if self.dist.is_main else None, self.dist)
         path = os.path.join(r.logs, r.name)
-        if self.dist.is_main:
-            os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
-            if elastic_run_id() is not None:  # lets a restarted torchrun job without --name find this folder
-                with open(os.path.join(path, ELASTIC_ID_FILE), "w") as f:
-                    f.write(elastic_run_id())
-        barrier(self.dist)
+        error = None
+        if self.dist.is_main and r.resume is None and elastic_restart_count() == 0 and run_exists(path):
+            error = (f"Error. Experiment already exists at {path}. Use --name NEW_NAME to specify a new experiment, "
+                     f"or --resume latest to continue this one")
+        error = broadcast_object(error, self.dist)  # every rank fails alike, none waits for the others
+        if error is not None:
+            raise ValueError(error)
         return path
+
+    def _make_run_dir(self) -> None:
+        """Make the run folder (nested for a --name with slashes) and start RUN/out.log."""
+        if self.dist.is_main:
+            os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
+            if elastic_run_id() is not None:  # lets a restarted torchrun job without --name find this folder
+                with open(os.path.join(self.run_dir, ELASTIC_ID_FILE), "w") as f:
+                    f.write(elastic_run_id())
+            attach_run_log(self.run_dir)
+        barrier(self.dist)
 
     def _default_run_name(self) -> str:
         rid = elastic_run_id()
@@ -229,9 +278,14 @@ class Trainer:
                         rank=self.dist.rank, world_size=self.dist.world_size)
 
     def _data_backend(self) -> str:
-        """``auto``: DALI when the device is CUDA and DALI imports; the torch loader otherwise."""
+        """``auto``: DALI when the device is CUDA and DALI imports (and the shards are local files read once per
+        epoch); the torch loader otherwise."""
         want = self.cfg.data.data_backend
-        if want == "torch":
+        urls = any(is_url(s) for s in self.train_shards)
+        if want == "dali" and (urls or self.cfg.data.dataset_resampled):
+            raise ValueError("--data-backend dali reads local shard files in passes: use --data-backend torch for "
+                             "webdataset URLs (pipe:, http://, ...) and --dataset-resampled")
+        if want == "torch" or urls or self.cfg.data.dataset_resampled:
             return "torch"
         from dissect_fast.data.dali_loader import dali_unavailable_reason
 
@@ -253,15 +307,18 @@ class Trainer:
                 shards, d.batch_size, self.context_length, Preprocess.from_transform(transform), train=train,
                 device=self.device, seed=self.cfg.run.seed, rank=self.dist.rank if train else 0,
                 world_size=self.dist.world_size if train else 1, workers=max(2, d.workers),
-                index=self.index if train else None, subset_mask=self.subset_mask if train else None,
+                index=self.index if train else self.val_index, subset_mask=self.subset_mask if train else None,
                 num_ids=self.num_ids if train else None,
             )
+        if not train:
+            return eval_loader(shards, self.val_index, d.batch_size, transform, self.context_length, d.workers,
+                               self.device)
         ds = ShardDataset(
-            shards, d.batch_size, transform, self.context_length, train=train, seed=self.cfg.run.seed,
-            rank=self.dist.rank if train else 0, world_size=self.dist.world_size if train else 1,
-            subset_mask=self.subset_mask if train else None, num_ids=self.num_ids if train else None,
+            shards, d.batch_size, transform, self.context_length, train=True, seed=self.cfg.run.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size, subset_mask=self.subset_mask, num_ids=self.num_ids,
+            first_ids=self.index.first_ids() if self.index is not None else None, resampled=d.dataset_resampled,
         )
-        return TorchLoader(ds, d.workers, self.device, drop_last=train)
+        return TorchLoader(ds, d.workers, self.device, drop_last=True)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch_done: int) -> dict:
@@ -517,6 +574,8 @@ class Trainer:
         t_start = time.time()
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             metrics = self.train_epoch(epoch, t_start)
+            if cfg.run.record:
+                self._write_record(epoch)
             sums = self._check_history_sync()
             if sums is not None:
                 metrics["dist/history_checksums"] = sums
@@ -539,6 +598,47 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return self.metrics
+
+    def _write_record(self, epoch: int) -> str | None:
+        """--record: ``select_record/record_{epoch + 1}.npz`` (1-based, like metrics.jsonl and the checkpoints)
+        with one row per sample id scored or trained in the epoch: ``id``, ``selected`` (times trained; 0 =
+        scored, not selected), ``score`` (last CLIPScore, NaN: not scored), ``delta`` (last DISSect
+        differential, NaN: none), ``history`` (buffer value after the epoch, history strategies) and ``clean``
+        (when the index has clean flags). Several ranks: the per-rank diagnostics are merged first (a
+        collective on every rank); the main rank writes. Returns the path on the main rank."""
+        d = self.diag
+        score, delta, trained = d.score.clone(), d.delta.clone(), d.trained.clone()
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            for t in (score, delta):  # NaN where a rank did not see the id: merge by max over the ranks
+                t.copy_(torch.where(torch.isnan(t), float("-inf"), t))
+                tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+                t[torch.isneginf(t)] = float("nan")
+            tdist.all_reduce(trained, op=tdist.ReduceOp.SUM)
+        if not self.dist.is_main:
+            return None
+        ids = torch.nonzero(~torch.isnan(score) | (trained > 0)).squeeze(1)
+        rec = {
+            "id": ids.cpu().numpy(),
+            "selected": trained[ids].cpu().numpy(),
+            "score": score[ids].cpu().numpy(),
+            "delta": delta[ids].cpu().numpy(),
+            "epoch": np.int64(epoch + 1),
+            "num_ids": np.int64(self.num_ids),
+            "strategy": np.array(self.cfg.select.strategy),
+        }
+        if self.strategy.history is not None:
+            rec["history"] = self.strategy.history.values[ids].float().cpu().numpy()
+        if d.clean is not None:
+            rec["clean"] = d.clean[ids].cpu().numpy()
+        out = os.path.join(self.run_dir, "select_record")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"record_{epoch + 1}.npz")
+        tmp = f"{path}.tmp.{os.getpid()}.npz"
+        np.savez(tmp, **rec)
+        os.replace(tmp, path)
+        return path
 
     def _check_history_sync(self) -> list[list[int]] | None:
         """Every rank's history checksum, after verifying they are equal (HistoryDesyncError if not);
@@ -567,7 +667,11 @@ class Trainer:
                 got += 1
                 n += 1
                 if n >= self.steps_per_epoch:
-                    for _ in it:  # drain the tail so the workers' skip counts arrive
+                    if self.partial_epochs:  # the rest of the pass is not read (nor decoded)
+                        if hasattr(self.train_loader, "close"):
+                            self.train_loader.close()
+                        return
+                    for _ in it:  # drain the tail (less than a batch per worker) so the last skip counts arrive
                         self.train_loader.stats["dropped_tail"] += self.cfg.data.batch_size
                     return
             passes += 1

@@ -45,23 +45,8 @@ def _transform(size, train=False):
 def _torch_batches(shards, size, ctx=77, train=False, rank=0, world=1, first_ids=None):
     from dissect_fast.data.loader import ShardDataset, TorchLoader
 
-    ds = ShardDataset(shards, B, _transform(size, train), ctx, train=train, rank=rank, world_size=world)
-    if first_ids:  # what the torch loader does for shards whose samples have no id field
-        from dissect_fast.data.index_tool import fill_assigned_id
-        from dissect_fast.data.loader import iter_tar_samples
-
-        def samples(paths, stats, rng):
-            for path in paths:
-                for pos, raw in enumerate(iter_tar_samples(path, stats)):
-                    fill_assigned_id(raw, first_ids.get(path), pos)
-                    out = ds.decode(raw, stats)
-                    if out is None:
-                        stats["bad_samples"] += 1
-                        continue
-                    stats["ok"] += 1
-                    yield out
-
-        ds._samples = samples
+    ds = ShardDataset(shards, B, _transform(size, train), ctx, train=train, rank=rank, world_size=world,
+                      first_ids=first_ids)
     loader = TorchLoader(ds, 0, torch.device("cpu"), drop_last=train)
     return list(loader), loader.stats
 
@@ -294,7 +279,7 @@ def test_decode_failure_at_run_time_is_counted_not_fatal(tmp_path):
 
 def test_assigned_ids_and_txt_captions(tmp_path):
     """Shards without id and tok fields: ids first_id + position, captions tokenised from txt."""
-    from dissect_fast.data.index_tool import assigned_first_ids, index_shards
+    from dissect_fast.data.index_tool import index_shards
 
     a = _samples(20, 0, with_id=False, with_tok=False)
     b = _samples(25, 500, with_id=False, with_tok=False)
@@ -304,8 +289,8 @@ def test_assigned_ids_and_txt_captions(tmp_path):
     shards = _shards(tmp_path)
     idx = index_shards(shards, str(tmp_path), verify="header", workers=1, progress=False)
     assert idx.num_samples == 44 and (idx.id_min, idx.id_max) == (0, 44) and not idx.has_tokens
-    first = assigned_first_ids(shards, idx.root)
-    assert first == {shards[0]: 0, shards[1]: 20}
+    first = idx.first_ids()
+    assert first == {"x-0": 0, "x-1": 20}
     dali = _by_id(_dali(shards, 32, index=idx))
     ref = _by_id(_torch_batches(shards, 32, first_ids=first)[0])
     assert sorted(dali) == sorted(ref) == [i for i in range(45) if i != 24]

@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from dissect_fast.data.csv_shards import csv_to_shards
-from dissect_fast.data.loader import ShardDataset, TorchLoader, fit_tokens, iter_tar_samples
-from dissect_fast.data.shards import DatasetIndex, ShardWriter, resolve_data
+from dissect_fast.data.loader import ShardDataset, TorchLoader
+from dissect_fast.data.samples import fit_tokens
+from dissect_fast.data.shards import DatasetIndex, resolve_data
 from dissect_fast.data.synthetic import make_synthetic, noisy_permutation
+from dissect_fast.data.writer import ShardWriter
 
 
 def eval_transform(size=32):
@@ -147,6 +149,6 @@ def test_resolve_data_patterns(tiny_data, tmp_path):
     shards, idx = resolve_data(str(tiny_data / "train" / "shard-{000000..000002}.tar"))
     assert len(shards) == 3 and idx is not None and idx.num_samples == 240
     shards, idx = resolve_data(str(tiny_data / "train" / "shard-00000[01].tar"))
-    assert len(shards) == 2 and idx is None  # a partial selection is not described by the index
+    assert len(shards) == 2 and idx.num_samples == 160 and idx.num_ids == 240  # the index restricted to them
     with pytest.raises(FileNotFoundError, match="no shards found"):
         resolve_data(str(tmp_path / "none-*.tar"))

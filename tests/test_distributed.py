@@ -106,6 +106,26 @@ def test_resume_two_rank_checkpoint_on_one_rank(even_data, momentum_run, tmp_pat
     assert [m["epoch"] for m in metrics_of(tmp_path / "one")] == [1, 2, 3]  # the checkpoint's lines, then its own
 
 
+def test_record_merges_ranks_and_logs_dir_passes_torchrun(even_data, tmp_path):
+    """No `--` before the script: torchrun must pass --logs-dir (it rejects --logs); --record merges the
+    ranks' per-id records into one file per epoch, under a nested --name."""
+    import numpy as np
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "dissect_fast", "train.py"), "--train-data", str(even_data / "train"),
+           "--model", "micro-vit", "--batch-size", "20", "--epochs", "1", "--lr", "1e-3", "--warmup", "2",
+           "--workers", "0", "--logs-dir", str(tmp_path), "--name", "ablation/rec", "--no-progress", "--no-plots",
+           "--no-tensorboard", "--device", "cpu", "--select-strategy", "dissect-momentum", "--select-rate", "0.5",
+           "--record"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = np.load(tmp_path / "ablation" / "rec" / "select_record" / "record_1.npz")
+    assert rec["id"].size == 240 and np.unique(rec["id"]).size == 240  # both ranks' samples, each scored once
+    assert int(rec["selected"].sum()) == 2 * 6 * 10  # 2 ranks x 6 steps x k = 10
+    assert not np.isnan(rec["score"]).any() and not np.isnan(rec["history"]).any()
+
+
 def test_sync_check_fails_loudly_on_drift(even_data, tmp_path):
     r = torchrun(even_data, tmp_path, "drift", "--select-strategy", "dissect-momentum", "--epochs", "1",
                  "--check-sync-every", "2", "--workers", "0", env={"DISSECT_FAST_TEST_DRIFT_AT_STEP": "1:3"}, ok=False)

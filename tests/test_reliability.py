@@ -19,7 +19,8 @@ from PIL import Image
 
 from dissect_fast import checkpoint as ckpt_io
 from dissect_fast.config import config_from_args
-from dissect_fast.data.shards import DatasetIndex, ShardInfo, ShardWriter, encode_id
+from dissect_fast.data.shards import DatasetIndex, ShardInfo, encode_id
+from dissect_fast.data.writer import ShardWriter
 from dissect_fast.reliability import NonFiniteError, RunStopped, TooManyBadSamples
 from dissect_fast.trainer import Trainer
 

@@ -15,8 +15,9 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from dissect_fast.data.shards import DEFAULT_CONTEXT_LENGTH, ShardWriter, tokenize, tokenizer_for
+from dissect_fast.data.shards import DEFAULT_CONTEXT_LENGTH, tokenize, tokenizer_for
 from dissect_fast.data.synthetic import noisy_permutation
+from dissect_fast.data.writer import ShardWriter
 
 
 def _read_rows(csv_path: str, img_key: str, cap_key: str, sep: str | None) -> list[tuple[str, str]]:

@@ -53,8 +53,8 @@ from dissect_fast.data.index_tool import (
     scan_shard,
     write_idx,
 )
-from dissect_fast.data.loader import EOT_TOKEN
-from dissect_fast.data.shards import DatasetIndex, tokenizer_for
+from dissect_fast.data.samples import EOT_TOKEN, MissingIdsError, missing_ids_message
+from dissect_fast.data.shards import DatasetIndex, shard_stem, tokenizer_for
 
 log = logging.getLogger("dissect_fast")
 
@@ -298,6 +298,7 @@ class DaliLoader:
     # ------------------------------------------------------------------ set-up
     def _prepare(self, paths, index, verify):
         search = [index.root] if index is not None and index.root else []
+        first_ids = index.first_ids() if index is not None else {}
         cache = os.path.join(os.environ.get("DISSECT_FAST_CACHE", os.path.expanduser("~/.cache/dissect_fast")), "idx")
         metas: list[ShardMeta] = []
         built = 0
@@ -305,7 +306,10 @@ class DaliLoader:
             cdir = os.path.join(cache, hashlib.sha1(os.path.abspath(os.path.dirname(p)).encode()).hexdigest()[:16])
             m = load_shard_meta(p, search + [None, cdir])
             if m is None:  # no (up-to-date) .idx: build one once, into a cache directory
-                build_shard_index(p, out_dir=cdir, verify=verify)
+                first = first_ids.get(shard_stem(p))
+                scan = build_shard_index(p, out_dir=cdir, verify=verify, first_id=first)
+                if scan.ids is None and first is None and self.train:
+                    raise MissingIdsError(missing_ids_message(p))
                 m = load_shard_meta(p, [cdir])
                 built += 1
             metas.append(m)

@@ -3,22 +3,20 @@
 DALI's ``fn.readers.webdataset`` reads samples at the byte offsets listed in an ``.idx`` file
 (format ``v1.2``, as written by the ``wds2idx`` tool shipped in the DALI wheel: a header line
 ``v1.2 N``, then one line per sample of ``ext offset size name`` groups). We write those files
-ourselves, from one Python pass over each tar that mirrors the torch loader's reading
-(:func:`dissect_fast.data.loader.iter_tar_samples`), because that pass is where bad data gets
-caught: DALI cannot skip a sample inside its graph (a decode error invalidates the pipeline and
+ourselves, from one Python pass over each tar through the same reader and rules as the torch
+loader (:mod:`dissect_fast.data.samples`), because that pass is where bad data gets caught: DALI cannot skip a sample inside its graph (a decode error invalidates the pipeline and
 a truncated tar is an I/O error), so a sample goes into the ``.idx`` only when it
 
-* has an image (``jpg``/``jpeg``/``png``/``webp``), a caption (``tok`` or non-empty ``txt``)
-  and an 8-byte ``id`` (or its shard has no ids at all: see *id assignment* below);
+* passes :func:`samples.check_fields` (image, caption, id; or its shard has no ids at all: see
+  *id assignment* below);
 * lies completely inside the tar (a truncated tar loses the sample it broke in, like the
   torch loader);
-* passes the image check chosen by ``verify``: ``decode`` (default for the command: PIL decodes
-  it at 1/8 scale, which runs the entropy decoder over all the data and costs ~0.5 ms per
-  400x300 JPEG), ``header`` (JPEG SOI/EOI markers, PNG signature/IEND, RIFF size), or ``none``
-  (for shards we just wrote ourselves from decoded images).
+* passes :func:`samples.check_image` at the level chosen by ``verify``: ``decode`` (default for the
+  command: PIL decodes it at 1/8 scale, which runs the entropy decoder over all the data and costs
+  ~0.5 ms per 400x300 JPEG), ``header`` (PIL reads format and size, so ``tiny_image`` is caught; JPEG/PNG
+  end markers), or ``none`` (for shards we just wrote ourselves from decoded images).
 
-Every excluded sample is counted by the torch loader's reason names (``missing_field``,
-``bad_id``, ``bad_caption``, ``bad_tokens``, ``corrupt_image``, ``truncated_tar``, ...) in a
+Every excluded sample is counted by the same reason names (:data:`samples.BAD_REASONS`) in a
 sidecar ``<stem>.idx.json`` so that the DALI loader reports the same ``bad_samples`` as the
 torch loader would. Components are written under canonical names (``img``, ``tok``, ``txt``,
 ``id``) whatever the tar calls them, so one DALI ``ext`` list fits every shard.
@@ -27,50 +25,40 @@ torch loader would. Components are written under canonical names (``img``, ``tok
 field. A shard none of whose samples has one gets ``first_id + position``, ``position`` being the
 sample's ordinal among all sample groups of the tar (bad ones included, so ids do not move when
 the verification level changes), and ``first_id`` the running count over such shards in command
-line order, after the largest stored id. ``first_id`` is recorded in the sidecar; both loaders
-get it through :func:`assigned_first_ids`.
+line order, after the largest stored id. ``first_id`` is recorded in ``index.json`` (the torch loader
+reads it there) and in the sidecar (the DALI loader's offset -> id map).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
-import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from dissect_fast.data import samples
+from dissect_fast.data.samples import VERIFY_LEVELS, BadSample
 from dissect_fast.data.shards import (
     DEFAULT_CONTEXT_LENGTH,
     INDEX_NAME,
-    TAR_ERRORS,
     DatasetIndex,
     ShardInfo,
-    decode_id,
-    encode_id,
     expand_shards,
-    iter_tar_members,
+    shard_stem,
 )
 
 log = logging.getLogger("dissect_fast")
 
 IDX_VERSION = "v1.2"
 META_FORMAT = "dissect_fast/idx1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the torch loader's order of preference
-VERIFY_LEVELS = ("none", "header", "decode")
 
 
 # ----------------------------------------------------------------------------- paths
-def shard_stem(shard: str) -> str:
-    base = os.path.basename(shard)
-    return base.removesuffix(".tar")
-
-
 def idx_paths(shard: str, out_dir: str | None = None) -> tuple[str, str]:
     """(``.idx``, ``.idx.json``) for a shard: in ``out_dir`` when given, else beside the shard."""
     d = out_dir if out_dir is not None else os.path.dirname(os.path.abspath(shard))
@@ -79,125 +67,41 @@ def idx_paths(shard: str, out_dir: str | None = None) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- scanning
-def _image_ok(data: bytes, ext: str, verify: str) -> bool:
-    if verify == "none":
-        return len(data) > 0
-    if verify == "header":
-        if ext in ("jpg", "jpeg"):
-            return len(data) > 4 and data[:3] == b"\xff\xd8\xff" and b"\xff\xd9" in data[-64:]
-        if ext == "png":
-            return data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-16:]
-        if ext == "webp":
-            return (len(data) > 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-                    and int.from_bytes(data[4:8], "little") + 8 <= len(data))
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if verify == "header":
-                return True
-            if im.format == "JPEG":  # decode at 1/8 scale: every entropy-coded byte is still read
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises many types on corrupt data
-        return False
-
-
 @dataclass
 class _Group:
     """One sample group of a tar as the scan saw it (no pixel data kept)."""
 
     position: int
-    key: str
-    members: dict = field(default_factory=dict)  #: ext -> (offset, size, name)
-    img_ext: str | None = None
-    img_ok: bool = False
-    id_bytes: bytes | None = None
-    tok_len: int | None = None  #: bytes of the tok field
-    txt_ok: bool = False
-    clean: int | None = None
-    beyond_eof: bool = False  #: a component DALI would read ends past the end of the file
-
-
-def _new_group(position: int, key: str) -> _Group:
-    return _Group(position, key)
+    members: dict  #: ext -> samples.Member
+    reason: str | None  #: why it is bad, judged as if ids were assigned (``need_id=False``)
+    stored_id: int | None
+    has_id: bool
+    tok_len: int | None  #: bytes of the tok field
+    txt_ok: bool
+    clean: int | None
 
 
 def _scan_groups(path: str, verify: str, stats: Counter) -> list[_Group]:
-    """All complete sample groups of a tar, in order; mirrors ``loader.iter_tar_samples`` exactly:
-    the same grouping by key, and a tar that breaks drops the group being read, counted."""
-    groups: list[_Group] = []
-    current: _Group | None = None
-
-    def close(g: _Group) -> None:
-        g.img_ext = next((e for e in IMAGE_EXTS if e in g.members), None)
-        groups.append(g)
-
-    pending: dict = {}  # ext -> data for the open group (only what validation needs)
-    file_size = os.path.getsize(path)
-    try:
-        with tarfile.open(path, mode="r|*") as tf:
-            for key, ext, m, data in iter_tar_members(tf):
-                if current is not None and current.key != key:
-                    _finish_group(current, pending, verify)
-                    close(current)
-                    current, pending = None, {}
-                if current is None:
-                    current = _new_group(len(groups), key)
-                current.members[ext] = (m.offset_data, m.size, os.path.basename(m.name))
-                if ext in IMAGE_EXTS or ext in ("id", "tok", "txt", "clean"):
-                    pending[ext] = data
-                    # a stream read of a cut member returns short data without an error: the torch loader
-                    # then rejects it by content; DALI would read past the end, so it is flagged here too
-                    current.beyond_eof |= m.offset_data + m.size > file_size
-    except TAR_ERRORS as e:
-        reason = "not_a_tar" if current is None and "empty" not in str(e) else "truncated_tar"
-        stats[reason] += 1
-        stats[f"shard:{os.path.basename(path)}"] += 1
-        current = None
-        stats["bad_samples"] += 1
-    if current is not None:
-        _finish_group(current, pending, verify)
-        close(current)
-    return groups
-
-
-def _finish_group(g: _Group, data: dict, verify: str) -> None:
-    img_ext = next((e for e in IMAGE_EXTS if e in g.members), None)
-    if img_ext is not None:
-        g.img_ok = _image_ok(data[img_ext], img_ext, verify)
-    g.id_bytes = data.get("id")
-    if "tok" in data:
-        g.tok_len = len(data["tok"])
-    if "txt" in data:
+    """Every complete sample group of a tar, in order, judged by the shared sample rules."""
+    groups = []
+    for s in samples.iter_shard_file(path, stats, members=True):
+        reason, sid = None, None
         try:
-            g.txt_ok = bool(data["txt"].decode("utf-8").strip())
-        except UnicodeDecodeError:
-            g.txt_ok = False
-    if "clean" in data and len(data["clean"]) == 1:
-        g.clean = data["clean"][0]
-
-
-def _classify(g: _Group, assign_ids: bool) -> str | None:
-    """Skip reason (the torch loader's, checked in its order) or None when the sample is good."""
-    if g.img_ext is None or (g.id_bytes is None and not assign_ids):
-        return "missing_field"
-    if g.id_bytes is not None:
-        if len(g.id_bytes) != 8:
-            return "bad_id"
-        if decode_id(g.id_bytes) < 0:
-            return "id_out_of_range"
-    if g.tok_len is not None:
-        if g.tok_len == 0 or g.tok_len % 4:
-            return "bad_tokens"
-    elif not g.txt_ok:
-        return "bad_caption"
-    if not g.img_ok:
-        return "corrupt_image"
-    if g.beyond_eof:
-        return "truncated_tar"
-    return None
+            sid = samples.check_fields(s, first_id=None, num_ids=None, need_id=False)
+            samples.check_image(s[samples.image_field(s)], verify)
+        except BadSample as e:
+            reason = e.reason
+        try:
+            txt_ok = "txt" in s and bool(samples.caption_text(s))
+        except BadSample:
+            txt_ok = False
+        clean = s.get("clean")
+        groups.append(_Group(
+            position=s["__position__"], members=s["__members__"], reason=reason, stored_id=sid, has_id="id" in s,
+            tok_len=len(s["tok"]) if "tok" in s else None, txt_ok=txt_ok,
+            clean=clean[0] if clean is not None and len(clean) == 1 else None,
+        ))
+    return groups
 
 
 @dataclass
@@ -236,27 +140,27 @@ def scan_shard(path: str, verify: str = "decode") -> ShardScan:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     stats: Counter = Counter()
     groups = _scan_groups(path, verify, stats)
-    assign = bool(groups) and all(g.id_bytes is None for g in groups)
+    assign = bool(groups) and not any(g.has_id for g in groups)
     positions, ids, clean, lines, tok_lens = [], [], [], [], set()
     has_tok = has_txt = True
     for g in groups:
-        reason = _classify(g, assign)
+        reason = g.reason
+        if reason is None and not assign and not g.has_id:  # a sample without id among samples with ids
+            reason = "missing_field"
         if reason is not None:
-            stats[reason] += 1
-            stats["bad_samples"] += 1
-            stats[f"shard:{os.path.basename(path)}"] += 1
+            samples.count_bad(stats, reason, path)
             continue
         positions.append(g.position)
         if not assign:
-            ids.append(decode_id(g.id_bytes))
+            ids.append(g.stored_id)
         clean.append(255 if g.clean is None else int(bool(g.clean)))
         has_tok &= g.tok_len is not None
         has_txt &= g.txt_ok
         if g.tok_len is not None:
             tok_lens.add(g.tok_len // 4)
-        comps = [("img", *g.members[g.img_ext])]
-        comps += [(e, *g.members[e]) for e in ("tok", "txt", "id") if e in g.members]
-        lines.append(" ".join(f"{e} {off} {size} {_safe_name(name)}" for e, off, size, name in comps))
+        img = samples.image_field(g.members)
+        comps = [("img", g.members[img])] + [(e, g.members[e]) for e in ("tok", "txt", "id") if e in g.members]
+        lines.append(" ".join(f"{e} {m.offset} {m.size} {_safe_name(m.name)}" for e, m in comps))
     n = len(positions)
     return ShardScan(
         shard=path,
@@ -358,30 +262,6 @@ def load_shard_meta(shard: str, search_dirs: list[str | None] = (None,)) -> Shar
     return None
 
 
-def assigned_first_ids(shards: list[str], index_root: str | None = None) -> dict[str, int]:
-    """{shard path: first id} for the shards whose samples get ``first_id + position`` as id.
-
-    The torch loader must use it for samples without an ``id`` field::
-
-        first = assigned_first_ids(shards, index.root if index else None)   # once, at construction
-        for pos, raw in enumerate(iter_tar_samples(path, stats)):          # position counts every group
-            if "id" not in raw and path in first:
-                raw["id"] = encode_id(first[path] + pos)
-    """
-    out = {}
-    for s in shards:
-        m = load_shard_meta(s, [index_root, None] if index_root else [None])
-        if m is not None and not m.has_id_field and m.first_id is not None:
-            out[s] = int(m.first_id)
-    return out
-
-
-def fill_assigned_id(raw: dict, first_id: int | None, position: int) -> None:
-    """Give a raw sample dict without ``id`` its assigned id (no-op when it has one or the shard has no assignment)."""
-    if "id" not in raw and first_id is not None:
-        raw["id"] = encode_id(first_id + position)
-
-
 # ----------------------------------------------------------------------------- the command
 def _scan_for_pool(args: tuple[str, str]) -> ShardScan:
     return scan_shard(*args)
@@ -451,7 +331,7 @@ def index_shards(shards: list[str], out_dir: str, verify: str = "decode", worker
     for s in scans:
         p = os.path.abspath(s.shard)
         rel = os.path.relpath(p, out_abs)
-        infos.append(ShardInfo(rel if not rel.startswith("..") else p, s.count))
+        infos.append(ShardInfo(rel if not rel.startswith("..") else p, s.count, s.first_id))
     idx = DatasetIndex(
         num_samples=int(all_ids.size),
         id_min=int(all_ids.min()),
@@ -494,5 +374,14 @@ def main_index(argv: list[str] | None = None) -> int:
     if not shards:
         p.error(f"no shards match {a.shards}")
     out = a.out or os.path.dirname(os.path.abspath(shards[0]))
-    index_shards(shards, out, verify=a.verify, workers=a.workers, progress=not a.no_progress)
+    try:
+        idx = index_shards(shards, out, verify=a.verify, workers=a.workers, progress=not a.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    assigned = sum(1 for s in idx.shards if s.first_id is not None)
+    bad = {k: v for k, v in idx.skipped.items() if k != "bad_samples"}
+    print(f"indexed {len(idx.shards)} shard(s): {idx.num_samples} good samples, ids {idx.id_min}..{idx.id_max}"
+          + (f" (assigned in {assigned} shard(s) without an id field)" if assigned else "")
+          + f"; skipped {idx.skipped.get('bad_samples', 0)} bad {json.dumps(bad) if bad else ''}"
+          + f" -> {os.path.join(out, INDEX_NAME)}")
     return 0

@@ -1,85 +1,78 @@
-"""The torch data loader: shards read with tarfile in DataLoader workers, decoded on the CPU.
+"""The torch data loader: a webdataset pipeline in DataLoader workers, images decoded on the CPU.
 
-Shards are split over (rank, worker) in a per-epoch shuffled order; each worker shuffles samples
-in a buffer and yields full batches plus one remainder, which the main process merges so that an
-epoch drops fewer than B samples per rank. Unreadable samples are skipped and counted by reason
-and shard; the counts travel in-band with the batches and are summed in ``TorchLoader.stats``.
+Per worker, one ``webdataset.DataPipeline``:
 
-What counts as bad (skipped, ``bad_samples`` + a reason): an image that does not decode
-(``corrupt_image``) or is smaller than ``MIN_IMAGE_SIDE`` pixels a side (``tiny_image``, e.g. the
-1x1 placeholders of dead links), a missing field (``missing_field``), an id that is not 8 bytes
-(``bad_id``), negative or >= the id range (``id_out_of_range``), an id seen before in this
-worker's share of the epoch (``duplicate_id``, the first copy is kept), an empty or non-UTF-8
-caption (``bad_caption``), a shard that is not a tar (``not_a_tar``) or ends early
-(``truncated_tar``, the sample being read is lost). Mapped, not bad: grayscale, CMYK, palette or
-alpha images are converted to RGB (``image_converted``), PNG/WebP/... data under any image key is
-decoded by content (``image_not_jpeg``).
+1. **shard list**: the shards in a per-epoch shuffled order (seed, epoch), split by rank, then by
+   worker (``webdataset.split_by_worker``); or, with ``resampled`` (``--dataset-resampled``),
+   ``webdataset.ResampledShards``: shards drawn with replacement, seeded by (seed, epoch, rank, worker);
+2. **open**: ``webdataset``'s ``url_opener`` (local paths, ``pipe:`` commands, ``http(s)://``, ...);
+3. **tar to samples**: :func:`dissect_fast.data.samples.iter_shard` (webdataset's grouping rules, plus
+   the sample's position in its tar, which assigned ids need, and counted truncation);
+4. **decode**: the shared sample rules (:mod:`dissect_fast.data.samples`): bad samples are skipped and
+   counted by reason and shard, ids assigned from the dataset index's ``first_id`` where the shard has none;
+5. ``webdataset.shuffle`` (training) and ``webdataset.batched``.
+
+Each worker yields full batches and one remainder, which the main process merges so that an epoch
+drops fewer than B samples per rank. Skip counts travel in-band with every batch and are summed in
+``TorchLoader.stats``, so an epoch cut short (``--train-num-samples`` below the data size, or a resampled
+stream) still reports what it read.
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import logging
-import os
 import random
 import signal
-import tarfile
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import url_opener
 
-from dissect_fast.data.shards import TAR_ERRORS, decode_id, iter_tar_members, tokenizer_for
+from dissect_fast.data import samples
+from dissect_fast.data.samples import BadSample, fit_tokens
+from dissect_fast.data.shards import shard_stem, tokenizer_for
 
-EOT_TOKEN = 49407  # open_clip's CLIP tokenizer end-of-text id
-REQUIRED = ("jpg", "id")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MIN_IMAGE_SIDE = 8  #: smaller images are placeholders or tracking pixels, not training data
 log = logging.getLogger("dissect_fast")
 
 
-def fit_tokens(tok: np.ndarray, context_length: int) -> np.ndarray:
-    """Stored token ids resized to the model's context length, as open_clip's tokenizer would have
-    written them: pad with zeros, or truncate and end with the end-of-text token."""
-    n = tok.shape[0]
-    if n == context_length:
-        return tok
-    if n < context_length:
-        return np.pad(tok, (0, context_length - n))
-    out = tok[:context_length].copy()
-    if out[-1] != 0:
-        out[-1] = EOT_TOKEN
-    return out
+def _worker_seed(rank: int) -> int:
+    info = get_worker_info()
+    return rank * 1_000_003 + (info.id if info else 0)
 
 
-def iter_tar_samples(path: str, stats: Counter):
-    """Yield dicts of raw fields grouped by key; a truncated or invalid tar ends early, counted."""
-    current: dict | None = None
-    members = 0
-    try:
-        with tarfile.open(path, mode="r|*") as tf:
-            for key, ext, _, data in iter_tar_members(tf):
-                members += 1
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                current[ext] = data
-    except TAR_ERRORS:
-        reason = "truncated_tar" if members else "not_a_tar"
-        stats[f"{reason}"] += 1
-        stats[f"shard:{os.path.basename(path)}"] += 1
-        current = None  # the sample being read when the tar broke is incomplete: dropped, counted
-        stats["bad_samples"] += 1
-    if current is not None:
-        yield current
+class _Counting:
+    """webdataset handler: an exception while opening a shard is counted against it, and the pipeline goes on."""
+
+    def __init__(self, stats: Counter) -> None:
+        self.stats = stats
+
+    def __call__(self, exn: Exception) -> bool:
+        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
+        samples.count_bad(self.stats, "not_a_tar", url)
+        log.warning("cannot read shard %s: %s", url, exn)
+        return True
 
 
 class ShardDataset(IterableDataset):
-    """Decoded (image, tokens, id) batches from webdataset-style shards."""
+    """Decoded (image, tokens, id) batches from webdataset shards (paths or URLs).
+
+    Args:
+        shards: shard paths or webdataset URLs.
+        batch_size, transform, context_length: what a batch holds (transform: the model's preprocess).
+        train: shuffle shards and samples; else read in order.
+        seed, rank, world_size: order and split (eval loaders use rank 0 of 1).
+        shuffle_buffer: samples in webdataset's shuffle buffer.
+        subset_mask: bool by id; samples outside are skipped (``not_in_subset``, not bad).
+        num_ids: id range (ids outside are ``id_out_of_range``); None: only id >= 0 is checked.
+        first_ids: {shard name: first id} from the dataset index for shards without an ``id`` field.
+        need_ids: a sample without an id (no field, no first id) is bad (``missing_field``; shards that have no
+            ids at all are refused before training by ``shards.check_ids_known``); False (evaluation): id -1.
+        resampled: draw shards with replacement, endlessly (the caller decides where an epoch ends).
+    """
 
     def __init__(
         self,
@@ -95,133 +88,128 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 2000,
         subset_mask: np.ndarray | None = None,
         num_ids: int | None = None,
+        first_ids: dict[str, int] | None = None,
+        need_ids: bool = True,
+        resampled: bool = False,
     ) -> None:
-        unique = list(dict.fromkeys(shards))
-        if len(unique) != len(shards):
-            log.warning(
-                "%d shard(s) are listed more than once (overlapping patterns?); each is read once",
-                len(shards) - len(unique),
-            )
-        self.shards, self.batch_size, self.transform = unique, batch_size, transform
+        if len(set(shards)) != len(shards):
+            raise ValueError("ShardDataset: shards listed more than once")
+        self.shards, self.batch_size, self.transform = list(shards), batch_size, transform
         self.context_length, self.train, self.seed = context_length, train, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.subset_mask, self.num_ids = subset_mask, num_ids
+        self.first_ids, self.need_ids, self.resampled = dict(first_ids or {}), need_ids, resampled
         self.epoch = 0
         self._tokenizer = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def my_shards(self, worker: int, num_workers: int) -> list[str]:
+    # ------------------------------------------------------------------ pipeline stages
+    def _shard_order(self) -> list[dict]:
         order = list(self.shards)
         if self.train:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        return order[slot::slots]
+        return [{"url": u} for u in order[self.rank :: self.world_size]]
 
-    @staticmethod
-    def _seen(sid: int, seen, mark: bool = False) -> bool:
-        """Whether ``sid`` was already yielded this epoch (a bitmap when the id range is known); ``mark``
-        records it. Only samples that decode are marked, so a bad first copy does not hide a good one."""
-        if isinstance(seen, set):
-            if mark:
-                seen.add(sid)
-            return sid in seen
-        byte, bit = sid >> 3, 1 << (sid & 7)
-        if mark:
-            seen[byte] |= bit
-        return bool(seen[byte] & bit)
+    def _source(self):
+        if self.resampled:
+            return wds.ResampledShards(self.shards, seed=self.seed * 1_000_003 + self.epoch, deterministic=True,
+                                       worker_seed=functools.partial(_worker_seed, self.rank))
+        return [self._shard_order, wds.split_by_worker]
+
+    def _groups(self, stats: Counter):
+        def stage(opened):
+            for src in opened:
+                try:
+                    yield from samples.iter_shard(src["stream"], src["url"], stats)
+                finally:
+                    try:
+                        src["stream"].close()
+                    except Exception as e:  # noqa: BLE001 -- a pipe: command that failed reports it here
+                        log.warning("shard %s: %s", src["url"], e)
+
+        return stage
+
+    def _decoded(self, stats: Counter):
+        seen = None
+        if not self.resampled:  # resampling repeats samples by design
+            seen = set() if self.num_ids is None else bytearray((self.num_ids + 7) // 8)
+
+        def stage(groups):
+            for s in groups:
+                try:
+                    out = self.decode(s, stats, seen)
+                except BadSample as e:
+                    samples.count_bad(stats, e.reason, s["__url__"])
+                    continue
+                if out is not None:
+                    stats["ok"] += 1
+                    yield out
+
+        return stage
 
     def decode(self, s: dict, stats: Counter, seen=None):
-        """(image tensor, tokens int64, id) or None when the sample is unusable (counted)."""
-        img_key = next((e for e in IMAGE_EXTS if e in s), None)
-        if img_key is None or "id" not in s:
-            stats["missing_field"] += 1
-            return None
-        try:
-            sid = decode_id(s["id"])
-        except ValueError:
-            stats["bad_id"] += 1
-            return None
-        if sid < 0 or (self.num_ids is not None and sid >= self.num_ids):
-            stats["id_out_of_range"] += 1
-            return None
+        """(image tensor, tokens int64, id), None when filtered by the subset; BadSample when unusable."""
+        first = self.first_ids.get(shard_stem(s["__url__"]))
+        sid = samples.check_fields(s, first, self.num_ids, need_id=self.need_ids)
+        if sid is None:  # evaluation: the id is not needed
+            sid = -1
         if self.subset_mask is not None and not self.subset_mask[sid]:
             stats["not_in_subset"] += 1
             return None
-        if seen is not None and self._seen(sid, seen):
-            stats["duplicate_id"] += 1
-            return None
+        if sid < 0:
+            seen = None  # an evaluation sample without id: nothing to check
+        if seen is not None and _seen(sid, seen):
+            raise BadSample("duplicate_id")
         if "tok" in s:
             tok = fit_tokens(np.frombuffer(s["tok"], dtype="<i4"), self.context_length)
         else:
-            try:
-                text = s["txt"].decode("utf-8").strip()
-            except (KeyError, UnicodeDecodeError):
-                stats["bad_caption"] += 1
-                return None
-            if not text:
-                stats["bad_caption"] += 1
-                return None
             if self._tokenizer is None:
                 self._tokenizer = tokenizer_for(self.context_length)
-            tok = self._tokenizer([text], context_length=self.context_length)[0].numpy()
-        try:
-            with Image.open(io.BytesIO(s[img_key])) as im:
-                im.load()
-                if min(im.size) < MIN_IMAGE_SIDE:
-                    stats["tiny_image"] += 1
-                    return None
-                if im.format != "JPEG":
-                    stats["image_not_jpeg"] += 1
-                if im.mode != "RGB":
-                    stats["image_converted"] += 1
-                img = self.transform(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 -- PIL raises many types on corrupt data
-            stats["corrupt_image"] += 1
-            return None
-        if seen is not None:
-            self._seen(sid, seen, mark=True)
+            tok = self._tokenizer([samples.caption_text(s)], context_length=self.context_length)[0].numpy()
+        img = self.transform(samples.decode_image(s[samples.image_field(s)], stats))
+        if seen is not None:  # only samples that decode are marked, so a bad first copy does not hide a good one
+            _seen(sid, seen, mark=True)
         return img, torch.from_numpy(tok.astype(np.int64)), sid
 
-    def _samples(self, shards: list[str], stats: Counter, rng: random.Random):
-        buf = []
-        seen = set() if self.num_ids is None else bytearray((self.num_ids + 7) // 8)
-        for path in shards:
-            for raw in iter_tar_samples(path, stats):
-                filtered = stats["not_in_subset"]
-                out = self.decode(raw, stats, seen)
-                if out is None:
-                    if stats["not_in_subset"] == filtered:  # unusable, not merely filtered out
-                        stats["bad_samples"] += 1
-                        stats[f"shard:{os.path.basename(path)}"] += 1
-                    continue
-                stats["ok"] += 1
-                if not self.train or self.shuffle_buffer <= 1:
-                    yield out
-                    continue
-                buf.append(out)
-                if len(buf) >= self.shuffle_buffer:
-                    j = rng.randrange(len(buf))
-                    buf[j], buf[-1] = buf[-1], buf[j]
-                    yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+    def pipeline(self, stats: Counter) -> wds.DataPipeline:
+        """This worker's pipeline; ``stats`` receives the skip counts. Samples are shuffled as raw bytes,
+        before decoding (a buffer of decoded 224 px images would cost 0.6 MB each)."""
+        source = self._source()
+        stages = source if isinstance(source, list) else [source]
+        stages += [functools.partial(url_opener, handler=_Counting(stats)), self._groups(stats)]
+        if self.train and self.shuffle_buffer > 1:
+            rng = random.Random(hash((self.seed, self.epoch, self.rank, _worker_seed(self.rank))))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        stages.append(self._decoded(stats))
+        stages.append(wds.batched(self.batch_size, collation_fn=_collate, partial=True))
+        return wds.DataPipeline(*stages)
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        stats: Counter = Counter()
-        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
-        batch: list = []
-        for sample in self._samples(self.my_shards(worker, num_workers), stats, rng):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield ("batch", *_collate(batch))
-                batch = []
-        if batch:
-            yield ("partial", *_collate(batch))
-        yield ("stats", dict(stats))
+        stats, sent = Counter(), Counter()
+        for imgs, toks, ids in self.pipeline(stats):
+            delta = stats - sent  # the counts since the last batch travel with this one
+            sent.update(delta)
+            yield ("batch" if ids.shape[0] == self.batch_size else "partial", imgs, toks, ids, dict(delta))
+        yield ("stats", dict(stats - sent))  # whatever was counted after the last batch
+
+
+def _collate(batch):
+    imgs, toks, ids = zip(*batch)
+    return torch.stack(imgs), torch.stack(toks), torch.tensor(ids, dtype=torch.int64)
+
+
+def _seen(sid: int, seen, mark: bool = False) -> bool:
+    """Whether ``sid`` was already yielded this epoch (a bitmap when the id range is known); ``mark`` records it."""
+    if isinstance(seen, set):
+        if mark:
+            seen.add(sid)
+        return sid in seen
+    byte, bit = sid >> 3, 1 << (sid & 7)
+    if mark:
+        seen[byte] |= bit
+    return bool(seen[byte] & bit)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -230,11 +218,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     They still end with the main process (DataLoader's own watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _collate(samples):
-    imgs, toks, ids = zip(*samples)
-    return torch.stack(imgs), torch.stack(toks), torch.tensor(ids, dtype=torch.int64)
 
 
 class TorchLoader:
@@ -265,10 +248,16 @@ class TorchLoader:
             ids.to(self.device, non_blocking=nb),
         )
 
+    def _num_workers(self) -> int:
+        ds = self.dataset
+        if ds.resampled:
+            return self.workers
+        return min(self.workers, max(1, len(ds.shards) // max(1, ds.world_size)))
+
     def __iter__(self):
         if not self.dataset.train:  # evaluation passes are not bracketed by set_epoch
             self.stats = Counter()
-        workers = min(self.workers, max(1, len(self.dataset.shards) // max(1, self.dataset.world_size)))
+        workers = self._num_workers()
         dl = DataLoader(
             self.dataset,
             batch_size=None,
@@ -282,20 +271,32 @@ class TorchLoader:
         pending: list[tuple] = []
         self._active = it = iter(dl)
         for kind, *rest in it:
+            self.stats.update(rest[-1])
             if kind == "stats":
-                self.stats.update(rest[0])
-            elif kind == "batch":
-                yield self._to_device(*rest)
-            else:
-                pending.append(rest)
-                n = sum(p[2].shape[0] for p in pending)
-                if n >= B:
-                    merged = [torch.cat(x) for x in zip(*pending)]
-                    yield self._to_device(*(m[:B] for m in merged))
-                    pending = [tuple(m[B:] for m in merged)] if n > B else []
+                continue
+            batch = rest[:3]
+            if kind == "batch":
+                yield self._to_device(*batch)
+                continue
+            pending.append(batch)
+            n = sum(p[2].shape[0] for p in pending)
+            if n >= B:
+                merged = [torch.cat(x) for x in zip(*pending)]
+                yield self._to_device(*(m[:B] for m in merged))
+                pending = [tuple(m[B:] for m in merged)] if n > B else []
+        self._active = None
         if pending and not self.drop_last:
             merged = [torch.cat(x) for x in zip(*pending)]
             if merged[2].numel():
                 yield self._to_device(*merged)
         elif pending:
             self.stats["dropped_tail"] += sum(p[2].shape[0] for p in pending)
+
+
+def eval_loader(shards: list[str], index, batch_size: int, transform, context_length: int, workers: int,
+                device: torch.device, need_ids: bool = False) -> TorchLoader:
+    """An in-order loader over every sample (evaluation, ``embed``): ids from the index where the shards have
+    none; without one such samples get id -1 (retrieval metrics need no ids), or are bad with ``need_ids``."""
+    ds = ShardDataset(shards, batch_size, transform, context_length, train=False,
+                      first_ids=index.first_ids() if index is not None else None, need_ids=need_ids)
+    return TorchLoader(ds, workers, device, drop_last=False)

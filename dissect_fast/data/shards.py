@@ -1,42 +1,59 @@
-"""The shard format and the dataset index.
+"""The shard format, the dataset index and shard lists.
 
-A sample in a shard (webdataset layout, one tar member per field, grouped by ``__key__``):
+A sample in a shard (webdataset layout, one tar member per field, grouped by key; the rules every
+reader follows are in :mod:`dissect_fast.data.samples`):
 
 ==========  ==========================================================================
-``jpg``     JPEG bytes
+``jpg``     image bytes (``jpeg``, ``png``, ``webp`` are read too, whatever the content)
 ``txt``     caption, UTF-8
-``tok``     open_clip token ids, little-endian int32 x context length (default 77)
-``id``      global sample id, little-endian int64 (8 bytes): indexes the history buffer
+``tok``     optional: open_clip token ids, little-endian int32 x context length (default 77)
+``id``      optional: global sample id, little-endian int64 (8 bytes): indexes the history buffer
 ``clean``   optional, 1 byte: 1 = the caption belongs to the image (diagnostics only)
 ==========  ==========================================================================
 
-Binary ``tok`` and ``id`` fields can be read without parsing by DALI's webdataset reader. Every
-split directory holds ``index.json`` (counts, id range, shard list) and, when clean flags are
-known, ``clean.npy`` (uint8 by id) so that diagnostics never need the flag in the data path.
+Shards made elsewhere (pixparse ``cc3m-wds``: ``jpg`` + ``txt``; img2dataset: ``jpg`` + ``txt`` + ``json``)
+carry no ``id``: ``dissect-fast index`` gives each such shard a ``first_id`` in ``index.json`` and its
+samples get ``first_id + position``. Every split directory holds ``index.json`` (counts, id range, shard
+list with first ids) and, when clean flags are known, ``clean.npy`` (uint8 by id) so that diagnostics
+never need the flag in the data path.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
-import logging
 import os
-import tarfile
-import time
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 INDEX_NAME = "index.json"
 FORMAT = "dissect_fast/1"
 DEFAULT_CONTEXT_LENGTH = 77
+_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # webdataset URLs: pipe:CMD, http://, s3://, file://, ...
+
+
+def is_url(spec: str) -> bool:
+    """A webdataset URL (``pipe:``, ``http://``, ...) rather than a local path."""
+    return bool(_URL.match(spec))
+
+
+def shard_stem(shard: str) -> str:
+    """A shard's name without folder and ``.tar``; for URLs the last ``NAME.tar`` in it (``pipe:cat /d/00012.tar`` ->
+    ``00012``). The index keys shards by this name, so the same shard read by path or by URL finds its entry."""
+    if is_url(shard):
+        found = re.findall(r"([^/\s'\"]+)\.tar\b", shard)
+        if found:
+            return found[-1]
+    return os.path.basename(shard).removesuffix(".tar")
 
 
 @dataclass
 class ShardInfo:
     path: str  #: relative to the index's directory (or absolute)
-    count: int
+    count: int  #: good samples
+    first_id: int | None = None  #: samples get first_id + position (shards without an id field), else None
 
 
 @dataclass
@@ -61,6 +78,21 @@ class DatasetIndex:
     def shard_paths(self) -> list[str]:
         return [s.path if os.path.isabs(s.path) else os.path.join(self.root, s.path) for s in self.shards]
 
+    def first_ids(self) -> dict[str, int]:
+        """{shard stem: first id} of the shards whose samples get ``first_id + position`` as id."""
+        return {shard_stem(s.path): s.first_id for s in self.shards if s.first_id is not None}
+
+    def covering(self, shards: list[str]) -> DatasetIndex | None:
+        """This index restricted to ``shards`` (matched by shard name, so URLs match too), or None when
+        some shard is not in it. The id range stays the whole index's, so ids mean the same thing."""
+        by_stem = {shard_stem(s.path): s for s in self.shards}
+        picked = [by_stem.get(shard_stem(p)) for p in shards]
+        if not shards or any(s is None for s in picked):
+            return None
+        if len(picked) == len(self.shards):
+            return self
+        return replace(self, shards=picked, num_samples=sum(s.count for s in picked))
+
     def clean_flags(self) -> np.ndarray | None:
         if not self.clean_file:
             return None
@@ -78,7 +110,7 @@ class DatasetIndex:
         return path
 
     @classmethod
-    def load(cls, path: str) -> "DatasetIndex":
+    def load(cls, path: str) -> DatasetIndex:
         if os.path.isdir(path):
             path = os.path.join(path, INDEX_NAME)
         with open(path) as f:
@@ -90,39 +122,63 @@ class DatasetIndex:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a directory, a brace pattern (``a-{000..009}.tar``), a glob, or a ``::``-list."""
-    import braceexpand
+    """Shards of a data flag: ``::``-joined sources, each a directory (its ``*.tar``), a brace pattern
+    (``a-{000..009}.tar``), a glob, a file or a webdataset URL (``pipe:aws s3 cp s3://b/{0..9}.tar -``).
+    Braces and ``::`` are expanded by webdataset's own rules."""
+    from webdataset.shardlists import expand_urls
 
     out: list[str] = []
-    for part in spec.split("::"):
-        if os.path.isdir(part):
-            out += sorted(glob.glob(os.path.join(part, "*.tar")))
-            continue
-        for p in braceexpand.braceexpand(part):
-            out += sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+    for p in expand_urls(spec):
+        if is_url(p):
+            out.append(p)
+        elif os.path.isdir(p):
+            out += sorted(glob.glob(os.path.join(p, "*.tar")))
+        elif any(c in p for c in "*?["):
+            out += sorted(glob.glob(p))
+        else:
+            out.append(p)
     return out
 
 
-def resolve_data(spec: str, flag: str = "--train-data") -> tuple[list[str], DatasetIndex | None]:
+def find_index(shards: list[str], explicit: str | None = None) -> DatasetIndex | None:
+    """The dataset index covering ``shards``: ``explicit`` (an index.json or its folder) when given, else the
+    ``index.json`` beside the local shards (one folder's index must cover them all)."""
+    if explicit:
+        idx = DatasetIndex.load(explicit)
+        cov = idx.covering(shards)
+        if cov is None:
+            raise ValueError(f"--data-index {explicit}: does not list every shard given (re-run `dissect-fast index` "
+                             f"on all of them)")
+        return cov
+    dirs = {os.path.dirname(os.path.abspath(p)) for p in shards if not is_url(p)}
+    for d in sorted(dirs):
+        cand = os.path.join(d, INDEX_NAME)
+        if os.path.isfile(cand):
+            cov = DatasetIndex.load(cand).covering(shards)
+            if cov is not None:
+                return cov
+    return None
+
+
+def resolve_data(spec: str, flag: str = "--train-data", index: str | None = None) -> tuple[list[str], DatasetIndex | None]:
     """Shards and, when there is one, the dataset index for a data flag; a clear error if nothing matches."""
-    idx = None
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, INDEX_NAME)):
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, INDEX_NAME)) and not index:
         idx = DatasetIndex.load(spec)
         paths = idx.shard_paths()
     else:
         paths = expand_shards(spec)
-        if paths:
-            cand = os.path.join(os.path.dirname(os.path.abspath(paths[0])), INDEX_NAME)
-            if os.path.isfile(cand):
-                full = DatasetIndex.load(cand)
-                wanted = {os.path.abspath(p) for p in paths}
-                if {os.path.abspath(p) for p in full.shard_paths()} == wanted:
-                    idx = full
+        if not paths:
+            raise FileNotFoundError(f"{flag} {spec!r}: no shards found (expected a directory, a brace pattern, a "
+                                    f"glob, a `::`-joined list or a webdataset URL such as pipe:...)")
+        idx = find_index(paths, index)
     if not paths:
-        raise FileNotFoundError(f"{flag} {spec!r}: no shards found (expected a directory, brace pattern or glob)")
-    missing = [p for p in paths if not os.path.isfile(p)]
+        raise FileNotFoundError(f"{flag} {spec!r}: its index lists no shards")
+    missing = [p for p in paths if not is_url(p) and not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{flag}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
+    dup = len(paths) - len(set(paths))
+    if dup:
+        raise ValueError(f"{flag} {spec!r}: {dup} shard(s) are listed more than once (overlapping patterns?)")
     return paths, idx
 
 
@@ -136,118 +192,6 @@ def decode_id(b: bytes) -> int:
     return int.from_bytes(b, "little", signed=True)
 
 
-class ShardWriter:
-    """Writes samples into numbered tar shards and collects what the dataset index needs."""
-
-    def __init__(self, out_dir: str, samples_per_shard: int = 1000, prefix: str = "shard") -> None:
-        os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.per_shard, self.prefix = out_dir, samples_per_shard, prefix
-        self.shards: list[ShardInfo] = []
-        self.ids: list[int] = []
-        self.clean: dict[int, int] = {}
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
-        self._mtime = 0  # fixed: the same samples give byte-identical shards
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tar = tarfile.open(os.path.join(self.out_dir, name), "w")
-        self.shards.append(ShardInfo(name, 0))
-        self._count = 0
-
-    def _add(self, name: str, data: bytes) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.size, ti.mtime, ti.mode = len(data), self._mtime, 0o444
-        self._tar.addfile(ti, io.BytesIO(data))
-
-    def write(self, sample_id: int, jpg: bytes, caption: str, tokens: np.ndarray | None, clean: bool | None) -> None:
-        if self._tar is None or self._count >= self.per_shard:
-            self.close_shard()
-            self._open()
-        key = f"{sample_id:012d}"
-        self._add(f"{key}.jpg", jpg)
-        self._add(f"{key}.txt", caption.encode("utf-8"))
-        if tokens is not None:
-            self._add(f"{key}.tok", np.ascontiguousarray(tokens, dtype="<i4").tobytes())
-        self._add(f"{key}.id", encode_id(sample_id))
-        if clean is not None:
-            self._add(f"{key}.clean", bytes([1 if clean else 0]))
-            self.clean[sample_id] = int(bool(clean))
-        self._count += 1
-        self.shards[-1].count = self._count
-        self.ids.append(sample_id)
-
-    def close_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-
-    def finish(self, context_length: int, has_tokens: bool = True, skipped: dict | None = None) -> DatasetIndex:
-        """Close the last shard, write clean.npy and index.json; returns the index."""
-        self.close_shard()
-        if not self.ids:
-            raise ValueError(f"no samples were written to {self.out_dir}")
-        ids = np.asarray(self.ids, dtype=np.int64)
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError("duplicate sample ids were written")
-        clean_file = None
-        if self.clean:
-            flags = np.zeros(int(ids.max()) + 1, dtype=np.uint8)
-            flags[list(self.clean)] = list(self.clean.values())
-            np.save(os.path.join(self.out_dir, "clean.npy"), flags)
-            clean_file = "clean.npy"
-        idx = DatasetIndex(
-            num_samples=len(ids),
-            id_min=int(ids.min()),
-            id_max=int(ids.max()),
-            shards=self.shards,
-            context_length=context_length,
-            has_tokens=has_tokens,
-            clean_file=clean_file,
-            skipped=dict(skipped or {}),
-            root=os.path.abspath(self.out_dir),
-        )
-        idx.save(self.out_dir)
-        write_dali_indexes([os.path.join(self.out_dir, s.path) for s in self.shards])
-        return idx
-
-
-def write_dali_indexes(shards: list[str]) -> None:
-    """DALI ``.idx`` files (+ sidecars) beside freshly written shards, so the DALI loader can start at once.
-
-    Pure Python (no DALI needed: shards are often written on machines without it). Tolerant: a
-    failure only means the DALI loader builds the files itself later, so it is logged, not raised.
-    """
-    try:
-        from dissect_fast.data.index_tool import build_shard_index
-
-        for path in shards:
-            build_shard_index(path, verify="none")  # we encoded the images ourselves
-    except Exception as e:  # noqa: BLE001
-        logging.getLogger("dissect_fast").debug("no DALI .idx files for %s: %s", os.path.dirname(shards[0]), e)
-
-
-#: what a broken shard raises while it is streamed (truncated, not a tar, unreadable)
-TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
-
-
-def iter_tar_members(tf: tarfile.TarFile):
-    """(key, ext, member, data) for each regular file named ``KEY.EXT`` of a tar opened in stream mode.
-
-    ``key`` keeps the member's folder (webdataset's grouping), ``ext`` is lower-cased; directories and
-    names without an extension are skipped. Errors of a broken tar propagate (``TAR_ERRORS``): the
-    training loader and the index tool each count them, and must group members identically.
-    """
-    for m in tf:
-        if not m.isfile():
-            continue
-        base = os.path.basename(m.name)
-        if "." not in base:
-            continue
-        key, ext = base.split(".", 1)
-        yield os.path.join(os.path.dirname(m.name), key), ext.lower(), m, tf.extractfile(m).read()
-
-
 def tokenizer_for(context_length: int = DEFAULT_CONTEXT_LENGTH):
     """open_clip's default (CLIP BPE) tokenizer, which every open_clip model without an HF text tower uses."""
     from open_clip.tokenizer import SimpleTokenizer
@@ -257,3 +201,15 @@ def tokenizer_for(context_length: int = DEFAULT_CONTEXT_LENGTH):
 
 def tokenize(tokenizer, captions: list[str], context_length: int) -> np.ndarray:
     return tokenizer(captions, context_length=context_length).numpy().astype(np.int32)
+
+
+def check_ids_known(shards: list[str], index: DatasetIndex | None, flag: str = "--train-data") -> None:
+    """Fail before any training when the shards carry no ids and no dataset index gives them any (shards made
+    elsewhere that were never indexed): the first shard is peeked. With an index, shards without a first id
+    were checked to hold ids when it was written."""
+    from dissect_fast.data.samples import MissingIdsError, missing_ids_message, peek_has_ids
+
+    if index is not None or not shards:
+        return
+    if peek_has_ids(shards[0]) is False:
+        raise MissingIdsError(f"{flag}: " + missing_ids_message(shards[0]))

@@ -32,6 +32,8 @@ def main_embed(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="dissect_fast or open_clip checkpoint of the reference model")
     p.add_argument("--model", default=None, help="open_clip model name (default: the one named in the checkpoint)")
     p.add_argument("--data", required=True, help="shards: directory, brace pattern or glob")
+    p.add_argument("--data-index", default=None, help="dataset index of --data when it is not beside the shards "
+                                                     "(e.g. pipe: URLs)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2)
@@ -48,29 +50,22 @@ def main_embed(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from dissect_fast.checkpoint import CheckpointError, load_checkpoint
-    from dissect_fast.data.loader import ShardDataset, TorchLoader
-    from dissect_fast.data.shards import resolve_data
-    from dissect_fast.model import autocast, create_model, resolve_device, resolve_precision
+    from dissect_fast.data.loader import eval_loader
+    from dissect_fast.data.shards import check_ids_known, resolve_data
+    from dissect_fast.model import autocast, model_from_checkpoint, resolve_device, resolve_precision
     from dissect_fast.offline.embeddings_io import EmbeddingsError, EmbeddingWriter
 
     try:
-        shards, index = resolve_data(a.data, "--data")
-    except FileNotFoundError as e:
+        shards, index = resolve_data(a.data, "--data", a.data_index)
+        check_ids_known(shards, index, "--data")  # the subset file names samples by id
+    except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    if not os.path.isfile(a.checkpoint):
-        p.error(f"--checkpoint {a.checkpoint}: no such file")
-    try:
-        ck = load_checkpoint(a.checkpoint)
-    except CheckpointError as e:
-        p.error(f"--checkpoint: {e}")
-    name = a.model or ck.get("model_name")
-    if not name:
-        p.error("--model is needed: the checkpoint does not name its model")
     device = resolve_device(a.device)
     precision = resolve_precision(a.precision, device)
-    model, _, pre_val, ctx = create_model(name, device)
-    model.load_state_dict(ck["state_dict"])
+    try:
+        model, name, pre_val, ctx = model_from_checkpoint(a.checkpoint, a.model, device)
+    except ValueError as e:
+        p.error(str(e))
     model.eval()
     dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else None
     if dim is None:
@@ -87,7 +82,7 @@ def main_embed(argv: list[str] | None = None) -> int:
     except EmbeddingsError as e:  # resuming into a directory written by another model or dtype
         p.error(f"--out: {e}")
     already = writer.count
-    loader = TorchLoader(ShardDataset(shards, a.batch_size, pre_val, ctx, train=False), a.workers, device, False)
+    loader = eval_loader(shards, index, a.batch_size, pre_val, ctx, a.workers, device, need_ids=True)
     bar = tqdm(total=index.num_samples if index else None, initial=already, unit="img", desc="embed")
     with torch.no_grad():
         for images, tokens, ids in loader:

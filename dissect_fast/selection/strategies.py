@@ -28,7 +28,8 @@ STRATEGIES: dict[str, str | None] = {
 }
 _ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
 _ALIASES.update({"none": "full", "dissect_momentum": "dissect-momentum", "dissect_warmup": "dissect-warmup",
-                 "dissect_gain": "dissect-gain", "warmup_clipscore": "warmup-clipscore"})
+                 "dissect_gain": "dissect-gain", "warmup_clipscore": "warmup-clipscore",
+                 "ours": "dissect-warmup"})  # the reference code's default --select-strategy name
 
 
 def resolve_strategy(name: str) -> str:
