@@ -34,8 +34,10 @@ def _shards(argv: list[str]) -> int:
     p.add_argument("--csv", required=True)
     p.add_argument("--images", required=True, help="folder the CSV's image paths are relative to")
     p.add_argument("--out", required=True)
-    p.add_argument("--csv-img-key", default="file")
-    p.add_argument("--csv-caption-key", default="caption")
+    p.add_argument("--csv-img-key", default=None,
+                   help="image path column (default: the first of filepath, file, image, img, path in the header)")
+    p.add_argument("--csv-caption-key", default=None,
+                   help="caption column (default: the first of title, caption, text in the header)")
     p.add_argument("--csv-separator", default=None, help="default: tab if the header has tabs, else comma")
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--val-fraction", type=float, default=0.0)

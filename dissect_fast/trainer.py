@@ -172,6 +172,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp")
         self.loss_fn = self._loss()
         self.strategy = make_strategy(cfg.select, cfg.data.batch_size, self.num_ids, self.device)
+        if self.partial_epochs and hasattr(self.strategy, "record_every_warmup_epoch"):
+            self.strategy.record_every_warmup_epoch = True  # epoch W-1 alone does not score every sample
         if self.strategy.history is not None:
             self.strategy.history.local_updates = not self.dist.enabled
         self.hooks = FaultHooks(self.dist.rank)  # test-only fault injection; inactive unless its env vars are set

@@ -2,7 +2,6 @@
 
 import csv
 import io
-import os
 import subprocess
 import sys
 
@@ -152,3 +151,16 @@ def test_resolve_data_patterns(tiny_data, tmp_path):
     assert len(shards) == 2 and idx.num_samples == 160 and idx.num_ids == 240  # the index restricted to them
     with pytest.raises(FileNotFoundError, match="no shards found"):
         resolve_data(str(tmp_path / "none-*.tar"))
+
+
+def test_csv_open_clip_layout_needs_no_flags(tmp_path):
+    """open_clip's CSV (tab-separated, columns filepath/title) with commas in captions: no key flags needed."""
+    from dissect_fast.data.csv_shards import _read_rows
+
+    p = tmp_path / "train.csv"
+    p.write_text("filepath\ttitle\na.jpg\ta dog, a ball, and a park\nb.jpg\tone, two, three, four\n")
+    assert _read_rows(str(p), None, None, None) == [("a.jpg", "a dog, a ball, and a park"),
+                                                    ("b.jpg", "one, two, three, four")]
+    q = tmp_path / "cc3m.csv"  # the CC3M / CyCLIP convention: comma-separated file,caption
+    q.write_text('file,caption\nx.jpg,"a cat, sitting"\n')
+    assert _read_rows(str(q), None, None, None) == [("x.jpg", "a cat, sitting")]

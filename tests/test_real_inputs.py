@@ -280,10 +280,14 @@ def test_index_img2dataset_counts_each_planted_fault(i2d, i2d_index):
     assert not set(i2d_index["skipped"]) & {"image_not_jpeg", "image_converted"}
 
 
-def test_train_img2dataset_counts_each_planted_fault(i2d, i2d_index, tmp_path):
-    p = train("--train-data", i2d.root, "--data-backend", "torch", "--batch-size", "40", "--epochs", "1",
-              "--select-strategy", "dissect-momentum", "--select-rate", "0.5", "--max-bad-fraction", "0.5",
-              "--logs", tmp_path, "--name", "i2d", *TRAIN_COMMON)
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_train_img2dataset_counts_each_planted_fault(i2d, i2d_index, tmp_path, backend):
+    """The same planted faults, the same counts, whichever loader reads them (DALI: from the index pass)."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    p = train("--train-data", i2d.root, "--data-backend", backend, "--device", "cpu", "--batch-size", "40",
+              "--epochs", "1", "--select-strategy", "dissect-momentum", "--select-rate", "0.5",
+              "--max-bad-fraction", "0.5", "--logs", tmp_path, "--name", "i2d", *TRAIN_COMMON)
     ok(p)
     (m,) = metrics_of(tmp_path, "i2d")
     assert m["step"] == i2d.good // 40

@@ -116,3 +116,19 @@ def test_dali_backend_trains_on_cpu(tiny_data, tmp_path):
 def test_auto_backend_is_torch_without_cuda(tiny_data, tmp_path):
     t, _ = run(tiny_data, tmp_path, "auto", "--epochs", "1", "--no-plots")
     assert t.data_backend == "torch"
+
+
+def test_short_epochs_record_every_warmup_epoch(tiny_data, tmp_path):
+    """With epochs shorter than the data, epoch W-1 does not score every sample: w then holds each sample's
+    last warm-up score from whichever warm-up epoch read it (the reference scores every warm-up epoch)."""
+    import numpy as np
+
+    t, _ = run(tiny_data, tmp_path, "short", "--select-strategy", "dissect-warmup", "--select-rate", "0.5",
+               "--warmup-point", "2", "--epochs", "3", "--train-num-samples", "80", "--record")
+    assert t.partial_epochs and t.strategy.record_every_warmup_epoch
+    recs = [np.load(tmp_path / "short" / "select_record" / f"record_{e}.npz") for e in (1, 2)]
+    scored = [set(r["id"][~np.isnan(r["score"])].tolist()) for r in recs]
+    assert all(len(s) == 80 for s in scored) and scored[0] - scored[1]  # epoch 0 read samples epoch 1 did not
+    w = t.strategy.history.values.cpu().numpy()
+    recorded = set(np.flatnonzero(~np.isnan(w)).tolist())
+    assert scored[0] | scored[1] <= recorded  # every sample scored in any warm-up epoch has its w

@@ -19,17 +19,25 @@ from dissect_fast.data.shards import DEFAULT_CONTEXT_LENGTH, tokenize, tokenizer
 from dissect_fast.data.synthetic import noisy_permutation
 from dissect_fast.data.writer import ShardWriter
 
+IMG_KEYS = ("filepath", "file", "image", "img", "path")  #: open_clip's default first, then common names
+CAPTION_KEYS = ("title", "caption", "text")
 
-def _read_rows(csv_path: str, img_key: str, cap_key: str, sep: str | None) -> list[tuple[str, str]]:
+
+def _read_rows(csv_path: str, img_key: str | None, cap_key: str | None, sep: str | None) -> list[tuple[str, str]]:
+    """(image path, caption) rows. Separator: ``sep``, else a tab when the header line has one (open_clip's
+    default), else a comma. A key left as None is the first of the usual column names the header has."""
     with open(csv_path, newline="", encoding="utf-8") as f:
-        head = f.read(4096)
+        header = f.readline()
         f.seek(0)
-        delim = sep or ("\t" if head.count("\t") > head.count(",") else ",")
+        delim = sep or ("\t" if "\t" in header else ",")
         reader = csv.DictReader(f, delimiter=delim)
         fields = reader.fieldnames or []
+        img_key = img_key or next((k for k in IMG_KEYS if k in fields), IMG_KEYS[0])
+        cap_key = cap_key or next((k for k in CAPTION_KEYS if k in fields), CAPTION_KEYS[0])
         for k, flag in ((img_key, "--csv-img-key"), (cap_key, "--csv-caption-key")):
             if k not in fields:
-                raise ValueError(f"{flag} {k!r}: no such column in {csv_path} (columns: {fields})")
+                raise ValueError(f"{flag} {k!r}: no such column in {csv_path} (columns: {fields}; separator "
+                                 f"{delim!r}, set by --csv-separator)")
         return [(row[img_key] or "", row[cap_key] or "") for row in reader]
 
 
@@ -51,8 +59,8 @@ def csv_to_shards(
     images: str,
     out: str,
     *,
-    img_key: str = "file",
-    caption_key: str = "caption",
+    img_key: str | None = None,
+    caption_key: str | None = None,
     sep: str | None = None,
     noise: float = 0.0,
     val_fraction: float = 0.0,

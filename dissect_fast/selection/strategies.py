@@ -234,24 +234,31 @@ class DissectWarmup(Strategy):
 
     name = "dissect-warmup"
     uses_history = True
+    #: record w in every warm-up epoch, not only the last: set by the trainer when an epoch is less than one
+    #: pass over the data (--train-num-samples below the data size, --dataset-resampled), where epoch W-1 does
+    #: not score every sample and the reference's rule (the last warm-up score of each sample) needs them all
+    record_every_warmup_epoch = False
 
     def in_warmup(self, epoch: int) -> bool:
         return epoch < self.cfg.warmup_point
 
+    def _records(self, epoch: int) -> bool:
+        return self.in_warmup(epoch) and (self.record_every_warmup_epoch or epoch == self.cfg.warmup_point - 1)
+
     def needs_scoring(self, epoch: int) -> bool:
-        # Only the last warm-up epoch's scores survive, so earlier random-subset warm-up epochs skip
-        # scoring. With --warmup-train full the training forward itself yields every score.
+        # With whole-pass epochs only the last warm-up epoch's scores survive, so earlier random-subset
+        # warm-up epochs skip scoring. With --warmup-train full the training forward itself yields every score.
         if self.in_warmup(epoch):
-            return self.cfg.warmup_train == "random" and epoch == self.cfg.warmup_point - 1
+            return self.cfg.warmup_train == "random" and self._records(epoch)
         return True
 
     def trains_full_batch(self, epoch: int) -> bool:
         return self.in_warmup(epoch) and self.cfg.warmup_train == "full"
 
     def history_updates(self, epoch: int) -> float | None:
-        # momentum 0.0 records the score: w[id] <- s. Only epoch W-1's record survives, so that is
-        # the only warm-up epoch that needs to write.
-        return 0.0 if self.in_warmup(epoch) and epoch == self.cfg.warmup_point - 1 else None
+        # momentum 0.0 records the score: w[id] <- s. With whole-pass epochs only epoch W-1's record
+        # survives, so that is the only warm-up epoch that needs to write.
+        return 0.0 if self._records(epoch) else None
 
     def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
         m = self.history_updates(epoch)
