@@ -343,6 +343,29 @@ def test_offline_subset_workflow_on_idless_shards(pix, pix_index, ckpt, tmp_path
         assert (selected == 1).all(), f
 
 
+def test_offline_subset_workflow_on_awkward_img2dataset_shards(i2d, i2d_index, ckpt, tmp_path):
+    """embed skips the planted faults (counted), keeps the index's ids, and the subset trains."""
+    emb = tmp_path / "emb"
+    p = ok(dissect_fast("embed", "--checkpoint", ckpt, "--data", i2d.root, "--out", emb, "--batch-size", "64",
+                        "--workers", "0", "--device", "cpu"))
+    ids = np.load(emb / "ids.npy")
+    assert ids.size == i2d.good == i2d_index["num_samples"] and np.unique(ids).size == ids.size
+    assert f"skipped {i2d.bad_total} unreadable" in p.stdout, tail(p)
+    subset = tmp_path / "subset.npy"
+    ok(dissect_fast("select-subset", "--embeddings", emb, "--method", "random", "--fraction", "0.5",
+                    "--out", subset, "--device", "cpu"))
+    chosen = np.load(subset)
+    assert set(chosen.tolist()) <= set(ids.tolist())
+    ok(train("--train-data", i2d.root, "--subset", subset, "--data-backend", "torch", "--batch-size", "20",
+             "--epochs", "1", "--max-bad-fraction", "0.5", "--logs", tmp_path, "--name", "i2d-subset", *TRAIN_COMMON))
+    (m,) = metrics_of(tmp_path, "i2d-subset")
+    # samples outside the subset are skipped before their image is decoded: a planted bad image outside the
+    # subset is counted not_in_subset, not bad; every sample is still counted exactly once
+    assert m["step"] == chosen.size // 20, m
+    assert m["data/not_in_subset"] + m["data/bad_samples"] == i2d.good - chosen.size + i2d.bad_total, m
+    assert m["data/not_in_subset"] >= i2d.good - chosen.size, m
+
+
 # ----------------------------------------------------------------------------- f. open_clip CSV -> shards
 def test_openclip_csv_to_shards_trains(csv_run):
     p = ok(csv_run["shards"])
