@@ -177,3 +177,12 @@ def test_index_json_keeps_first_ids(tmp_path):
     again = DatasetIndex.load(str(tmp_path))
     assert [s.first_id for s in again.shards] == [0, 4]
     assert os.path.isfile(tmp_path / "cc3m-train-0000.idx")
+
+
+def test_resampled_stream_of_unreadable_shards_stops(tmp_path):
+    junk = [tmp_path / f"junk-{i}.tar" for i in range(2)]
+    for j in junk:
+        j.write_bytes(b"<html>404</html>" * 30)
+    ld = _loader([str(j) for j in junk], 4, train=True, num_ids=10, resampled=True)
+    with pytest.raises(RuntimeError, match="no sample in the last"):
+        next(iter(ld))

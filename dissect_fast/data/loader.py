@@ -119,10 +119,20 @@ class ShardDataset(IterableDataset):
         return [self._shard_order, wds.split_by_worker]
 
     def _groups(self, stats: Counter):
+        limit = max(10, 2 * len(self.shards))  # a resampled stream of unreadable shards would spin forever
+
         def stage(opened):
+            empty = 0
             for src in opened:
                 try:
-                    yield from samples.iter_shard(src["stream"], src["url"], stats)
+                    n = 0
+                    for s in samples.iter_shard(src["stream"], src["url"], stats):
+                        n += 1
+                        yield s
+                    empty = 0 if n else empty + 1
+                    if empty >= limit:
+                        raise RuntimeError(f"no sample in the last {empty} shards read (e.g. {src['url']}): check "
+                                           f"--train-data")
                 finally:
                     try:
                         src["stream"].close()
