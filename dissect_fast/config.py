@@ -26,10 +26,12 @@ class DataConfig:
 
     train_data: str = ""  #: shard directory (with index.json), brace pattern or glob of .tar files
     val_data: str | None = None  #: validation shards, evaluated after every epoch
-    train_num_samples: int | None = None  #: defaults to the dataset index's count
+    #: defaults to the dataset index's count; synthetic: DEFAULT_BATCHES (100) x batch size x ranks
+    train_num_samples: int | None = None
     batch_size: int = 256  #: per-rank batch size B (before selection)
     workers: int = 2  #: data loader worker processes per rank
-    data_backend: str = "auto"  #: torch | dali | auto (dali when CUDA and DALI are there)
+    #: torch | dali | auto (dali when CUDA and DALI are there) | synthetic (random device tensors, for timing)
+    data_backend: str = "auto"
     dataset_type: str = "webdataset"  #: open_clip's --dataset-type: webdataset or auto (both read .tar shards)
     dataset_resampled: bool = False  #: open_clip's meaning: shards drawn with replacement; needs a known epoch size
     subset: str | None = None  #: .npy of sample ids to train on (offline subset selection)
@@ -37,8 +39,11 @@ class DataConfig:
     max_bad_fraction: float = 0.01  #: stop when more than this share of samples is unreadable
 
     def __post_init__(self) -> None:
-        if not self.train_data:
-            raise ConfigError("--train-data is required: a shard directory, a brace pattern or a glob of .tar files")
+        if self.data_backend == "synthetic":
+            self._check_synthetic()
+        elif not self.train_data:
+            raise ConfigError("--train-data is required: a shard directory, a brace pattern or a glob of .tar files "
+                              "(or --data-backend synthetic to time the training loop on random data)")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
@@ -47,12 +52,13 @@ class DataConfig:
             raise ConfigError("--dataset-type csv is not read directly: convert the CSV to shards with "
                               "`dissect-fast shards --csv FILE --images DIR --out DIR` and pass --train-data DIR/train")
         if self.dataset_type == "synthetic":
-            raise ConfigError("--dataset-type synthetic is not supported yet: write a synthetic set as shards with "
+            raise ConfigError("--dataset-type synthetic is not supported: for random data made on the device (timing) "
+                              "use --data-backend synthetic; for a learnable synthetic set write shards with "
                               "`dissect-fast synth --out DIR` and pass --train-data DIR/train")
         if self.dataset_type not in ("webdataset", "auto"):
             raise ConfigError(f"--dataset-type must be webdataset or auto, got {self.dataset_type!r}")
-        if self.data_backend not in ("auto", "torch", "dali"):
-            raise ConfigError(f"--data-backend must be auto, torch or dali, got {self.data_backend!r}")
+        if self.data_backend not in ("auto", "torch", "dali", "synthetic"):
+            raise ConfigError(f"--data-backend must be auto, torch, dali or synthetic, got {self.data_backend!r}")
         if self.train_num_samples is not None and self.train_num_samples < 1:
             raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -63,6 +69,14 @@ class DataConfig:
                               f"SHARDS --out DIR`)")
         if self.subset is not None and not os.path.isfile(self.subset):
             raise ConfigError(f"--subset {self.subset}: no such file (write one with `dissect-fast select-subset`)")
+
+    def _check_synthetic(self) -> None:
+        """--data-backend synthetic reads no shards: the flags that describe shards contradict it."""
+        for flag, given in (("--subset", self.subset is not None), ("--data-index", self.data_index is not None),
+                            ("--dataset-resampled", self.dataset_resampled)):
+            if given:
+                raise ConfigError(f"{flag} describes shards, which --data-backend synthetic does not read: drop "
+                                  f"{flag}, or train on real shards with --data-backend torch/dali")
 
 
 @dataclass
@@ -188,8 +202,13 @@ class RunConfig:
     progress: bool = True
     max_nonfinite_steps: int = 10  #: stop after this many consecutive steps with a non-finite loss or gradient
     record: bool = False  #: write select_record/record_{epoch}.npz (what each epoch scored and selected) per epoch
+    #: "A:B": torch.profiler trace (+ NVTX ranges on CUDA) of global steps A..B-1 into RUN/profile/
+    profile_steps: str | None = None
 
     def __post_init__(self) -> None:
+        if self.profile_steps is not None:
+            start, stop = parse_profile_steps(self.profile_steps)
+            self.profile_steps = f"{start}:{stop}"
         if self.log_every_n_steps < 1:
             raise ConfigError(f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}")
         if self.val_every < 1:
@@ -199,6 +218,23 @@ class RunConfig:
         if self.resume not in (None, "latest") and not os.path.isfile(self.resume):
             raise ConfigError(f"--resume {self.resume}: no such checkpoint file (give a .pt path, or `latest` "
                               f"with the run's --logs and --name)")
+
+    def profile_window(self) -> tuple[int, int] | None:
+        """(A, B) of --profile-steps: profile global steps A..B-1; None without the flag."""
+        return parse_profile_steps(self.profile_steps) if self.profile_steps is not None else None
+
+
+def parse_profile_steps(value: str) -> tuple[int, int]:
+    """``"A:B"`` -> (A, B), integers with 0 <= A < B; ConfigError naming --profile-steps otherwise."""
+    start, sep, stop = str(value).partition(":")
+    try:
+        a, b = int(start), int(stop)
+    except ValueError:
+        a = b = None
+    if not sep or a is None or not 0 <= a < b:
+        raise ConfigError(f"--profile-steps must be A:B, global step numbers with 0 <= A < B (e.g. 10:20 profiles "
+                          f"steps 10..19), got {value!r}")
+    return a, b
 
 
 @dataclass
@@ -250,11 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
-    d.add_argument("--train-data", required=True, help="shard dir (with index.json), brace pattern or glob of .tar")
+    d.add_argument("--train-data", default=None,
+                   help="shard dir (with index.json), brace pattern or glob of .tar; required unless "
+                        "--data-backend synthetic")
     d.add_argument("--val-data", default=None, help="validation shards, same forms as --train-data")
     d.add_argument("--train-num-samples", type=int, default=None,
                    help="samples per epoch; smaller than the data = a shorter epoch (open_clip's meaning); "
-                        "default: the dataset index's count")
+                        "default: the dataset index's count. --data-backend synthetic: the epoch size and id range, "
+                        "default 100 batches (100 x batch size x ranks)")
     d.add_argument("--dataset-type", default="webdataset",
                    help="webdataset | auto (both read .tar shards); csv: convert first with `dissect-fast shards`")
     d.add_argument("--dataset-resampled", action="store_true",
@@ -262,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--train-num-samples or a dataset index)")
     d.add_argument("--batch-size", type=int, default=256, help="per-rank batch size before selection")
     d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
-    d.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"],
-                   help="loader: auto = DALI when CUDA and DALI are there, else torch")
+    d.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali", "synthetic"],
+                   help="loader: auto = DALI when CUDA and DALI are there, else torch; synthetic = random images "
+                        "and tokens made once on the device, fresh ids every step (times the training loop "
+                        "without loader cost; --train-data not read; never picked by auto)")
     d.add_argument("--subset", default=None, help=".npy of sample ids to train on (from select-subset)")
     d.add_argument("--data-index", default=None,
                    help="the dataset index (index.json or its folder) of --train-data when it is not beside the "
@@ -331,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss/gradient (each is skipped)")
+    r.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="profile global steps A..B-1 (0-based, e.g. 10:20): torch.profiler trace with the step's "
+                        "phases as ranges into RUN/profile/ (plus top_ops.txt, phases.json); on CUDA also NVTX "
+                        "ranges and cudaProfilerStart/Stop for `nsys profile --capture-range=cudaProfilerApi`")
     return p
 
 
@@ -356,7 +401,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     try:
         return TrainConfig(
             data=DataConfig(
-                train_data=a.train_data,
+                train_data=a.train_data or "",
                 val_data=a.val_data,
                 train_num_samples=a.train_num_samples,
                 batch_size=a.batch_size,
@@ -410,6 +455,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                 progress=not a.no_progress,
                 max_nonfinite_steps=a.max_nonfinite_steps,
                 record=a.record,
+                profile_steps=a.profile_steps,
             ),
             dist=DistConfig(
                 local_loss=a.local_loss,

@@ -1,6 +1,7 @@
 """Per-phase step timing for benchmarks: CUDA events on GPU, perf_counter on CPU.
 
-The trainer calls ``mark(phase)`` at the end of each phase of a step when a timer is attached
+A :class:`dissect_fast.profiling.PhaseMarker`: the trainer calls ``mark(phase)`` at the end of each
+phase of a step (the phases: ``dissect_fast.profiling.PHASES``) when a timer is attached
 (``Trainer.timer``; None by default, and then the step runs no timing code at all). A segment
 between two consecutive marks is charged to the later mark's phase. On CUDA every mark records
 an event into the current stream (no host synchronisation), so phases are measured on the GPU's
@@ -16,8 +17,9 @@ import time
 
 import torch
 
-#: the phases a training step is split into (benchmarks/README.md explains each)
-PHASES = ("data", "score", "select", "train", "optim", "sync", "other")
+from dissect_fast.profiling import PHASES
+
+__all__ = ["PHASES", "PhaseTimer"]
 
 
 class PhaseTimer:

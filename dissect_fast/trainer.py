@@ -26,6 +26,7 @@ from dissect_fast import reliability
 from dissect_fast.config import TrainConfig, save_config
 from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
 from dissect_fast.data.shards import check_ids_known, is_url, resolve_data
+from dissect_fast.data.synthetic_loader import DEFAULT_BATCHES, SyntheticLoader, model_image_size
 from dissect_fast.diagnostics import EpochDiagnostics, plot_epoch, plot_history
 from dissect_fast.distributed import (
     ELASTIC_ID_FILE,
@@ -50,6 +51,7 @@ from dissect_fast.model import (
     resolve_device,
     resolve_precision,
 )
+from dissect_fast.profiling import PhaseMarker, StepProfiler
 from dissect_fast.selection.strategies import HISTORY_STRATEGIES, make_strategy
 
 log = logging.getLogger("dissect_fast")
@@ -137,11 +139,17 @@ class Trainer:
         # Everything the user can get wrong fails here, before any model, loader or GPU work.
         self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
         check_scoring_options(self.model_name, cfg.model.score_resolution, cfg.model.score_patch_dropout)
-        self.train_shards, self.index = resolve_data(cfg.data.train_data, "--train-data", cfg.data.data_index)
-        if cfg.data.dataset_resampled and cfg.data.train_num_samples is None and self.index is None:
-            raise ValueError("--dataset-resampled needs a known epoch size: give --train-num-samples, or shards with "
-                             "a dataset index (run `dissect-fast index` on them)")
-        check_ids_known(self.train_shards, self.index, "--train-data")
+        self.synthetic = cfg.data.data_backend == "synthetic"
+        if self.synthetic:
+            self.train_shards, self.index = [], None
+            if cfg.data.train_data:
+                log.warning("--data-backend synthetic: --train-data %s is not read", cfg.data.train_data)
+        else:
+            self.train_shards, self.index = resolve_data(cfg.data.train_data, "--train-data", cfg.data.data_index)
+            if cfg.data.dataset_resampled and cfg.data.train_num_samples is None and self.index is None:
+                raise ValueError("--dataset-resampled needs a known epoch size: give --train-num-samples, or shards "
+                                 "with a dataset index (run `dissect-fast index` on them)")
+            check_ids_known(self.train_shards, self.index, "--train-data")
         self.val_shards, self.val_index = resolve_data(cfg.data.val_data, "--val-data") if cfg.data.val_data else (
             None, None)
         self.num_ids = self._num_ids()
@@ -159,6 +167,7 @@ class Trainer:
                 f"x {self.dist.world_size} rank(s): lower the batch size"
             )
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.profiler = self._profiler()  #: --profile-steps; None: the loop runs no profiling code
         self._preloaded: tuple[str, dict] | None = None
         self.resume_state = self._load_resume()  # loaded and checked against this run before the model is built
 
@@ -190,7 +199,9 @@ class Trainer:
         self.score_scale = 100.0
         self.tb = None
         self.on_epoch_end = None  #: optional callback(metrics) on the main rank, e.g. the demo's progress line
-        self.timer = None  #: a dissect_fast.timing.PhaseTimer (benchmarks); None = no timing at all
+        #: a dissect_fast.profiling.PhaseMarker told each phase's end: a timing.PhaseTimer (benchmarks), or the
+        #: profiler's during its window; None (default) = the step runs no timing or profiling code at all
+        self.timer: PhaseMarker | None = None
         self.stop = reliability.StopSignal()  # SIGTERM/SIGINT -> checkpoint after the current step, exit
         self.guard = reliability.NonFiniteGuard(self.optimizer, self.device, cfg.run.max_nonfinite_steps,
                                                 self.scaler.is_enabled())
@@ -240,6 +251,8 @@ class Trainer:
         return f"{self.cfg.select.strategy}-{time.strftime('%Y_%m_%d-%H_%M_%S')}"
 
     def _num_ids(self) -> int:
+        if self.synthetic:  # the ids are a permutation of [0, N) every epoch
+            return self.cfg.data.train_num_samples or DEFAULT_BATCHES * self.cfg.data.batch_size * self.dist.world_size
         if self.index is not None:
             return self.index.num_ids
         if self.strategy_needs_index():
@@ -254,6 +267,8 @@ class Trainer:
 
     def _subset_and_count(self) -> tuple[np.ndarray | None, int]:
         d = self.cfg.data
+        if self.synthetic:
+            return None, self.num_ids
         n = d.train_num_samples or (self.index.num_samples if self.index is not None else None)
         if n is None:
             raise ValueError("--train-num-samples is needed: the shards have no dataset index (index.json)")
@@ -283,6 +298,8 @@ class Trainer:
         """``auto``: DALI when the device is CUDA and DALI imports (and the shards are local files read once per
         epoch); the torch loader otherwise."""
         want = self.cfg.data.data_backend
+        if want == "synthetic":
+            return want
         urls = any(is_url(s) for s in self.train_shards)
         if want == "dali" and (urls or self.cfg.data.dataset_resampled):
             raise ValueError("--data-backend dali reads local shard files in passes: use --data-backend torch for "
@@ -302,6 +319,12 @@ class Trainer:
 
     def _loader(self, shards, transform, train: bool):
         d = self.cfg.data
+        if train and self.data_backend == "synthetic":
+            return SyntheticLoader(
+                self.num_samples, d.batch_size, model_image_size(self.model, transform), self.context_length,
+                self.device, vocab_size=getattr(self.model, "vocab_size", 49408), seed=self.cfg.run.seed,
+                rank=self.dist.rank, world_size=self.dist.world_size,
+            )
         if self.data_backend == "dali":
             from dissect_fast.data.dali_loader import DaliLoader, Preprocess
 
@@ -321,6 +344,23 @@ class Trainer:
             first_ids=self.index.first_ids() if self.index is not None else None, resampled=d.dataset_resampled,
         )
         return TorchLoader(ds, d.workers, self.device, drop_last=True)
+
+    def _profiler(self) -> StepProfiler | None:
+        """--profile-steps A:B, checked against the run's length: B past the end profiles to the end."""
+        window = self.cfg.run.profile_window()
+        if window is None:
+            return None
+        start, stop = window
+        if start >= self.total_steps:
+            raise ValueError(f"--profile-steps {start}:{stop}: the run has only {self.total_steps} steps "
+                             f"({self.steps_per_epoch} per epoch x {self.cfg.optim.epochs} epochs, numbered from 0): "
+                             f"start the window below {self.total_steps}")
+        if stop > self.total_steps:
+            log.warning("--profile-steps %d:%d: the run has %d steps; profiling steps %d..%d", start, stop,
+                        self.total_steps, start, self.total_steps - 1)
+            stop = self.total_steps
+        return StepProfiler(start, stop, os.path.join(self.run_dir, "profile"), self.device, rank=self.dist.rank,
+                            summary=self.dist.is_main)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch_done: int) -> dict:
@@ -538,6 +578,8 @@ class Trainer:
             return self._fit()
         finally:
             self.stop.restore()
+            if self.profiler is not None:  # a run stopped inside the window still writes what it traced
+                self.profiler.close()
             for loader in (self.train_loader, self.val_loader):  # no worker left behind by an exception
                 if hasattr(loader, "close"):
                     loader.close()
@@ -599,6 +641,8 @@ class Trainer:
                 raise self._interrupted(epoch, f"after epoch {epoch + 1}", self._last_checkpoint())
         if self.tb is not None:
             self.tb.close()
+        if self.profiler is not None:
+            self.profiler.report()
         return self.metrics
 
     def _write_record(self, epoch: int) -> str | None:
@@ -683,6 +727,23 @@ class Trainer:
             log.warning("rank %d: shards ran out after %d of %d steps; repeating them (give every rank the same "
                         "number of samples, e.g. shards divisible by ranks)", self.dist.rank, n, self.steps_per_epoch)
 
+    def _marked(self, batches, steps: int):
+        """``batches`` (``steps`` of them) with the phase marker told where each step begins and its wait for the
+        batch (the ``data`` phase) ends. The --profile-steps window opens and closes here, between steps."""
+        for _ in range(steps):
+            if self.profiler is not None:
+                self.timer = self.profiler.marker_for(self.step, self.timer)
+            t = self.timer
+            if t is not None:
+                t.step()
+            batch = next(batches)
+            if t is not None:
+                t.mark("data")
+            yield batch
+        if self.profiler is not None:  # a window ending with the epoch closes now; the epoch's end is no step
+            self.timer = self.profiler.marker_for(self.step, self.timer, epoch_end=True)
+        yield from batches  # nothing left: lets the epoch's batches close their loader
+
     def train_epoch(self, epoch: int, t_start: float) -> dict:
         cfg = self.cfg
         self.model.train()
@@ -699,6 +760,8 @@ class Trainer:
         batches = self._epoch_batches()
         if resume is not None:
             n_steps, loss_sum = self._skip_to_position(epoch, batches, resume)
+        if self.timer is not None or self.profiler is not None:
+            batches = self._marked(batches, self.steps_per_epoch - n_steps)
         bar = None
         if cfg.run.progress and self.dist.is_main:
             from tqdm import tqdm
