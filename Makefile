@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-gpu bench lint clean
+.PHONY: install demo test test-gpu bench lint clean gpu-wheels gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -29,3 +29,27 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# ---------------------------------------------------------------------------------------- GPU session
+# The GPU machine is offline and lacks these (it has torch, triton, torchvision, numpy, pandas, pytest, regex,
+# timm, tqdm, huggingface_hub, safetensors, ...): pinned to the versions in .venv, wheels for CPython 3.12
+# manylinux x86_64 in .whl/ (ignored; pass it with carry: [".whl"]). gpu_check.py installs the ones that do
+# not import. PyYAML (webdataset's dependency) is already there through timm/huggingface_hub; its wheel is
+# a fallback, installed only if `import yaml` fails.
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4
+CHECK_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+
+gpu-wheels:
+	$(CHECK_PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	@du -ch .whl/*.whl | tail -1
+
+# every GPU claim in one command (benchmarks/gpu_check.py): results to $OUT, else benchmarks/results/gpu-check-DATE/
+gpu-check:
+	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --out "$${OUT:-benchmarks/results/gpu-check-$$(date +%F)}" \
+		$(GPU_CHECK_ARGS)
+
+# the same phases on CPU with a tiny model, seconds each: run it before spending GPU time
+gpu-check-dry:
+	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --dry-run --out "$${OUT:-/tmp/gpu-check-dry}" $(GPU_CHECK_ARGS)

@@ -248,6 +248,23 @@ def find_resumable(ckpt_dir: str) -> tuple[str, dict] | None:
     return None
 
 
+def epoch_checkpoints(ckpt_dir: str) -> dict[int, str]:
+    """``{N: path}`` of the ``epoch_N.pt`` files in ``ckpt_dir``."""
+    out = {}
+    for p in glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")):
+        m = re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(p))
+        if m and os.path.isfile(p):
+            out[int(m.group(1))] = p
+    return out
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint, then its sidecar (a kill in between leaves an orphan sidecar, which nothing reads)."""
+    _remove(path)
+    _remove(path + SIDECAR)
+    _fsync_dir(os.path.dirname(path))
+
+
 def remove_stale_temporaries(ckpt_dir: str) -> list[str]:
     """Delete ``*.tmp.<pid>`` files a killed writer left behind; returns what was removed."""
     gone = []

@@ -146,13 +146,32 @@ COMMANDS = {
 }
 
 
+def _usage(file=None) -> None:
+    print("usage: dissect-fast COMMAND [flags]\n\ncommands:", file=file)
+    for name, (_, doc) in COMMANDS.items():
+        print(f"  {name:<14} {doc}", file=file)
+
+
+def unknown_command_message(cmd: str) -> str:
+    """One line for a command that is not one of COMMANDS, with the closest ones when there are any."""
+    import difflib
+
+    if cmd.startswith("-"):
+        return f"expected a command before the flags, e.g. `dissect-fast train {cmd} ...`"
+    close = difflib.get_close_matches(cmd.lower(), list(COMMANDS), n=2, cutoff=0.6)
+    if not close:
+        return f"unknown command {cmd!r}; the commands are {', '.join(COMMANDS)}"
+    return f"unknown command {cmd!r}; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: dissect-fast COMMAND [flags]\n\ncommands:")
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:<14} {doc}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        _usage()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"dissect-fast: {unknown_command_message(argv[0])}", file=sys.stderr)
+        return 2
     fn, _ = COMMANDS[argv[0]]
     return fn(argv[1:])
 

@@ -1,5 +1,5 @@
-"""Process group set-up from torchrun's environment, the gathers the trainer needs, the history
-sync check, and torchelastic restart support."""
+"""Process group set-up from torchrun's environment (or SLURM's, under ``srun`` without torchrun), the
+gathers the trainer needs, the history sync check, and torchelastic restart support."""
 
 from __future__ import annotations
 
@@ -32,26 +32,96 @@ class HistoryDesyncError(RuntimeError):
     """The history buffer replicas differ between ranks (they must be bit-identical)."""
 
 
+class LaunchError(RuntimeError):
+    """The launcher's environment cannot start a process group; the message says what to set."""
+
+
+#: the two lines an sbatch script needs before ``srun python -m dissect_fast.train ...`` (open_clip's docs)
+SLURM_EXPORTS = (
+    'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+    "export MASTER_PORT=12802"
+)
+
+
+def world_from_env() -> tuple[int, int, int, str]:
+    """(rank, world size, local rank, launcher) of this process.
+
+    torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` when set (launcher ``torchrun``); else, under
+    ``srun`` with more than one task, SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``
+    (launcher ``slurm``, open_clip's rule); else a single process (``none``).
+    """
+    if "WORLD_SIZE" in os.environ:
+        return (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]),
+                int(os.environ.get("LOCAL_RANK", "0")), "torchrun")
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if ntasks > 1 and "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        rank = int(os.environ["SLURM_PROCID"])
+        if not 0 <= rank < ntasks:
+            raise LaunchError(f"SLURM_PROCID={rank} is outside 0..SLURM_NTASKS-1={ntasks - 1}")
+        return rank, ntasks, int(os.environ.get("SLURM_LOCALID", "0") or 0), "slurm"
+    return 0, 1, 0, "none"
+
+
+def _check_slurm_rendezvous(world: int) -> None:
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise LaunchError(
+            f"srun without torchrun (SLURM_NTASKS={world}): {' and '.join(missing)} must be set so the tasks can "
+            f"find each other; export both in the sbatch script before srun:\n{SLURM_EXPORTS}"
+        )
+    if not os.environ["MASTER_PORT"].isdigit():
+        raise LaunchError(f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number: e.g. export MASTER_PORT=12802")
+
+
 def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInfo:
-    """Initialise NCCL (GPU) or gloo (CPU) when launched by torchrun; a single process otherwise.
+    """Initialise NCCL (GPU) or gloo (CPU) when launched by torchrun or by ``srun`` (several SLURM tasks,
+    no torchrun: ranks from SLURM's variables, rendezvous at ``MASTER_ADDR:MASTER_PORT``, which the
+    sbatch script exports); a single process otherwise.
 
     ``timeout_minutes`` bounds every collective: a rank whose peer died fails after it instead of
     hanging (torchrun's agent normally tears the group down first; this covers the rest).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local_rank, launcher = world_from_env()
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        store = _attempt_store(world, timeout)
-        if store is None:
-            dist.init_process_group(backend=backend, timeout=timeout)
+        if launcher == "slurm":
+            _check_slurm_rendezvous(world)
+            # torchrun's names too, for anything downstream that reads them
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+            try:
+                dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                        timeout=timeout)
+            except RuntimeError as e:
+                raise LaunchError(
+                    f"SLURM task {rank} of {world}: no process group at {os.environ['MASTER_ADDR']}:"
+                    f"{os.environ['MASTER_PORT']} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                    f"every one of the SLURM_NTASKS={world} tasks must run this command (launch it with srun, "
+                    f"not directly in the batch script) and MASTER_ADDR must be reachable from every node"
+                ) from e
         else:
-            dist.init_process_group(
-                backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world, timeout=timeout
-            )
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            store = _attempt_store(world, timeout)
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def cuda_device_index(info: DistInfo) -> int:
+    """The CUDA device this rank trains on: its local rank, or 0 when the launcher shows each rank a single
+    GPU (``srun --gpus-per-task=1``, or CUDA_VISIBLE_DEVICES set per rank)."""
+    n = torch.cuda.device_count()
+    if n <= 1:
+        return 0
+    if info.local_rank >= n:
+        raise LaunchError(
+            f"local rank {info.local_rank} but this process sees {n} GPUs: start at most {n} tasks per node, or "
+            f"show each task one GPU (srun --gpus-per-task=1)"
+        )
+    return info.local_rank
 
 
 def _attempt_store(world: int, timeout: datetime.timedelta):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dissect_fast.model import autocast
+from dissect_fast.model import autocast, input_dtype
 
 
 @torch.no_grad()
@@ -14,7 +14,10 @@ def embed_all(model, loader, precision: str, device: torch.device):
     was_training = model.training
     model.eval()
     fs, gs, ids = [], [], []
+    dtype = input_dtype(precision)  # bf16/fp16 weights (--precision bf16, pure_fp16, ...) take images in their dtype
     for images, tokens, sid in loader:
+        if dtype is not None:
+            images = images.to(dtype)
         with autocast(precision, device):
             out = model(images, tokens)
         fs.append(F.normalize(out["image_features"].float(), dim=-1).cpu())

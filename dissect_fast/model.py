@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 _registered = False
+log = logging.getLogger("dissect_fast")
 
 
 def register_model_configs() -> None:
@@ -35,13 +39,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision with ``auto`` resolved (amp_bf16 on CUDA, fp32 elsewhere) and open_clip's alias amp_bfloat16."""
     if precision == "auto":
         return "amp_bf16" if device.type == "cuda" else "fp32"
-    return precision
+    return "amp_bf16" if precision == "amp_bfloat16" else precision
+
+
+def weight_dtype(precision: str) -> torch.dtype | None:
+    """The dtype open_clip stores the weights in for a --precision: bf16 / fp16 (LayerNorms and other norm
+    weights stay float32, open_clip's ``convert_weights_to_lp``), pure_bf16 / pure_fp16 (every parameter);
+    None: float32 (fp32 and the autocast modes amp, amp_bf16)."""
+    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16,
+            "pure_fp16": torch.float16}.get(precision)
+
+
+def input_dtype(precision: str) -> torch.dtype | None:
+    """The dtype images are cast to before the forward (open_clip's ``get_input_dtype``): the weight dtype of the
+    low-precision-weight modes; None (float32) for fp32 and the autocast modes."""
+    return weight_dtype(precision)
+
+
+def uses_grad_scaler(precision: str) -> bool:
+    """open_clip scales fp16 gradients (GradScaler) for ``amp`` only; fp16/pure_fp16 weights train without one."""
+    return precision == "amp"
 
 
 def autocast(precision: str, device: torch.device):
-    """bf16 (or fp16 for `amp`) autocast on CUDA; nothing on fp32."""
+    """open_clip's autocast: fp16 for ``amp``, bf16 for ``amp_bf16``; none for fp32 and for the modes that store
+    the weights in bf16/fp16 (bf16, pure_bf16, fp16, pure_fp16), whose forwards run in the weights' dtype."""
     if precision == "amp_bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "amp":
@@ -50,7 +75,8 @@ def autocast(precision: str, device: torch.device):
 
 
 def model_name_for(model: str, model_config: str | None) -> str:
-    """The open_clip name to build: a --model-config JSON is registered under its file stem."""
+    """The open_clip name to build: a --model-config JSON is registered under its file stem; an unknown name is a
+    ValueError that suggests the closest open_clip names."""
     import open_clip
 
     register_model_configs()
@@ -64,26 +90,230 @@ def model_name_for(model: str, model_config: str | None) -> str:
         shutil.copy(model_config, os.path.join(d, name + ".json"))
         open_clip.add_model_config(d)
         return name
-    if model not in open_clip.list_models():
+    names = open_clip.list_models()
+    if model not in names:
+        close = suggest_names(model, names)
+        hint = ""
+        if close:
+            hint = f"did you mean {close[0]}? " if len(close) == 1 else (
+                f"did you mean {', '.join(close[:-1])} or {close[-1]}? ")
         raise ValueError(
-            f"--model {model!r} is not an open_clip model name; see open_clip.list_models() "
-            f"or pass --model-config FILE.json"
+            f"--model {model!r} is not an open_clip model name (names are case-sensitive); {hint}"
+            f"see open_clip.list_models() or pass --model-config FILE.json"
         )
     return model
 
 
-def create_model(name: str, device: torch.device, pretrained: str | None = None):
-    """(model, train transform, eval transform, tokenizer context length) from random init or a checkpoint."""
+def suggest_names(name: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` that ``name`` probably misspells: those with the same letters and digits ignoring
+    case and punctuation (``rn50`` -> RN50, ``ViT-B32`` -> ViT-B-32), else difflib's closest matches."""
+    import difflib
+
+    def key(s: str) -> str:
+        return "".join(c for c in s.lower() if c.isalnum())
+
+    by_key: dict[str, list[str]] = {}
+    for m in names:
+        by_key.setdefault(key(m), []).append(m)
+    if key(name) in by_key:
+        return by_key[key(name)][:n]
+    close = difflib.get_close_matches(key(name), list(by_key), n=n, cutoff=0.75) if key(name) else []
+    return [m for k in close for m in by_key[k]][:n]
+
+
+def create_model(name: str, device: torch.device, pretrained: str | None = None, precision: str = "fp32",
+                 siglip: bool = False):
+    """(model, train transform, eval transform, tokenizer context length) from random init or ``pretrained``
+    (a checkpoint file or an open_clip tag: ``load_pretrained``), its weights in ``precision``'s dtype
+    (open_clip's rules: ``weight_dtype``). ``siglip``: logit scale and bias initialised as open_clip does for
+    --siglip (log 10 and -10)."""
     import open_clip
 
     register_model_configs()
+    kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10} if siglip else {}
     model, pre_train, pre_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, output_dict=True
+        name, pretrained=None, device=device, output_dict=True, precision=precision, **kwargs
     )
+    if pretrained:
+        load_pretrained(model, pretrained, name)
     ctx = getattr(model, "context_length", None) or open_clip.get_model_config(name)["text_cfg"].get(
         "context_length", 77
     )
     return model, pre_train, pre_val, int(ctx)
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_pretrained(spec: str, model_name: str) -> str:
+    """The local file of --pretrained: ``spec`` itself when it is a file, else the weights of open_clip's pretrained
+    tag ``spec`` for ``model_name``. With HF_HUB_OFFLINE set, a tag resolves from the local caches only (Hugging
+    Face's, or open_clip's ~/.cache/clip for URL-only tags); ValueError naming the flag otherwise."""
+    import open_clip
+
+    if os.path.isfile(spec):
+        return spec
+    cfg = open_clip.get_pretrained_cfg(model_name, spec)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained tags for it"
+        raise ValueError(f"--pretrained {spec}: neither a file nor an open_clip pretrained tag of model {model_name!r} "
+                         f"({known}); give a checkpoint file or one of the tags")
+    offline = _hf_offline()
+    if cfg.get("file"):
+        return cfg["file"]
+    hub = cfg.get("hf_hub", "")
+    try:
+        if hub:
+            from huggingface_hub import hf_hub_download
+
+            repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+            names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            if filename.endswith(".bin"):
+                names.insert(0, filename[: -len(".bin")] + ".safetensors")
+            last: Exception | None = None
+            for name in names:
+                try:
+                    return hf_hub_download(repo_id=repo, filename=name, local_files_only=offline)
+                except Exception as e:  # noqa: BLE001 -- not cached / not there: try the next file name
+                    last = e
+            raise last if last is not None else FileNotFoundError(hub)
+        url = cfg.get("url", "")
+        cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if offline:
+            if os.path.isfile(cached):
+                return cached
+            raise FileNotFoundError(cached)
+        return open_clip.download_pretrained_from_url(url)
+    except Exception as e:  # noqa: BLE001 -- one message for every way a tag fails to resolve
+        where = f"Hugging Face repo {hub}" if hub else cfg.get("url", "?")
+        if offline:
+            raise ValueError(
+                f"--pretrained {spec}: the weights of open_clip tag {spec!r} for {model_name} ({where}) are not in the "
+                f"local cache and HF_HUB_OFFLINE is set, so nothing is downloaded: download them once where there is "
+                f"network (same HF_HOME), or pass the checkpoint file's path to --pretrained") from None
+        raise ValueError(f"--pretrained {spec}: could not fetch open_clip tag {spec!r} for {model_name} from {where} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a local checkpoint "
+                         f"file instead") from None
+
+
+def read_state_dict(path: str) -> tuple[dict, str | None]:
+    """(model weights, model name when the file records one) of a checkpoint: dissect_fast's (``state_dict`` +
+    ``model_name``), open_clip's (``state_dict``, ``module.`` prefixes), a bare state dict or a .safetensors file;
+    torch.compile / DDP prefixes stripped."""
+    from dissect_fast.checkpoint import strip_prefixes
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        ck = load_file(path, device="cpu")
+    else:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    name = ck.get("model_name") if isinstance(ck, dict) and isinstance(ck.get("model_name"), str) else None
+    sd = ck["state_dict"] if isinstance(ck, dict) and "state_dict" in ck else ck
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"--pretrained {path}: not a model checkpoint (no state_dict of tensors)")
+    return strip_prefixes(sd), name
+
+
+def load_pretrained(model: torch.nn.Module, spec: str, model_name: str) -> None:
+    """Load --pretrained (a file or an open_clip tag, ``resolve_pretrained``) into ``model``, strictly. A checkpoint
+    without ``logit_bias`` loaded into a model with one (a CLIP checkpoint for --siglip) gets a zero bias, as open_clip
+    does. ValueError naming the flag for a file that does not fit the model."""
+    path = resolve_pretrained(spec, model_name)
+    try:
+        sd, name = read_state_dict(path)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"--pretrained {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if name is not None and name != model_name:
+        raise ValueError(f"--pretrained {path} holds a {name!r} model, this run builds {model_name!r}: pass "
+                         f"--model {name}, or a checkpoint of {model_name}")
+    if getattr(model, "logit_bias", None) is not None and "logit_bias" not in sd and "logit_scale" in sd:
+        sd["logit_bias"] = torch.zeros_like(model.logit_bias)
+    for key in ("logit_scale", "logit_bias"):  # scalar vs 1-element parameter across open_clip versions
+        p = getattr(model, key, None)
+        if p is not None and key in sd and sd[key].shape != p.shape and sd[key].numel() == p.numel():
+            sd[key] = sd[key].reshape(p.shape)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise ValueError(f"--pretrained {path} does not fit model {model_name!r} (pass the --model it was trained "
+                         f"with): {detail[:300]}{'...' if len(detail) > 300 else ''}") from None
+    log.info("--pretrained: loaded %s into %s", path, model_name)
+
+
+def lock_towers(model: torch.nn.Module, cfg) -> None:
+    """--lock-image / --lock-text (LiT) through open_clip's ``lock_image_tower`` / ``lock_text_tower``: locked
+    parameters get ``requires_grad=False`` (the optimizer then leaves them out). ``cfg``: a ModelConfig.
+
+    open_clip's native text towers always freeze the LayerNorms of the locked layers (only its HF towers honour
+    ``freeze_layer_norm``); here, without --lock-text-freeze-layer-norm, the text tower's LayerNorms stay trainable
+    on native towers too, which is the flag's meaning."""
+    if cfg.lock_image:
+        try:
+            model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                   freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+        except AssertionError:
+            raise ValueError(
+                f"--lock-image-unlocked-groups {cfg.lock_image_unlocked_groups}: open_clip locks a "
+                f"{type(model.visual).__name__} image tower only whole (partial locking: ViT and timm towers); use 0"
+            ) from None
+    if cfg.lock_text:
+        text = getattr(model, "text", None)
+        if type(text).__name__ == "HFTextEncoder":
+            model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
+                                  freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+            return
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
+        if not cfg.lock_text_freeze_layer_norm:
+            owner = text if text is not None else model
+            for part in (getattr(owner, "transformer", None), getattr(owner, "ln_final", None)):
+                for m in part.modules() if part is not None else ():
+                    if isinstance(m, torch.nn.LayerNorm):
+                        for p in m.parameters():
+                            p.requires_grad = True
+
+
+def set_grad_checkpointing(model: torch.nn.Module) -> None:
+    """--grad-checkpointing: open_clip's ``set_grad_checkpointing`` (activations of the transformer blocks are
+    recomputed in the backward). open_clip's ResNet image tower has none: only its text tower is checkpointed."""
+    model.set_grad_checkpointing(True)
+    if type(getattr(model, "visual", None)).__name__ == "ModifiedResNet":
+        log.warning("--grad-checkpointing: open_clip's ResNet image tower has no activation checkpointing; only the "
+                    "text tower is checkpointed")
+
+
+def uses_clip_bpe(model_name: str) -> bool:
+    """Whether open_clip tokenises ``model_name``'s captions with its default CLIP BPE tokenizer (ids < 49,408),
+    the one the shards' stored ``tok`` ids were written with; False for HF / SigLIP tokenizers."""
+    import open_clip
+
+    register_model_configs()
+    text = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    return not text.get("hf_tokenizer_name") and not text.get("tokenizer_kwargs") and "siglip" not in model_name.lower()
+
+
+def text_tokenizer(model_name: str):
+    """The model's own tokenizer when it is not CLIP BPE (``open_clip.get_tokenizer``), else None (the loaders'
+    CLIP BPE default, which reads the shards' stored ``tok`` ids). ValueError naming HF_HUB_OFFLINE when it
+    cannot be loaded (HF tokenizers come from the Hugging Face cache, SigLIP vocabularies from the network)."""
+    if uses_clip_bpe(model_name):
+        return None
+    import open_clip
+
+    text = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    source = text.get("hf_tokenizer_name") or "SigLIP sentencepiece vocabulary"
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except Exception as e:  # noqa: BLE001 -- missing package, no network, not cached: one message
+        offline = "HF_HUB_OFFLINE is set: it must already be in the local Hugging Face cache" if _hf_offline() else (
+            "set HF_HUB_OFFLINE=1 only once it is cached")
+        raise ValueError(
+            f"--model {model_name}: its tokenizer ({source}) could not be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); {offline} (load it once where there is network, with "
+            f"`transformers` installed)") from None
 
 
 def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
@@ -212,8 +442,8 @@ class ScoringModule(torch.nn.Module):
     def _image(self, images: torch.Tensor) -> torch.Tensor:
         v = self.model.visual
         if self.grid is not None:
-            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
-                                   antialias=True, align_corners=False)
+            images = F.interpolate(images.float(), size=(self.resolution, self.resolution), mode="bilinear",
+                                   antialias=True, align_corners=False).to(images.dtype)
         x = v.conv1(images)  # [B, width, g, g]
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, g*g, width]
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -258,6 +488,7 @@ class ScoringPass:
     ) -> None:
         self.module = ScoringModule(model, resolution, patch_dropout)
         self.precision, self.device = precision, device
+        self.input_dtype = input_dtype(precision)  #: bf16/fp16 weights take images in their dtype
         self.cudagraphs = bool(cudagraphs and compile and device.type == "cuda")
         if compile:
             mode = "reduce-overhead" if self.cudagraphs else None
@@ -266,6 +497,8 @@ class ScoringPass:
             self._fn = self.module
 
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         with torch.inference_mode(), autocast(self.precision, self.device):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -294,22 +527,31 @@ class Forwards:
         score_cudagraphs: bool = False,
     ) -> None:
         self.model, self.precision, self.device = model, precision, device
+        self.input_dtype = input_dtype(precision)  #: bf16/fp16 weights take images in their dtype
         train_module = model
         if ddp:  # gradients all-reduced over ranks; the scoring pass needs no wrapper
             from torch.nn.parallel import DistributedDataParallel
 
             train_module = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        self._ddp = train_module if ddp else None
         self._train = torch.compile(train_module) if compile else train_module
         self.scoring = ScoringPass(
             model, precision, device, compile, score_resolution, score_patch_dropout, score_cudagraphs
         )
 
     def train(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         with autocast(self.precision, self.device):
             return self._train(images, tokens)
 
     def score(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scoring(images, tokens)
+
+    def no_sync(self):
+        """Context for a backward whose gradients are accumulated, not yet all-reduced (DDP's ``no_sync``; nothing
+        in a single process): --accum-freq all-reduces once per optimizer step."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
 
 def model_from_checkpoint(path: str, name: str | None, device: torch.device):
@@ -327,7 +569,8 @@ def model_from_checkpoint(path: str, name: str | None, device: torch.device):
     if not name:
         raise ValueError("--model is needed: the checkpoint does not name its model")
     model_name_for(name, None)
-    model, _, pre_val, ctx = create_model(name, device)
+    siglip = any(k.endswith("logit_bias") for k in ck["state_dict"])  # a --siglip run: the model needs its bias
+    model, _, pre_val, ctx = create_model(name, device, siglip=siglip)
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

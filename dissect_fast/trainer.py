@@ -7,7 +7,9 @@ stay on the device and are read every ``--log-every-n-steps`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import itertools
 import json
 import logging
 import logging.handlers
@@ -17,15 +19,16 @@ import platform
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import torch
 
 from dissect_fast import checkpoint as ckpt_io
-from dissect_fast import reliability
+from dissect_fast import reliability, zeroshot
 from dissect_fast.config import TrainConfig, save_config
 from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
-from dissect_fast.data.shards import check_ids_known, is_url, resolve_data
+from dissect_fast.data.shards import check_ids_known, is_url, resolve_data, tokenizer_for
 from dissect_fast.data.synthetic_loader import DEFAULT_BATCHES, SyntheticLoader, model_image_size
 from dissect_fast.diagnostics import EpochDiagnostics, plot_epoch, plot_history
 from dissect_fast.distributed import (
@@ -36,33 +39,48 @@ from dissect_fast.distributed import (
     barrier,
     broadcast_object,
     check_in_sync,
+    cuda_device_index,
     elastic_restart_count,
     elastic_run_id,
     find_elastic_run,
     init_distributed,
 )
 from dissect_fast.evaluate import evaluate
+from dissect_fast.logging_utils import StepLog, StepWindow, check_wandb_installed, init_wandb, truncate_steps
 from dissect_fast.model import (
     Forwards,
     check_scoring_options,
     create_model,
+    lock_towers,
     make_optimizer,
     model_name_for,
     resolve_device,
     resolve_precision,
+    resolve_pretrained,
+    set_grad_checkpointing,
+    text_tokenizer,
+    uses_grad_scaler,
 )
 from dissect_fast.profiling import PhaseMarker, StepProfiler
 from dissect_fast.selection.strategies import HISTORY_STRATEGIES, make_strategy
+from dissect_fast.train_setup import make_scheduler, set_cuda_defaults
 
 log = logging.getLogger("dissect_fast")
 
 
+def _grad_share(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` unchanged in value, with 1/n of the gradient: a parameter that enters each of n accumulated losses."""
+    return x.detach() + (x - x.detach()) / n
+
+
 def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    e, es = step - warmup, max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base
+    """open_clip's cosine schedule (``open_clip_train.scheduler.cosine_lr``) at ``step``, without an optimizer:
+    linear warm-up to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total`` (0 after it)."""
+    from open_clip_train.scheduler import cosine_lr as openclip_cosine
+
+    if step >= warmup and step >= total:
+        return 0.0
+    return openclip_cosine(types.SimpleNamespace(param_groups=[]), base, warmup, max(total, warmup + 1))(step)
 
 
 def provenance(device: torch.device) -> dict:
@@ -129,16 +147,23 @@ class Trainer:
         self.dist: DistInfo = init_distributed(self.device.type, cfg.dist.dist_timeout)
         if self.device.type == "cuda":
             if cfg.model.device == "auto" or cfg.model.device == "cuda":
-                self.device = torch.device("cuda", self.dist.local_rank)
+                self.device = torch.device("cuda", cuda_device_index(self.dist))
             torch.cuda.set_device(self.device)
+        set_cuda_defaults(self.device)  # open_clip's: cuDNN benchmark, TF32 matmuls and convolutions
         self.precision = resolve_precision(cfg.model.precision, self.device)
         self._set_seed(cfg.run.seed + self.dist.rank)
         self.run_dir = self._run_dir()  # named and checked, made only once set-up has succeeded (_make_run_dir)
         setup_logging(None, self.dist.is_main, buffer=True)
 
         # Everything the user can get wrong fails here, before any model, loader or GPU work.
+        if "wandb" in cfg.run.report_to.split(","):
+            check_wandb_installed()
         self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
         check_scoring_options(self.model_name, cfg.model.score_resolution, cfg.model.score_patch_dropout)
+        self.pretrained = resolve_pretrained(cfg.model.pretrained, self.model_name) if cfg.model.pretrained else None
+        #: the model's own tokenizer when it is not CLIP BPE (SigLIP, HF text towers); None: CLIP BPE (stored `tok`)
+        self.tokenizer = text_tokenizer(self.model_name)
+        self.accum = cfg.optim.accum_freq  #: --accum-freq: batches per optimizer step
         self.synthetic = cfg.data.data_backend == "synthetic"
         if self.synthetic:
             self.train_shards, self.index = [], None
@@ -150,6 +175,9 @@ class Trainer:
                 raise ValueError("--dataset-resampled needs a known epoch size: give --train-num-samples, or shards "
                                  "with a dataset index (run `dissect-fast index` on them)")
             check_ids_known(self.train_shards, self.index, "--train-data")
+            if self.tokenizer is not None and self.index is not None and self.index.has_tokens:
+                log.warning("model %s does not use CLIP BPE: the shards' stored `tok` ids are ignored and captions "
+                            "are tokenised from `txt` with its own tokenizer", self.model_name)
         self.val_shards, self.val_index = resolve_data(cfg.data.val_data, "--val-data") if cfg.data.val_data else (
             None, None)
         self.num_ids = self._num_ids()
@@ -160,27 +188,36 @@ class Trainer:
         #: an epoch is --train-num-samples samples, less than one pass over the data (or a resampled stream)
         self.partial_epochs = cfg.data.dataset_resampled or (
             cfg.data.train_num_samples is not None and available is not None and self.num_samples < available)
-        self.steps_per_epoch = self.num_samples // (cfg.data.batch_size * self.dist.world_size)
+        #: optimizer steps per epoch (the LR schedule counts these); each reads --accum-freq batches
+        self.steps_per_epoch = self.num_samples // (cfg.data.batch_size * self.dist.world_size * self.accum)
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"{self.num_samples} training samples make no full batch of --batch-size {cfg.data.batch_size} "
-                f"x {self.dist.world_size} rank(s): lower the batch size"
+                f"x {self.dist.world_size} rank(s) x --accum-freq {self.accum}: lower the batch size or --accum-freq"
             )
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.profiler = self._profiler()  #: --profile-steps; None: the loop runs no profiling code
         self._preloaded: tuple[str, dict] | None = None
         self.resume_state = self._load_resume()  # loaded and checked against this run before the model is built
 
-        self.model, pre_train, pre_val, self.context_length = create_model(self.model_name, self.device)
+        self.model, pre_train, pre_val, self.context_length = create_model(
+            self.model_name, self.device, self.pretrained, self.precision, cfg.model.siglip)
+        lock_towers(self.model, cfg.model)  # --lock-image / --lock-text: before the optimizer collects parameters
+        if cfg.model.grad_checkpointing:
+            set_grad_checkpointing(self.model)
         self.forwards = Forwards(
             self.model, self.precision, self.device, cfg.model.compile, self.dist.enabled,
             score_resolution=cfg.model.score_resolution, score_patch_dropout=cfg.model.score_patch_dropout,
             score_cudagraphs=cfg.model.score_cudagraphs,
         )
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp")
+        #: open_clip's --lr-scheduler: scheduler(global step) sets the optimizer's lr and returns it
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=uses_grad_scaler(self.precision))
         self.loss_fn = self._loss()
         self.strategy = make_strategy(cfg.select, cfg.data.batch_size, self.num_ids, self.device)
+        if cfg.model.siglip and hasattr(self.strategy, "sigmoid_bias"):  # small_loss/big_loss rank by the sigmoid loss
+            self.strategy.sigmoid_bias = self.model.logit_bias.detach()
         if self.partial_epochs and hasattr(self.strategy, "record_every_warmup_epoch"):
             self.strategy.record_every_warmup_epoch = True  # epoch W-1 alone does not score every sample
         if self.strategy.history is not None:
@@ -192,12 +229,16 @@ class Trainer:
         self.data_backend = self._data_backend()
         self.train_loader = self._loader(self.train_shards, pre_train, train=True)
         self.val_loader = self._loader(self.val_shards, pre_val, train=False) if self.val_shards else None
+        self.zeroshot_sets = self._zeroshot_sets(pre_val)
         clean = self.index.clean_flags() if self.index is not None else None
         self.diag = EpochDiagnostics(self.num_ids, self.device, clean)
         self.start_epoch, self.step = 0, 0
         self.metrics: list[dict] = []
         self.score_scale = 100.0
         self.tb = None
+        self.wandb = None  #: the wandb run (--report-to wandb, main rank)
+        self.step_log: StepLog | None = None  #: main rank: where each log step's record goes (steps.jsonl, ...)
+        self.last_trained = cfg.data.batch_size  #: samples the last step trained on (a shape: no sync)
         self.on_epoch_end = None  #: optional callback(metrics) on the main rank, e.g. the demo's progress line
         #: a dissect_fast.profiling.PhaseMarker told each phase's end: a timing.PhaseTimer (benchmarks), or the
         #: profiler's during its window; None (default) = the step runs no timing or profiling code at all
@@ -288,9 +329,11 @@ class Trainer:
         return mask, min(n, int(ids.size))
 
     def _loss(self):
-        from open_clip.loss import ClipLoss
+        from open_clip.loss import ClipLoss, SigLipLoss
 
         d = self.cfg.dist
+        if self.cfg.model.siglip:  # neighbour exchange of text features across ranks (open_clip's default, bidir)
+            return SigLipLoss(rank=self.dist.rank, world_size=self.dist.world_size)
         return ClipLoss(local_loss=d.local_loss, gather_with_grad=d.gather_with_grad, cache_labels=True,
                         rank=self.dist.rank, world_size=self.dist.world_size)
 
@@ -333,15 +376,16 @@ class Trainer:
                 device=self.device, seed=self.cfg.run.seed, rank=self.dist.rank if train else 0,
                 world_size=self.dist.world_size if train else 1, workers=max(2, d.workers),
                 index=self.index if train else self.val_index, subset_mask=self.subset_mask if train else None,
-                num_ids=self.num_ids if train else None,
+                num_ids=self.num_ids if train else None, tokenizer=self.tokenizer,
             )
         if not train:
             return eval_loader(shards, self.val_index, d.batch_size, transform, self.context_length, d.workers,
-                               self.device)
+                               self.device, tokenizer=self.tokenizer)
         ds = ShardDataset(
             shards, d.batch_size, transform, self.context_length, train=True, seed=self.cfg.run.seed,
             rank=self.dist.rank, world_size=self.dist.world_size, subset_mask=self.subset_mask, num_ids=self.num_ids,
             first_ids=self.index.first_ids() if self.index is not None else None, resampled=d.dataset_resampled,
+            tokenizer=self.tokenizer,
         )
         return TorchLoader(ds, d.workers, self.device, drop_last=True)
 
@@ -361,6 +405,30 @@ class Trainer:
             stop = self.total_steps
         return StepProfiler(start, stop, os.path.join(self.run_dir, "profile"), self.device, rank=self.dist.rank,
                             summary=self.dist.is_main)
+
+    def _zeroshot_sets(self, transform) -> list[tuple[str, object, list[str], list[str]]]:
+        """(metric prefix, ImageFolder, class names, templates) for --imagenet-val, --imagenet-v2, --zeroshot-data."""
+        d, out = self.cfg.data, []
+        for prefix, folder, imagenet, names in (
+            (zeroshot.PREFIX_IMAGENET, d.imagenet_val, True, None),
+            (zeroshot.PREFIX_IMAGENET_V2, d.imagenet_v2, True, None),
+            (zeroshot.PREFIX_FOLDER, d.zeroshot_data, False, d.zeroshot_classnames),
+        ):
+            if folder is not None:
+                ds, classnames, templates = zeroshot.load_zeroshot_set(folder, names, imagenet=imagenet)
+                ds.transform = transform
+                out.append((prefix, ds, classnames, templates))
+        return out
+
+    def _zeroshot_eval(self) -> dict:
+        """Zero-shot top-1/top-5 on each set, with a classifier built from the current text tower (open_clip's way)."""
+        out = {}
+        for prefix, ds, classnames, templates in self.zeroshot_sets:
+            tok = self.tokenizer or tokenizer_for(self.context_length)  # the model's own unless it is CLIP BPE
+            w = zeroshot.zeroshot_classifier(self.model, tok, classnames, templates, self.device, self.precision)
+            loader = zeroshot.zeroshot_loader(ds, self.cfg.data.batch_size, self.cfg.data.workers, self.device)
+            out.update(zeroshot.evaluate_zeroshot(self.model, loader, w, self.device, self.precision, prefix))
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch_done: int) -> dict:
@@ -456,9 +524,32 @@ class Trainer:
         return path
 
     def save(self, epoch_done: int) -> None:
+        """The end-of-epoch checkpoint. Every --save-frequency epochs and after the last: checkpoints/epoch_N.pt,
+        which latest.pt then names; other epochs write latest.pt alone (--save-most-recent: it always holds the
+        newest state). --delete-previous-checkpoint: the older epoch_M.pt go once epoch_N.pt verifies."""
         if not self.dist.is_main:
             return
-        self._write_checkpoint(self.state_dict(epoch_done), f"epoch_{epoch_done}.pt")
+        r, state = self.cfg.run, self.state_dict(epoch_done)
+        if epoch_done == self.cfg.optim.epochs or (r.save_frequency > 0 and epoch_done % r.save_frequency == 0):
+            path = self._write_checkpoint(state, f"epoch_{epoch_done}.pt")
+            if r.delete_previous_checkpoint:
+                self._delete_previous_checkpoints(path, epoch_done)
+        else:
+            self._write_checkpoint(state, "latest.pt")
+
+    def _delete_previous_checkpoints(self, path: str, epoch_done: int) -> None:
+        """Remove epoch_M.pt (M < ``epoch_done``) and their sidecars, once ``path`` verifies against its sidecar."""
+        try:
+            if ckpt_io.read_sidecar(path) is None:
+                raise ckpt_io.CheckpointError(f"checkpoint {path} has no sidecar")
+            ckpt_io.verify_checkpoint(path)
+        except (ckpt_io.CheckpointError, OSError) as e:
+            log.error("--delete-previous-checkpoint: %s; the older epoch checkpoints are kept", e)
+            return
+        for epoch, old in sorted(ckpt_io.epoch_checkpoints(os.path.dirname(path)).items()):
+            if epoch < epoch_done:
+                ckpt_io.remove_checkpoint(old)
+                log.info("--delete-previous-checkpoint: removed %s", old)
 
     def _should_stop(self, n_steps: int | None) -> bool:
         """A stop signal, agreed by all ranks. Single process: checked after every step (a Python flag,
@@ -521,26 +612,88 @@ class Trainer:
         if self.cfg.model.score_scale == "learned":
             self.score_scale = float(self.model.logit_scale.detach().exp())
 
-    def train_step(self, epoch: int, images, tokens, ids) -> torch.Tensor:
+    def _select(self, epoch: int, images, tokens, ids):
+        """The scoring pass (when the strategy needs one) and the selection of one batch: (Selection, trained
+        images, tokens, ids)."""
         strategy, t = self.strategy, self.timer
         feats = self.forwards.score(images, tokens) if strategy.needs_scoring(epoch) else None
         if t is not None:
             t.mark("score")
         logit_scale = self.model.logit_scale.detach().exp()
         sel = strategy.select(epoch, ids, feats, logit_scale, self._scale(), self.generator)
-        if sel.index is None:
-            t_images, t_tokens, t_ids = images, tokens, ids
-        else:
-            t_images, t_tokens, t_ids = images[sel.index], tokens[sel.index], ids[sel.index]
         if t is not None:
             t.mark("select")
+        if sel.index is None:
+            return sel, images, tokens, ids
+        return sel, images[sel.index], tokens[sel.index], ids[sel.index]
+
+    def _contrastive_loss(self, image_features, text_features, logit_scale, logit_bias=None) -> torch.Tensor:
+        """ClipLoss, or SigLipLoss (with the logit bias) under --siglip."""
+        if self.cfg.model.siglip:
+            return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
+        return self.loss_fn(image_features, text_features, logit_scale)
+
+    def train_step(self, epoch: int, images, tokens, ids) -> torch.Tensor:
+        """One optimizer step on one batch; with --accum-freq N > 1, ``images``, ``tokens`` and ``ids`` are
+        sequences of N batches (``_accum_step``). Returns the loss, on the device."""
+        if self.accum > 1:
+            return self._accum_step(epoch, images, tokens, ids)
+        t = self.timer
+        sel, t_images, t_tokens, t_ids = self._select(epoch, images, tokens, ids)
+        self.last_trained = t_ids.shape[0]  # a shape: known on the host, no sync
 
         out = self.forwards.train(t_images, t_tokens)
-        loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = self._contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                                      out.get("logit_bias"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if t is not None:
             t.mark("train")
+        self._optimizer_step(loss)
+        self._after_batch(epoch, ids, sel, t_ids, (out["image_features"].detach(), out["text_features"].detach()))
+        return loss.detach()
+
+    def _accum_step(self, epoch: int, images, tokens, ids) -> torch.Tensor:
+        """--accum-freq N: one optimizer step over N batches, selection composed with open_clip's accumulation.
+
+        Each batch is scored and selected as a step without accumulation would select it (k of B, history
+        updated per batch), and the training forward computes its selected sub-batch's features without grad.
+        Then each sub-batch is re-run with grad; its fresh features replace its cached ones in the contrastive
+        loss over all N sub-batches (the cached ones are the negatives), and the gradients add up: the step's
+        gradient is that of one loss over the N*k selected pairs. The logit scale (and bias) enters every
+        re-run, so each contributes 1/N of its gradient (open_clip's accumulation counts it N times).
+        """
+        t, n = self.timer, len(images)
+        subs, cached_f, cached_g = [], [], []
+        for j in range(n):
+            sel, t_images, t_tokens, t_ids = self._select(epoch, images[j], tokens[j], ids[j])
+            with torch.no_grad():
+                out = self.forwards.train(t_images, t_tokens)
+            cached_f.append(out["image_features"])
+            cached_g.append(out["text_features"])
+            subs.append((t_images, t_tokens))
+            if t is not None:
+                t.mark("train")
+            self._after_batch(epoch, ids[j], sel, t_ids, (out["image_features"], out["text_features"]))
+        self.last_trained = sum(x[0].shape[0] for x in subs)  # shapes: known on the host, no sync
+        self.optimizer.zero_grad(set_to_none=True)
+        for j, (t_images, t_tokens) in enumerate(subs):
+            with self.forwards.no_sync() if j < n - 1 else contextlib.nullcontext():  # DDP: all-reduce once
+                out = self.forwards.train(t_images, t_tokens)
+                f = torch.cat(cached_f[:j] + [out["image_features"]] + cached_f[j + 1:])
+                g = torch.cat(cached_g[:j] + [out["text_features"]] + cached_g[j + 1:])
+                bias = out.get("logit_bias")
+                loss = self._contrastive_loss(f, g, _grad_share(out["logit_scale"], n),
+                                              None if bias is None else _grad_share(bias, n))
+                self.scaler.scale(loss).backward()
+        if t is not None:
+            t.mark("train")
+        self._optimizer_step(loss)
+        return loss.detach()
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        """Gradient clipping, the non-finite guard, the (scaled) optimizer step, open_clip's logit-scale clamp."""
+        t = self.timer
         grad_norm = None
         if self.cfg.optim.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -554,9 +707,12 @@ class Trainer:
         if t is not None:
             t.mark("optim")
 
+    def _after_batch(self, epoch: int, ids, sel, t_ids, tf) -> None:
+        """What a selected batch leaves behind: scores for the history (across ranks) and the diagnostics. ``tf``:
+        the detached training features of the trained sub-batch (the model before the step)."""
+        strategy, t = self.strategy, self.timer
         score, delta = sel.score, sel.delta
         if score is None:  # no scoring pass: the training forward's features score what was trained
-            tf = (out["image_features"].detach(), out["text_features"].detach())
             score = strategy.observe(epoch, t_ids, tf, self._scale())
         m = strategy.history_updates(epoch)
         if self.dist.enabled and m is not None and strategy.history is not None:
@@ -567,7 +723,6 @@ class Trainer:
         self.diag.record(ids, score, delta, t_ids)
         if t is not None:
             t.mark("other")
-        return loss.detach()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict]:
@@ -580,6 +735,9 @@ class Trainer:
             self.stop.restore()
             if self.profiler is not None:  # a run stopped inside the window still writes what it traced
                 self.profiler.close()
+            if self.wandb is not None:  # stopped early: wandb marks the run failed (--resume latest continues it)
+                self.wandb.finish(exit_code=1)
+                self.wandb = None
             for loader in (self.train_loader, self.val_loader):  # no worker left behind by an exception
                 if hasattr(loader, "close"):
                     loader.close()
@@ -604,6 +762,7 @@ class Trainer:
                 log.warning("torchelastic restart %d: resumed from %s", elastic_restart_count(), path)
             if self.dist.is_main:  # drop lines of epochs the checkpoint does not hold (a crash after writing them)
                 self._rewrite_metrics()
+                truncate_steps(self.run_dir, self.step)
         elif cfg.run.resume == "latest":
             log.info("--resume latest: no checkpoint in %s yet, starting fresh", self.run_dir)
         log.info(
@@ -615,6 +774,10 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        if self.dist.is_main:
+            if "wandb" in cfg.run.report_to.split(","):
+                self.wandb = init_wandb(cfg.run, cfg.to_dict(), self.run_dir)
+            self.step_log = StepLog(self.run_dir, self.tb, self.wandb, line=not cfg.run.progress)
         t_start = time.time()
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             metrics = self.train_epoch(epoch, t_start)
@@ -633,6 +796,8 @@ class Trainer:
                     for k, v in metrics.items():
                         if isinstance(v, (int, float)):
                             self.tb.add_scalar(k, v, self.step)
+                if self.wandb is not None:
+                    self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
                 if cfg.run.plots and (any(k.startswith("val/") for k in metrics) or epoch + 1 == cfg.optim.epochs):
                     plot_history(self.metrics, os.path.join(self.run_dir, "plots"))  # on eval epochs and the last
             self.save(epoch + 1)
@@ -641,6 +806,9 @@ class Trainer:
                 raise self._interrupted(epoch, f"after epoch {epoch + 1}", self._last_checkpoint())
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.profiler is not None:
             self.profiler.report()
         return self.metrics
@@ -702,17 +870,27 @@ class Trainer:
         os.replace(tmp, path)
 
     def _epoch_batches(self):
-        """Exactly ``steps_per_epoch`` batches on every rank (DDP needs equal step counts): a rank
+        """What each of the epoch's ``steps_per_epoch`` steps trains on: a batch, or with --accum-freq N the
+        (images, tokens, ids) of N batches, each a tuple of N tensors."""
+        batches = self._loader_batches()
+        if self.accum == 1:
+            yield from batches
+            return
+        while group := list(itertools.islice(batches, self.accum)):
+            yield tuple(zip(*group))
+
+    def _loader_batches(self):
+        """Exactly ``steps_per_epoch`` x --accum-freq batches on every rank (DDP needs equal step counts): a rank
         whose shards run dry early (uneven shard counts) starts another pass over them, logged."""
-        n, passes = 0, 0
-        while n < self.steps_per_epoch:
+        n, passes, wanted = 0, 0, self.steps_per_epoch * self.accum
+        while n < wanted:
             got = 0
             it = iter(self.train_loader)
             for batch in it:
                 yield batch
                 got += 1
                 n += 1
-                if n >= self.steps_per_epoch:
+                if n >= wanted:
                     if self.partial_epochs:  # the rest of the pass is not read (nor decoded)
                         if hasattr(self.train_loader, "close"):
                             self.train_loader.close()
@@ -724,8 +902,8 @@ class Trainer:
             if got == 0:
                 raise RuntimeError(f"rank {self.dist.rank}: the training loader yielded no batch (too few shards "
                                    f"for {self.dist.world_size} rank(s) x workers, or every sample unreadable)")
-            log.warning("rank %d: shards ran out after %d of %d steps; repeating them (give every rank the same "
-                        "number of samples, e.g. shards divisible by ranks)", self.dist.rank, n, self.steps_per_epoch)
+            log.warning("rank %d: shards ran out after %d of %d batches; repeating them (give every rank the same "
+                        "number of samples, e.g. shards divisible by ranks)", self.dist.rank, n, wanted)
 
     def _marked(self, batches, steps: int):
         """``batches`` (``steps`` of them) with the phase marker told where each step begins and its wait for the
@@ -743,6 +921,20 @@ class Trainer:
         if self.profiler is not None:  # a window ending with the epoch closes now; the epoch's end is no step
             self.timer = self.profiler.marker_for(self.step, self.timer, epoch_end=True)
         yield from batches  # nothing left: lets the epoch's batches close their loader
+
+    def _log_step(self, epoch: int, n_steps: int, lr: float, read: dict) -> None:
+        """One line of RUN/steps.jsonl (plus train/ scalars and, without a progress bar, a log line); main rank."""
+        b, world = self.cfg.data.batch_size, self.dist.world_size
+        rec = {
+            "step": self.step, "epoch": epoch + 1, "epoch_step": n_steps, "loss": read["loss"], "lr": lr,
+            "logit_scale": read["logit_scale"],
+            "samples_per_s": b * world * self.accum / max(1e-9, read["batch_time_s"]),
+            "data_time_s": read["data_time_s"], "batch_time_s": read["batch_time_s"],
+            "selected_share": self.last_trained / (b * self.accum),
+        }
+        if "clean_share" in read:  # the shards have clean flags: share of clean pairs trained in the window
+            rec["clean_share"] = read["clean_share"]
+        self.step_log.log(rec, n_steps, self.steps_per_epoch, b * self.accum, world)  # samples read per step
 
     def train_epoch(self, epoch: int, t_start: float) -> dict:
         cfg = self.cfg
@@ -767,24 +959,29 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, initial=n_steps, desc=f"epoch {epoch}", unit="step", leave=False)
+        window = StepWindow(self.diag)  # host wall clock and trained/clean counts since the last log step
         for images, tokens, ids in batches:
-            lr = cosine_lr(self.step, cfg.optim.lr, cfg.optim.warmup, self.total_steps)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            window.got_batch()
+            lr = self.scheduler(self.step)  # sets the optimizer's lr for this step
             loss = self.train_step(epoch, images, tokens, ids)
             loss_sum += self.guard.masked(loss)
             n_steps += 1
             self.step += 1
+            window.step_done()
             if self.hooks.active:
                 self.hooks.after_step(self.step, self.strategy.history)
             if cfg.dist.check_sync_every and self.step % cfg.dist.check_sync_every == 0:
                 self._check_history_sync()
             if n_steps % cfg.run.log_every_n_steps == 0 or n_steps == self.steps_per_epoch:
-                last_loss = float(loss)  # the one host sync, every n steps
+                read = window.read(loss, self.model.logit_scale)  # the one host sync, every n steps
+                last_loss = read["loss"]
                 self.guard.check(self.step, self._last_checkpoint())  # too many non-finite steps: NonFiniteError
                 self._refresh_scale()
+                if self.step_log is not None:
+                    self._log_step(epoch, n_steps, lr, read)
                 if bar is not None:
-                    rate = n_steps * cfg.data.batch_size * self.dist.world_size / max(1e-9, time.time() - t0)
+                    rate = n_steps * cfg.data.batch_size * self.dist.world_size * self.accum / max(
+                        1e-9, time.time() - t0)
                     bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{rate:.0f}", lr=f"{lr:.2e}")
             if bar is not None:
                 bar.update(1)
@@ -792,6 +989,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 self._save_interrupted(epoch, n_steps, loss_sum, epoch_rng)
+            window.fetch_next()
         if bar is not None:
             bar.close()
         wall = time.time() - t0
@@ -800,12 +998,12 @@ class Trainer:
         metrics = {
             "epoch": epoch + 1,
             "step": self.step,
-            "samples_seen": self.step * cfg.data.batch_size * self.dist.world_size,
+            "samples_seen": self.step * cfg.data.batch_size * self.dist.world_size * self.accum,
             "wall_s": round(time.time() - t_start, 3),
             "epoch_wall_s": round(wall, 3),
             "train_loss": float(loss_sum) / (n_steps - skipped) if n_steps > skipped else float("nan"),
             "nonfinite_steps": skipped,
-            "lr": cosine_lr(max(0, self.step - 1), cfg.optim.lr, cfg.optim.warmup, self.total_steps),
+            "lr": self.optimizer.param_groups[0]["lr"],  # the last step's (--lr-scheduler)
             "data/bad_samples": int(stats.get("bad_samples", 0)),
         }
         metrics.update(self.diag.summary())
@@ -827,6 +1025,9 @@ class Trainer:
         if self.val_loader is not None and ((epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == cfg.optim.epochs):
             if self.dist.is_main:
                 metrics.update(evaluate(self.model, self.val_loader, self.precision, self.device))
+        f = cfg.run.zeroshot_frequency
+        if self.zeroshot_sets and f and ((epoch + 1) % f == 0 or epoch + 1 == cfg.optim.epochs) and self.dist.is_main:
+            metrics.update(self._zeroshot_eval())
         if self.dist.is_main and cfg.run.plots and self.diag.clean is not None:
             plot_epoch(self.diag.arrays(), epoch + 1, os.path.join(self.run_dir, "plots"))
         log.info("epoch %d: %s", epoch + 1, json.dumps({k: (round(v, 4) if isinstance(v, float) else v)

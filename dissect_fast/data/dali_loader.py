@@ -263,13 +263,15 @@ class DaliLoader:
         drop_last: default ``train``.
         verify: image check when a shard has no ``.idx`` yet and the loader has to build one.
         hw_decoder_load: share of JPEGs for the hardware decoder (A100/H100); the rest go to CUDA.
+        tokenizer: the model's own tokenizer when it is not CLIP BPE: captions are read from ``txt`` and tokenised
+            with it (stored ``tok`` ids, CLIP BPE, are not read); None: stored ``tok`` ids, else CLIP BPE.
     """
 
     def __init__(self, shards: list[str], batch_size: int, context_length: int, preprocess: Preprocess, *,
                  train: bool, device: torch.device | str, seed: int = 0, rank: int = 0, world_size: int = 1,
                  workers: int = 4, shuffle_buffer: int = 2000, index: DatasetIndex | None = None,
                  subset_mask: np.ndarray | None = None, num_ids: int | None = None, drop_last: bool | None = None,
-                 verify: str = "header", hw_decoder_load: float = 0.65, prefetch: int = 2) -> None:
+                 verify: str = "header", hw_decoder_load: float = 0.65, prefetch: int = 2, tokenizer=None) -> None:
         reason = dali_unavailable_reason()
         if reason:
             raise ImportError(f"--data-backend dali: {reason} (pip install nvidia-dali-cuda130, or use "
@@ -287,7 +289,7 @@ class DaliLoader:
         self.epoch = 0
         self.stats: Counter = Counter()
         self._tmp = tempfile.mkdtemp(prefix="dissect_dali_")
-        self._tokenizer = None
+        self._tokenizer, self._own_tokenizer = tokenizer, tokenizer is not None
         self._subset_mask, self._num_ids = subset_mask, num_ids
         self.shards, self.caption, self.id_field = self._prepare(list(shards), index, verify)
         self.num_samples = sum(s.count for s in self.shards)
@@ -319,7 +321,11 @@ class DaliLoader:
         live = [m for m in metas if m.samples > 0]
         if not live:
             raise ValueError(f"DaliLoader: no readable samples in {len(paths)} shard(s)")
-        caption = "tok" if all(m.has_tok for m in live) else "txt" if all(m.has_txt for m in live) else None
+        has_tok = all(m.has_tok for m in live) and not self._own_tokenizer
+        caption = "tok" if has_tok else "txt" if all(m.has_txt for m in live) else None
+        if caption is None and self._own_tokenizer:
+            raise ValueError("DaliLoader: the model's tokenizer is not CLIP BPE, so captions are read from `txt`, "
+                             "which some shards lack: re-write them with captions, or use a CLIP BPE model")
         if caption is None:
             raise ValueError("DaliLoader: some shards have only `tok`, others only `txt` captions: re-index or "
                              "re-write them consistently, or use --data-backend torch")

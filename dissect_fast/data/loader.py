@@ -72,6 +72,9 @@ class ShardDataset(IterableDataset):
         need_ids: a sample without an id (no field, no first id) is bad (``missing_field``; shards that have no
             ids at all are refused before training by ``shards.check_ids_known``); False (evaluation): id -1.
         resampled: draw shards with replacement, endlessly (the caller decides where an epoch ends).
+        tokenizer: the model's own tokenizer when it is not CLIP BPE (``model.text_tokenizer``): captions are then
+            tokenised from ``txt`` and stored ``tok`` ids (CLIP BPE) are ignored; None: stored ``tok`` ids, else
+            CLIP BPE on ``txt``.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class ShardDataset(IterableDataset):
         first_ids: dict[str, int] | None = None,
         need_ids: bool = True,
         resampled: bool = False,
+        tokenizer=None,
     ) -> None:
         if len(set(shards)) != len(shards):
             raise ValueError("ShardDataset: shards listed more than once")
@@ -100,7 +104,8 @@ class ShardDataset(IterableDataset):
         self.subset_mask, self.num_ids = subset_mask, num_ids
         self.first_ids, self.need_ids, self.resampled = dict(first_ids or {}), need_ids, resampled
         self.epoch = 0
-        self._tokenizer = None
+        self._tokenizer = tokenizer
+        self.stored_tokens = tokenizer is None  #: stored ``tok`` ids are CLIP BPE: only a CLIP BPE model reads them
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -172,8 +177,10 @@ class ShardDataset(IterableDataset):
             seen = None  # an evaluation sample without id: nothing to check
         if seen is not None and _seen(sid, seen):
             raise BadSample("duplicate_id")
-        if "tok" in s:
+        if "tok" in s and self.stored_tokens:
             tok = fit_tokens(np.frombuffer(s["tok"], dtype="<i4"), self.context_length)
+        elif "txt" not in s:  # a `tok`-only sample and a model whose tokenizer is not CLIP BPE
+            raise BadSample("missing_field")
         else:
             if self._tokenizer is None:
                 self._tokenizer = tokenizer_for(self.context_length)
@@ -304,9 +311,11 @@ class TorchLoader:
 
 
 def eval_loader(shards: list[str], index, batch_size: int, transform, context_length: int, workers: int,
-                device: torch.device, need_ids: bool = False) -> TorchLoader:
+                device: torch.device, need_ids: bool = False, tokenizer=None) -> TorchLoader:
     """An in-order loader over every sample (evaluation, ``embed``): ids from the index where the shards have
-    none; without one such samples get id -1 (retrieval metrics need no ids), or are bad with ``need_ids``."""
+    none; without one such samples get id -1 (retrieval metrics need no ids), or are bad with ``need_ids``.
+    ``tokenizer``: as ShardDataset's (the model's own when it is not CLIP BPE)."""
     ds = ShardDataset(shards, batch_size, transform, context_length, train=False,
-                      first_ids=index.first_ids() if index is not None else None, need_ids=need_ids)
+                      first_ids=index.first_ids() if index is not None else None, need_ids=need_ids,
+                      tokenizer=tokenizer)
     return TorchLoader(ds, workers, device, drop_last=False)

@@ -73,6 +73,19 @@ def per_sample_clip_loss(
     return 0.5 * (li + lt)
 
 
+def per_sample_sigmoid_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's loss of every image inside the local batch: its row of the sigmoid loss,
+    ``l_i = -sum_j log sigmoid(z_ij * (t * cos(f_i, g_j) + b))`` with z_ii = 1, z_ij = -1 (j != i), t the learned
+    logit scale (exp'd) and b the learned bias. The rows sum to open_clip's SigLipLoss times the batch size."""
+    f = F.normalize(image_features.float(), dim=-1)
+    g = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale.float() * f @ g.t() + logit_bias.float()
+    z = 2.0 * torch.eye(f.shape[0], device=f.device) - 1.0
+    return -F.logsigmoid(z * logits).sum(dim=1)
+
+
 @dataclass
 class Selection:
     """What a step trains on, and what it measured (for diagnostics)."""
@@ -189,12 +202,21 @@ class ClipScore(Strategy):
 
 class _LossBased(Strategy):
     sign = 1.0
+    #: --siglip: the model's logit bias (a detached view of the parameter, so it follows the optimizer's in-place
+    #: updates), set by the trainer; the per-sample loss is then the sigmoid one. None: symmetric InfoNCE.
+    sigmoid_bias: torch.Tensor | None = None
 
     def needs_scoring(self, epoch: int) -> bool:
         return True
 
+    def per_sample_loss(self, feats, logit_scale: torch.Tensor) -> torch.Tensor:
+        """The loss the ranking uses: it follows the training loss (InfoNCE, or sigmoid under --siglip)."""
+        if self.sigmoid_bias is not None:
+            return per_sample_sigmoid_loss(*feats, logit_scale, self.sigmoid_bias)
+        return per_sample_clip_loss(*feats, logit_scale)
+
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
-        loss = per_sample_clip_loss(*feats, logit_scale)
+        loss = self.per_sample_loss(feats, logit_scale)
         return Selection(index=topk_positions(self.sign * loss, self.k), score=clip_scores(*feats, scale))
 
 

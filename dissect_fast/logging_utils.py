@@ -1,0 +1,161 @@
+"""Per-step training metrics: RUN/steps.jsonl, TensorBoard ``train/`` scalars, wandb, and ``--report-to``.
+
+Every ``--log-every-n-steps`` steps the trainer reads the step's loss on the host anyway; ``StepWindow.read``
+fetches everything else a log line needs (logit scale, the window's clean/trained counts from the epoch
+diagnostics) in that same single device-to-host transfer. Data and batch times are host wall clock averaged
+over the window since the last log step (like open_clip's ``data_time`` / ``batch_time`` meters): the
+read at the log step waits for the device, so the window's total is exact even though single steps are
+dispatched asynchronously.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+
+import torch
+
+log = logging.getLogger("dissect_fast")
+
+STEPS_FILE = "steps.jsonl"
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def parse_report_to(value: str) -> str:
+    """--report-to as open_clip takes it (``tensorboard``, ``wandb``, ``wandb,tensorboard``; ``all`` = both;
+    ``none`` or empty = neither), normalised to ``none``, ``tensorboard``, ``wandb`` or ``wandb,tensorboard``."""
+    parts = {p.strip() for p in str(value).split(",") if p.strip()}
+    if "all" in parts:
+        parts = (parts - {"all"}) | set(REPORT_TARGETS)
+    parts.discard("none")
+    unknown = parts - set(REPORT_TARGETS)
+    if unknown:
+        raise ValueError(f"--report-to takes tensorboard, wandb, 'wandb,tensorboard' or none, got {value!r} "
+                         f"(unknown: {', '.join(sorted(unknown))})")
+    return ",".join(t for t in ("wandb", "tensorboard") if t in parts) or "none"
+
+
+def check_wandb_installed() -> None:
+    """--report-to wandb without wandb: fail at set-up, before any run folder exists."""
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report-to wandb: wandb is not installed: `pip install wandb` (and `wandb login`, or "
+                         "WANDB_MODE=offline), or drop wandb from --report-to")
+
+
+def init_wandb(run_cfg, config: dict, run_dir: str):
+    """Start (or, with --resume latest, continue) the wandb run named after the run folder; returns the run."""
+    import wandb
+
+    return wandb.init(
+        project=run_cfg.wandb_project_name,
+        name=run_cfg.name,
+        id=run_cfg.name.replace("/", "-"),
+        notes=run_cfg.wandb_notes,
+        tags=[],
+        resume="auto" if run_cfg.resume == "latest" else None,
+        config=config,
+        dir=run_dir,
+    )
+
+
+def truncate_steps(run_dir: str, step: int) -> None:
+    """Drop RUN/steps.jsonl lines past global step ``step`` (written after the checkpoint a run resumes from)."""
+    path = os.path.join(run_dir, STEPS_FILE)
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:  # a line cut short by a killed process
+                pass
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class StepWindow:
+    """Host timing and device counters of the steps since the last log step (one per epoch)."""
+
+    def __init__(self, diag) -> None:
+        self.diag = diag
+        self.counts = self._counts()
+        self.t0 = self.fetch_start = time.time()
+        self.data_s, self.steps = 0.0, 0
+
+    def _counts(self) -> torch.Tensor | None:
+        d = self.diag
+        return torch.stack([d.n_trained, d.n_clean_trained]) if d.clean is not None else None
+
+    def got_batch(self) -> None:
+        """The next batch arrived: its wait counts as data time."""
+        self.data_s += time.time() - self.fetch_start
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def fetch_next(self) -> None:
+        """The step's host work is done: from now on the loop waits for the next batch."""
+        self.fetch_start = time.time()
+
+    def read(self, loss: torch.Tensor, logit_scale: torch.Tensor) -> dict:
+        """The log step's values, in one device-to-host transfer, and the window's averages; starts a new window."""
+        vals = [loss.detach().float().reshape(()), logit_scale.detach().float().exp().reshape(())]
+        counts = self._counts()
+        if counts is not None:
+            vals += list((counts - self.counts).float())
+            self.counts = counts
+        host = torch.stack(vals).tolist()  # the one host sync of a log step
+        now = time.time()
+        n = max(1, self.steps)
+        out = {"loss": host[0], "logit_scale": host[1], "data_time_s": self.data_s / n,
+               "batch_time_s": (now - self.t0) / n, "window_steps": self.steps}
+        if counts is not None and host[2] > 0:
+            out["clean_share"] = host[3] / host[2]
+        self.t0, self.data_s, self.steps = now, 0.0, 0
+        return out
+
+
+class StepLog:
+    """Where a log step's record goes on the main rank: RUN/steps.jsonl, TensorBoard/wandb ``train/`` scalars and,
+    without a progress bar, one log line in open_clip's format."""
+
+    def __init__(self, run_dir: str, tb=None, wandb_run=None, line: bool = False) -> None:
+        self.path = os.path.join(run_dir, STEPS_FILE)
+        self.tb, self.wandb, self.line = tb, wandb_run, line
+
+    def log(self, rec: dict, epoch_step: int, steps_per_epoch: int, batch_size: int, world_size: int) -> None:
+        """``rec``: step, epoch (1-based), loss, lr, logit_scale, samples_per_s, data_time_s, batch_time_s,
+        selected_share[, clean_share]; ``batch_size``: per rank, before selection."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        scalars = {
+            "train/loss": rec["loss"], "train/lr": rec["lr"], "train/scale": rec["logit_scale"],
+            "train/samples_per_second": rec["samples_per_s"],
+            "train/samples_per_second_per_gpu": rec["samples_per_s"] / world_size,
+            "train/data_time": rec["data_time_s"], "train/batch_time": rec["batch_time_s"],
+            "train/selected_share": rec["selected_share"],
+        }
+        if "clean_share" in rec:
+            scalars["train/clean_share"] = rec["clean_share"]
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log({**scalars, "step": rec["step"]}, step=rec["step"])
+        if self.line:
+            per_epoch = steps_per_epoch * batch_size * world_size
+            done = epoch_step * batch_size * world_size
+            log.info(
+                f"Train Epoch: {rec['epoch']} [{done:>{len(str(per_epoch))}}/{per_epoch} "
+                f"({100.0 * epoch_step / steps_per_epoch:.0f}%)] Data (t): {rec['data_time_s']:.3f} "
+                f"Batch (t): {rec['batch_time_s']:.3f}, {rec['samples_per_s']:#g}/s, "
+                f"{rec['samples_per_s'] / world_size:#g}/s/gpu LR: {rec['lr']:5f} "
+                f"Logit Scale: {rec['logit_scale']:.3f} Loss: {rec['loss']:#.5g}"
+            )
