@@ -184,30 +184,21 @@ def _write_part(job: tuple) -> None:
     write_split(part_dir, n, first_id, 0.4, image_size, seed, per_shard, progress=False)
 
 
-def prepare_data(a: argparse.Namespace) -> str:
-    """--train-data, or a synthetic set (written once per --data-cache, in parallel parts with
-    disjoint id ranges, merged under one dataset index)."""
-    if a.train_data:
-        return a.train_data
+def write_parts(root: str, sizes: list[int], image_size: int, per_shard: int) -> None:
+    """Synthetic shards in ``root``: one part per size, written in parallel processes with disjoint id ranges,
+    merged under one dataset index."""
     import multiprocessing
 
     from dissect_fast.data.shards import DatasetIndex, ShardInfo
 
-    root = os.path.join(a.data_cache, f"synth-{a.num_train}-{a.image_size}", "train")
-    if os.path.isfile(os.path.join(root, "index.json")):
-        return root
-    parts = max(1, min(os.cpu_count() or 1, a.num_train // 4096))
-    sizes = [a.num_train // parts + (i < a.num_train % parts) for i in range(parts)]
-    per_shard = max(64, min(1024, a.num_train // (16 * parts)))
     jobs, first = [], 0
     for i, n in enumerate(sizes):
-        jobs.append((os.path.join(root, f"part-{i:02d}"), n, first, a.image_size, 1000 + i, per_shard))
+        jobs.append((os.path.join(root, f"part-{i:02d}"), n, first, image_size, 1000 + i, per_shard))
         first += n
-    print(f"writing {a.num_train} synthetic samples at {a.image_size} px to {root} ({parts} processes)", flush=True)
-    if parts == 1:
+    if len(jobs) == 1:
         _write_part(jobs[0])
     else:
-        with multiprocessing.get_context("spawn").Pool(parts) as pool:
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
             pool.map(_write_part, jobs)
     idx = [DatasetIndex.load(j[0]) for j in jobs]
     shards = [ShardInfo(os.path.relpath(os.path.join(ix.root, s.path), root), s.count) for ix in idx for s in ix.shards]
@@ -219,6 +210,21 @@ def prepare_data(a: argparse.Namespace) -> str:
         context_length=idx[0].context_length,
         has_tokens=idx[0].has_tokens,
     ).save(root)
+
+
+def prepare_data(a: argparse.Namespace) -> str:
+    """--train-data, or a synthetic set (written once per --data-cache, in parallel parts with
+    disjoint id ranges, merged under one dataset index)."""
+    if a.train_data:
+        return a.train_data
+    root = os.path.join(a.data_cache, f"synth-{a.num_train}-{a.image_size}", "train")
+    if os.path.isfile(os.path.join(root, "index.json")):
+        return root
+    parts = max(1, min(os.cpu_count() or 1, a.num_train // 4096))
+    sizes = [a.num_train // parts + (i < a.num_train % parts) for i in range(parts)]
+    per_shard = max(64, min(1024, a.num_train // (16 * parts)))
+    print(f"writing {a.num_train} synthetic samples at {a.image_size} px to {root} ({parts} processes)", flush=True)
+    write_parts(root, sizes, a.image_size, per_shard)
     return root
 
 

@@ -446,6 +446,16 @@ def tail(path: Path, n: int) -> str:
         return ""
     return data[-n:].decode(errors="replace")
 
+def phase_result(status: str, reason: str | None, command: str, secs: float, results, key: str, log, *,
+                 spec=None, ok=("ok",), tail_chars=(3000, 12000)) -> dict:
+    """The JSON body every phase writes: its log's tail is longer when the phase did not end well."""
+    out = {"status": status, "reason": reason, "command": command, "seconds": secs, "results": results, "key": key,
+           "log_tail": tail(log, tail_chars[0] if status in ok else tail_chars[1])}
+    if spec is not None:
+        out["spec"] = spec
+    return out
+
+
 
 def read_json(path: Path) -> dict | None:
     try:
@@ -522,15 +532,7 @@ class Check:
             f"{res.get('passed', 0)} passed, {res.get('failed', 0)} failed, {res.get('errors', 0)} errors, "
             f"{res.get('skipped', 0)} skipped"
         )
-        return {
-            "status": status,
-            "reason": reason,
-            "command": shlex.join(cmd),
-            "seconds": secs,
-            "results": res,
-            "key": key,
-            "log_tail": tail(log, 3000 if status == "ok" else 12000),
-        }
+        return phase_result(status, reason, shlex.join(cmd), secs, res, key, log)
 
     # ------------------------------------------------------------------ b: bench_select
     def phase_b(self, timeout: float) -> dict:
@@ -562,15 +564,7 @@ class Check:
             if share is not None:
                 parts.append(f"op/step {100 * share:.2f}%")
             key = "; ".join(parts)
-        return {
-            "status": status,
-            "reason": reason,
-            "command": shlex.join(cmd),
-            "seconds": secs,
-            "results": res,
-            "key": key,
-            "log_tail": tail(log, 3000 if status in ("ok", "skipped") else 12000),
-        }
+        return phase_result(status, reason, shlex.join(cmd), secs, res, key, log, ok=("ok", "skipped"))
 
     # ------------------------------------------------------------------ c, d: the training loop
     def e2e_spec(self, letter: str, timeout: float) -> dict:
@@ -683,16 +677,7 @@ class Check:
                 for r in res.get("rows", [])
                 if "data_share" in r
             )
-        return {
-            "status": status,
-            "reason": reason,
-            "command": shlex.join(cmd),
-            "spec": spec,
-            "seconds": secs,
-            "results": res,
-            "key": key,
-            "log_tail": tail(log, 4000 if status == "ok" else 16000),
-        }
+        return phase_result(status, reason, shlex.join(cmd), secs, res, key, log, spec=spec, tail_chars=(4000, 16000))
 
     # ------------------------------------------------------------------ e: --profile-steps
     def profile_cmd(self, logs: Path) -> list[str]:
@@ -732,15 +717,7 @@ class Check:
         if ph:
             unit = "device_ms_per_step" if any("device_ms_per_step" in v for v in ph.values()) else "cpu_ms_per_step"
             key = f"{unit}: " + ", ".join(f"{k} {v.get(unit, 0):.1f}" for k, v in ph.items() if v.get(unit))
-        return {
-            "status": status,
-            "reason": reason,
-            "command": shlex.join(cmd),
-            "seconds": secs,
-            "results": res,
-            "key": key,
-            "log_tail": tail(log, 3000 if status == "ok" else 12000),
-        }
+        return phase_result(status, reason, shlex.join(cmd), secs, res, key, log)
 
     # ------------------------------------------------------------------ f: bench_subset
     def phase_f(self, timeout: float) -> dict:
@@ -775,15 +752,7 @@ class Check:
             else f"N={r['n']:.0e}: {r.get('error') or r.get('skipped')}"
             for r in rows
         )
-        return {
-            "status": status,
-            "reason": reason,
-            "command": " && ".join(cmds),
-            "seconds": secs,
-            "results": {"rows": rows},
-            "key": key,
-            "log_tail": tail(log, 3000 if status == "ok" else 12000),
-        }
+        return phase_result(status, reason, " && ".join(cmds), secs, {"rows": rows}, key, log)
 
 
 def pytest_counts(text: str, junit: Path) -> dict:
@@ -1110,11 +1079,7 @@ def run_peer(spec: dict, run: dict, timeout: float) -> dict:
 def write_shards(data: dict) -> None:
     """JPEG shards of synthetic samples (``dissect_fast.data.synthetic``), written in parallel parts with
     disjoint ids and merged under one dataset index; enough shards for every loader worker."""
-    import multiprocessing
-
     import bench_train
-
-    from dissect_fast.data.shards import DatasetIndex, ShardInfo
 
     root, n, per_shard = data["shards"], data["num_samples"], data["per_shard"]
     if os.path.isfile(os.path.join(root, "index.json")):
@@ -1122,25 +1087,7 @@ def write_shards(data: dict) -> None:
     shards = n // per_shard  # whole shards only: every worker reads whole batches, no tail
     parts = max(1, min(_cpus(), shards, n // 1024))
     sizes = [per_shard * (shards // parts + (i < shards % parts)) for i in range(parts)]
-    jobs, first = [], 0
-    for i, m in enumerate(sizes):
-        jobs.append((os.path.join(root, f"part-{i:02d}"), m, first, data["image_size"], 1000 + i, per_shard))
-        first += m
-    if parts == 1:
-        bench_train._write_part(jobs[0])
-    else:
-        with multiprocessing.get_context("spawn").Pool(parts) as pool:
-            pool.map(bench_train._write_part, jobs)
-    idx = [DatasetIndex.load(j[0]) for j in jobs]
-    shards = [ShardInfo(os.path.relpath(os.path.join(ix.root, s.path), root), s.count) for ix in idx for s in ix.shards]
-    DatasetIndex(
-        num_samples=sum(ix.num_samples for ix in idx),
-        id_min=0,
-        id_max=first - 1,
-        shards=shards,
-        context_length=idx[0].context_length,
-        has_tokens=idx[0].has_tokens,
-    ).save(root)
+    bench_train.write_parts(root, sizes, data["image_size"], per_shard)
 
 
 def worker(spec_path: str) -> int:
