@@ -18,7 +18,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "torchvision",
-        "open_clip_torch>=2.24",
+        "open_clip_torch>=2.27",
         "webdataset>=0.2.86",
         "braceexpand",
         "numpy",
