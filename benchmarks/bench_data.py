@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples in the shards (default 32768; 1024 quick)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="torch workers and DALI threads")
     p.add_argument("--shuffle-buffer", type=int, default=None,
-                   help="default 256 (64 quick): both loaders' sample shuffle buffer (per torch worker; per rank for DALI). Keep it well "
-                        "below samples/workers: a torch worker decodes its whole buffer before its first batch, "
-                        "so a buffer holding most of the data would let the warm-up pre-decode the timed region")
+                   help="default 256 (64 quick): both loaders' sample shuffle buffer (per torch worker; per rank for "
+                        "DALI). Keep it well below samples/workers: a torch worker reads its whole buffer (raw bytes) "
+                        "before its first batch, so a buffer holding most of the data would let the warm-up pre-read "
+                        "the timed region")
     p.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI: share of the hardware JPEG decoder")
     p.add_argument("--data", default=None, help="keep the generated shards here (reused when present)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
