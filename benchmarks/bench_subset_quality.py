@@ -44,20 +44,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench_subset import provenance  # benchmarks/ is not a package
 
 
-def train(a, data: Path, logs: Path, name: str, epochs: int, extra: list[str]) -> dict:
-    """One training run in this process; returns its last metrics row and wall-clock."""
-    from dissect_fast.config import config_from_args
+def train(a, data: Path, logs: Path, name: str, epochs: int, select: dict, subset: Path | None = None) -> dict:
+    """One training run in this process (``select``: its SelectConfig fields); its last metrics row and wall-clock."""
+    from dissect_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SelectConfig, TrainConfig
     from dissect_fast.trainer import Trainer
 
-    argv = [
-        "--train-data", str(data / "train"), "--val-data", str(data / "val"), "--model", a.model,
-        "--batch-size", str(a.batch_size), "--epochs", str(epochs), "--lr", str(a.lr), "--warmup", str(a.warmup),
-        "--wd", "0.1", "--workers", str(a.workers), "--logs", str(logs), "--name", name, "--seed", str(a.seed),
-        "--device", "cpu", "--no-progress", "--no-tensorboard", "--no-plots", "--val-every", str(epochs),
-        "--data-backend", "torch", *extra,
-    ]  # fmt: skip
+    cfg = TrainConfig(
+        data=DataConfig(train_data=str(data / "train"), val_data=str(data / "val"), batch_size=a.batch_size,
+                        workers=a.workers, data_backend="torch", subset=None if subset is None else str(subset)),
+        model=ModelConfig(model=a.model, device="cpu"),
+        optim=OptimConfig(epochs=epochs, lr=a.lr, warmup=a.warmup, wd=0.1),
+        select=SelectConfig(**select),
+        run=RunConfig(logs=str(logs), name=name, seed=a.seed, progress=False, tensorboard=False, plots=False,
+                      val_every=epochs),
+    )
     shutil.rmtree(logs / name, ignore_errors=True)  # a re-run starts afresh (the trainer refuses an existing run)
-    trainer = Trainer(config_from_args(argv))
+    trainer = Trainer(cfg)
     logging.getLogger("dissect_fast").setLevel(logging.WARNING)
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     res["clean_share_all"] = float(clean.mean())
 
     # 1. reference model: a short full-data run
-    ref = train(a, data, logs, "reference", a.ref_epochs, ["--select-strategy", "full"])
+    ref = train(a, data, logs, "reference", a.ref_epochs, {"strategy": "full"})
     res["offline"]["reference"] = ref
     save()
     print(f"reference ({a.ref_epochs} epochs): i->t R@1 {ref['i2t_R@1']:.1f}, {ref['train_wall_s']:.0f}s", flush=True)
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         select_s = time.perf_counter() - t
         ids = np.load(sub)
         info = json.loads(sub.with_suffix(".json").read_text())
-        r = train(a, data, logs, f"subset-{method}", a.epochs, ["--select-strategy", "full", "--subset", str(sub)])
+        r = train(a, data, logs, f"subset-{method}", a.epochs, {"strategy": "full"}, subset=sub)
         r.update(
             subset_size=len(ids),
             subset_clean_share=float(clean[ids].mean()),
@@ -191,14 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: clean share {r['subset_clean_share']:.3f}, i->t R@1 {r['i2t_R@1']:.1f}", flush=True)
 
     online = [
-        ("dissect-warmup", ["--select-strategy", "dissect-warmup", "--select-rate", str(a.fraction),
-                            "--warmup-point", str(a.ref_epochs), "--warmup-train", "full"]),
-        ("full", ["--select-strategy", "full"]),
-    ]  # fmt: skip
-    for name, extra in online:
+        ("dissect-warmup", {"strategy": "dissect-warmup", "rate": a.fraction, "warmup_point": a.ref_epochs,
+                                "warmup_train": "full"}),
+        ("full", {"strategy": "full"}),
+    ]
+    for name, select in online:
         if wanted and name not in wanted:
             continue
-        r = train(a, data, logs, name, a.epochs, extra)
+        r = train(a, data, logs, name, a.epochs, select)
         label = f"{name} (online, r={a.fraction})" if name != "full" else "full data"
         res["runs"][label] = r
         save()

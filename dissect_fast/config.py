@@ -1,7 +1,10 @@
 """Typed, validated configuration: one dataclass per component, built from open_clip-style flags.
 
-Every check that can fail on user input runs here, before any data is read or any GPU work starts,
-and its message names the flag and the fix.
+Each field is declared once, with :func:`opt`: its default, help text, flag names, choices and section of
+``--help``; :func:`build_parser` generates the argparse parser from those fields and :func:`config_from_args`
+reads the parsed values back into the dataclasses. Every check that can fail on user input runs in the
+dataclasses' ``__post_init__``, before any data is read or any GPU work starts, and its message names the flag
+and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,66 @@ class ConfigError(ValueError):
 #: each one's weight dtype, input dtype, autocast and grad scaler
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "pure_bf16", "fp16", "pure_fp16")
 
+#: the sections of --help, in order; a field goes into its dataclass's section (TrainConfig's field name)
+#: unless its opt() names another
+SECTIONS = {
+    "data": "data",
+    "zeroshot": "zero-shot classification (open_clip's flags)",
+    "model": "model",
+    "optim": "optimisation",
+    "select": "selection",
+    "dist": "distributed (torchrun)",
+    "run": "run",
+}
+
+_NO_FLAG_DEFAULT = object()
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    section: str | None = None,
+    action: type[argparse.Action] | None = None,
+    metavar: str | None = None,
+    negate: bool = False,
+    flag_default: Any = _NO_FLAG_DEFAULT,
+) -> Any:
+    """A config field and its command-line option, declared together.
+
+    ``flags``: the option strings (default ``--field-name``; the first names the argparse destination).
+    ``choices``: checked by argparse and again in ``__post_init__`` (:func:`_check_choices`).
+    ``negate``: a bool field set by a ``--no-...`` switch (the field is ``not`` the switch).
+    ``flag_default``: the option's default when it differs from the field's (None: "not given").
+    A bool field is a store_true switch unless ``action`` names another (e.g. BooleanOptionalAction).
+    """
+    meta = {"help": help, "flags": flags, "choices": choices, "section": section, "action": action,
+            "metavar": metavar, "negate": negate, "flag_default": flag_default}
+    return field(default=default, metadata=meta)
+
+
+def _flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+def _dest(f: dataclasses.Field) -> str:
+    """argparse's destination of a field's option (argparse's own rule: the first flag, dashes to underscores)."""
+    return _flags(f)[0].lstrip("-").replace("-", "_")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+def _check_choices(cfg: Any) -> None:
+    """Every field declared with choices holds one of them (for configs built without the parser)."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{_flags(f)[0]} must be {_one_of(choices)}, got {value!r}")
+
 
 def _looks_like_path(value: str) -> bool:
     """A --pretrained value meant as a file (a folder in it, or a checkpoint suffix), not an open_clip tag."""
@@ -36,25 +100,41 @@ def _looks_like_path(value: str) -> bool:
 class DataConfig:
     """Where the shards are and how they are loaded."""
 
-    train_data: str = ""  #: shard directory (with index.json), brace pattern or glob of .tar files
-    val_data: str | None = None  #: validation shards, evaluated after every epoch
-    #: defaults to the dataset index's count; synthetic: DEFAULT_BATCHES (100) x batch size x ranks
-    train_num_samples: int | None = None
-    batch_size: int = 256  #: per-rank batch size B (before selection)
-    workers: int = 2  #: data loader worker processes per rank
-    #: torch | dali | auto (dali when CUDA and DALI are there) | synthetic (random device tensors, for timing)
-    data_backend: str = "auto"
-    dataset_type: str = "webdataset"  #: open_clip's --dataset-type: webdataset or auto (both read .tar shards)
-    dataset_resampled: bool = False  #: open_clip's meaning: shards drawn with replacement; needs a known epoch size
-    subset: str | None = None  #: .npy of sample ids to train on (offline subset selection)
-    data_index: str | None = None  #: dataset index (index.json or its folder) for shards not beside it, e.g. URLs
-    max_bad_fraction: float = 0.01  #: stop when more than this share of samples is unreadable
-    imagenet_val: str | None = None  #: ImageNet val as an ImageFolder (1000 class folders): zero-shot top-1/top-5
-    imagenet_v2: str | None = None  #: ImageNetV2 as an ImageFolder (folders 0..999): zero-shot top-1/top-5
-    zeroshot_data: str | None = None  #: any ImageFolder for zero-shot classification (class names: folder names)
-    zeroshot_classnames: str | None = None  #: text file, one class name per line in folder order, for --zeroshot-data
+    train_data: str = opt("", "shard dir (with index.json), brace pattern or glob of .tar; required unless "
+                              "--data-backend synthetic", flag_default=None)
+    val_data: str | None = opt(None, "validation shards, same forms as --train-data; evaluated every --val-every "
+                                     "epochs")
+    train_num_samples: int | None = opt(
+        None, "samples per epoch; smaller than the data = a shorter epoch (open_clip's meaning); default: the "
+              "dataset index's count. --data-backend synthetic: the epoch size and id range, default 100 batches "
+              "(100 x batch size x ranks)")
+    dataset_type: str = opt("webdataset", "webdataset | auto (both read .tar shards); csv: convert first with "
+                                          "`dissect-fast shards`")
+    dataset_resampled: bool = opt(False, "draw shards with replacement (open_clip's meaning); needs a known epoch "
+                                         "size (--train-num-samples or a dataset index)")
+    batch_size: int = opt(256, "per-rank batch size B before selection")
+    workers: int = opt(2, "loader worker processes per rank")
+    data_backend: str = opt(
+        "auto", "loader: auto = DALI when CUDA and DALI are there, else torch; synthetic = random images and tokens "
+                "made once on the device, fresh ids every step (times the training loop without loader cost; "
+                "--train-data not read; never picked by auto)", choices=("auto", "torch", "dali", "synthetic"))
+    subset: str | None = opt(None, ".npy of sample ids to train on (from select-subset)")
+    data_index: str | None = opt(
+        None, "the dataset index (index.json or its folder) of --train-data when it is not beside the shards, e.g. "
+              "for pipe:/http URLs: ids and counts come from it")
+    max_bad_fraction: float = opt(0.01, "stop when a larger share of samples is unreadable")
+    imagenet_val: str | None = opt(
+        None, "ImageNet validation set as an ImageFolder (1000 class folders): zero-shot top-1/top-5 with "
+              "open_clip's class names and templates", section="zeroshot")
+    imagenet_v2: str | None = opt(None, "ImageNetV2 as an ImageFolder (class folders 0..999): zero-shot "
+                                        "top-1/top-5", section="zeroshot")
+    zeroshot_data: str | None = opt(None, "any ImageFolder: zero-shot top-1/top-5 with the folder names as class "
+                                          "names", section="zeroshot")
+    zeroshot_classnames: str | None = opt(None, "with --zeroshot-data: a text file of class names, one per line, "
+                                                "in the folders' order", section="zeroshot")
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         for flag, path in (("--imagenet-val", self.imagenet_val), ("--imagenet-v2", self.imagenet_v2),
                            ("--zeroshot-data", self.zeroshot_data)):
             if path is not None and not os.path.isdir(path):
@@ -81,8 +161,6 @@ class DataConfig:
                               "`dissect-fast synth --out DIR` and pass --train-data DIR/train")
         if self.dataset_type not in ("webdataset", "auto"):
             raise ConfigError(f"--dataset-type must be webdataset or auto, got {self.dataset_type!r}")
-        if self.data_backend not in ("auto", "torch", "dali", "synthetic"):
-            raise ConfigError(f"--data-backend must be auto, torch, dali or synthetic, got {self.data_backend!r}")
         if self.train_num_samples is not None and self.train_num_samples < 1:
             raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -107,26 +185,40 @@ class DataConfig:
 class ModelConfig:
     """Which CLIP to build and how to run it."""
 
-    model: str = "RN50"  #: any open_clip model name, or the name of a dissect_fast tiny config
-    model_config: str | None = None  #: path to an open_clip-style model JSON (overrides --model)
-    precision: str = "auto"  #: auto | fp32 | amp_bf16 | amp (fp16 + grad scaler)
-    device: str = "auto"  #: auto | cpu | cuda | cuda:N
-    compile: bool = False  #: torch.compile the training and scoring forwards
-    score_scale: str = "100"  #: 100 (reference) or learned (the model's logit_scale.exp())
-    score_resolution: int | None = None  #: score at this image side (ViT: pos-embeddings interpolated)
-    score_patch_dropout: float = 0.0  #: ViT: share of patch tokens dropped at random in the scoring pass
-    score_cudagraphs: bool = False  #: with --compile on CUDA: replay the scoring pass as a CUDA graph
-    pretrained: str | None = None  #: a checkpoint file, or an open_clip pretrained tag (offline: the local HF cache)
-    lock_image: bool = False  #: LiT: freeze the image tower (open_clip's lock_image_tower)
-    lock_image_unlocked_groups: int = 0  #: leave the last N image-tower layer groups trainable
-    lock_image_freeze_bn_stats: bool = False  #: locked BatchNorm layers keep their running statistics fixed
-    lock_text: bool = False  #: freeze the text tower (open_clip's lock_text_tower)
-    lock_text_unlocked_layers: int = 0  #: leave the last N text-tower layers trainable
-    lock_text_freeze_layer_norm: bool = False  #: the locked layers' LayerNorms are frozen too (else trainable)
-    grad_checkpointing: bool = False  #: activation checkpointing (open_clip's set_grad_checkpointing)
-    siglip: bool = False  #: SigLIP's sigmoid loss (open_clip's SigLipLoss) instead of ClipLoss
+    model: str = opt("RN50", "open_clip model name or a dissect_fast tiny config")
+    model_config: str | None = opt(None, "open_clip-style model JSON (overrides --model)")
+    precision: str = opt(
+        "auto", "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 (= amp_bfloat16: bf16 autocast), bf16 / "
+                "fp16 (weights in bf16 / fp16, LayerNorms in fp32), pure_bf16 / pure_fp16 (every weight in bf16 / "
+                "fp16), fp32; auto = amp_bf16 on CUDA, fp32 on CPU")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = opt(False, "torch.compile the training and scoring forwards")
+    score_scale: str = opt("100", "CLIPScore scale: 100 (reference) or the model's learned logit scale "
+                                  "(logit_scale.exp())", choices=("100", "learned"))
+    score_resolution: int | None = opt(
+        None, "score at this image side in pixels (ViT: position embeddings interpolated; a multiple of the patch "
+              "size, <= image size)")
+    score_patch_dropout: float = opt(0.0, "ViT only: share of patch tokens dropped at random in the scoring pass")
+    score_cudagraphs: bool = opt(False, "with --compile on CUDA: compile the scoring pass with CUDA graphs "
+                                        "(reduce-overhead)")
+    pretrained: str | None = opt(
+        None, "initial weights: a checkpoint file (open_clip or dissect_fast) or an open_clip pretrained tag of "
+              "--model (HF_HUB_OFFLINE=1: only from the local Hugging Face cache)")
+    lock_image: bool = opt(False, "LiT: freeze the image tower (open_clip's lock_image_tower)")
+    lock_image_unlocked_groups: int = opt(0, "with --lock-image: leave the last N image-tower layer groups trainable")
+    lock_image_freeze_bn_stats: bool = opt(False, "with --lock-image: freeze the running statistics of the locked "
+                                                  "BatchNorm layers")
+    lock_text: bool = opt(False, "freeze the text tower (open_clip's lock_text_tower)")
+    lock_text_unlocked_layers: int = opt(0, "with --lock-text: leave the last N text-tower layers trainable")
+    lock_text_freeze_layer_norm: bool = opt(False, "with --lock-text: freeze the LayerNorms of the locked layers too "
+                                                   "(else they train)")
+    grad_checkpointing: bool = opt(False, "activation checkpointing in both towers (less memory, one more forward "
+                                          "per step)")
+    siglip: bool = opt(False, "SigLIP's sigmoid loss (open_clip's SigLipLoss) instead of the softmax contrastive "
+                              "loss (logit scale/bias initialised to log 10 / -10, as open_clip does)")
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision == "amp_bfloat16":  # open_clip's alias
@@ -146,8 +238,6 @@ class ModelConfig:
         if self.pretrained is not None and _looks_like_path(self.pretrained) and not os.path.isfile(self.pretrained):
             raise ConfigError(f"--pretrained {self.pretrained}: no such checkpoint file (give a .pt/.bin/.safetensors "
                               f"file, or an open_clip pretrained tag such as laion2b_s34b_b79k)")
-        if self.score_scale not in ("100", "learned"):
-            raise ConfigError(f"--score-scale must be 100 or learned, got {self.score_scale!r}")
         if self.score_resolution is not None and self.score_resolution < 1:
             raise ConfigError(f"--score-resolution must be >= 1 pixel (or left out), got {self.score_resolution}")
         if not 0.0 <= self.score_patch_dropout < 1.0:
@@ -164,24 +254,26 @@ class ModelConfig:
 class OptimConfig:
     """AdamW with a linear warm-up then cosine schedule (open_clip's defaults)."""
 
-    epochs: int = 32
-    lr: float = 5e-4
-    wd: float = 0.2  #: weight decay, not applied to gains, biases and logit scale
-    warmup: int = 10000  #: linear LR warm-up steps
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip_norm: float | None = None
-    lr_scheduler: str = "cosine"  #: open_clip's schedules (open_clip_train.scheduler): cosine | const | const-cooldown
-    epochs_cooldown: int | None = None  #: const-cooldown: the last N epochs decay the LR to lr_cooldown_end
-    lr_cooldown_end: float = 0.0  #: const-cooldown: the LR at the end of the cooldown
-    lr_cooldown_power: float = 1.0  #: const-cooldown: decay (1 - e / es) ** power; 1 = linear
-    #: open_clip's gradient accumulation: one optimizer step per N batches (selection runs per batch)
-    accum_freq: int = 1
+    epochs: int = opt(32, "training epochs")
+    lr: float = opt(5e-4, "peak learning rate (AdamW, cosine schedule)")
+    wd: float = opt(0.2, "weight decay (not on gains, biases, logit scale)")
+    warmup: int = opt(10000, "linear LR warm-up steps")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.98, "AdamW beta2")
+    eps: float = opt(1e-6, "AdamW epsilon")
+    grad_clip_norm: float | None = opt(None, "clip the gradient norm to this (None: off)")
+    accum_freq: int = opt(1, "gradient accumulation: one optimizer step per N batches, the contrastive loss over all "
+                             "N (selected) sub-batches; selection runs on each batch of --batch-size")
+    lr_scheduler: str = opt(
+        "cosine", "open_clip's LR schedules (open_clip_train.scheduler), all after the linear --warmup: cosine "
+                  "(decay to 0), const, const-cooldown (const, then a decay over the last --epochs-cooldown epochs)",
+        choices=("cosine", "const", "const-cooldown"))
+    epochs_cooldown: int | None = opt(None, "const-cooldown: the cooldown runs over the last N epochs")
+    lr_cooldown_end: float = opt(0.0, "const-cooldown: the LR at the end")
+    lr_cooldown_power: float = opt(1.0, "const-cooldown: polynomial decay (1 - e / es) ** power (1: linear)")
 
     def __post_init__(self) -> None:
-        if self.lr_scheduler not in ("cosine", "const", "const-cooldown"):
-            raise ConfigError(f"--lr-scheduler must be cosine, const or const-cooldown, got {self.lr_scheduler!r}")
+        _check_choices(self)
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown N: the last N epochs decay the LR")
         if self.epochs_cooldown is not None and not 1 <= self.epochs_cooldown <= self.epochs:
@@ -204,17 +296,25 @@ class OptimConfig:
 
 @dataclass
 class SelectConfig:
-    """Online batch selection (METHOD.md)."""
+    """Online batch selection (METHOD.md); the parser adds the reference's --select switch
+    (select_strategy_from_flags)."""
 
-    strategy: str = "full"  #: a name of selection.strategies.STRATEGIES (or an alias)
-    rate: float = 0.2  #: r: share of each batch trained on, k = floor(r * B)
-    warmup_point: int = 10  #: dissect-warmup: epochs < W are the warm-up
-    momentum: float = 0.9  #: dissect-momentum: beta of the history update
-    warmup_train: str = "random"  #: dissect-warmup, epochs < W: random k-subset or full batch
-    history_dtype: str = "fp32"  #: history buffer storage: fp32 (4 B/sample) or bf16 (2 B/sample)
-    backend: str = "auto"  #: selection op: auto (fused Triton on CUDA) | triton | torch (unfused reference)
+    strategy: str = opt(
+        "full", "one of " + ", ".join(STRATEGIES) + " (reference names accepted, `ours` = dissect-warmup); implies "
+                "--select; None: full without --select, dissect-warmup with it",
+        flags=("--select-strategy",), flag_default=None)
+    rate: float = opt(0.2, "r: share of each batch trained on, k = floor(r * B)", flags=("--select-rate",))
+    warmup_point: int = opt(10, "dissect-warmup: warm-up epochs (epochs < W)")
+    momentum: float = opt(0.9, "dissect-momentum: history momentum beta")
+    warmup_train: str = opt("random", "dissect-warmup: what the warm-up epochs train on (random k-subset or the full "
+                                      "batch)", choices=("random", "full"))
+    backend: str = opt("auto", "selection op: auto = fused Triton kernel on CUDA; triton; torch = the unfused "
+                               "reference", flags=("--select-backend",), choices=("auto", "triton", "torch"))
+    history_dtype: str = opt("fp32", "history buffer storage: fp32 (4 B/sample) or bf16 (2 B/sample)",
+                             choices=("fp32", "bf16"))
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         try:
             self.strategy = resolve_strategy(self.strategy)
         except KeyError as e:
@@ -223,12 +323,6 @@ class SelectConfig:
             raise ConfigError(f"--select-rate must be in (0, 1], got {self.rate}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.warmup_train not in ("random", "full"):
-            raise ConfigError(f"--warmup-train must be random or full, got {self.warmup_train!r}")
-        if self.history_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"--history-dtype must be fp32 or bf16, got {self.history_dtype!r}")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"--select-backend must be auto, triton or torch, got {self.backend!r}")
         if self.warmup_point < 1 and self.strategy in WARMUP_STRATEGIES:
             raise ConfigError(f"--warmup-point must be >= 1 epoch for {self.strategy}, got {self.warmup_point}")
 
@@ -241,10 +335,12 @@ class SelectConfig:
 class DistConfig:
     """Multi-GPU / multi-node training under torchrun (ignored in a single process)."""
 
-    local_loss: bool = False  #: ClipLoss: local features against the gathered ones (open_clip --local-loss)
-    gather_with_grad: bool = True  #: ClipLoss: all-gather with gradient (exact full-batch gradient)
-    check_sync_every: int = 0  #: compare history checksums across ranks every N steps (0: at epoch ends only)
-    dist_timeout: float = 10.0  #: minutes a collective may wait for a peer before the rank fails
+    local_loss: bool = opt(False, "ClipLoss over local vs gathered features (open_clip's --local-loss)")
+    gather_with_grad: bool = opt(True, "all-gather features with gradient in ClipLoss (exact full-batch gradient)",
+                                 action=argparse.BooleanOptionalAction)
+    check_sync_every: int = opt(0, "verify identical history buffers across ranks every N steps (0: at epoch ends "
+                                   "only)")
+    dist_timeout: float = opt(10.0, "minutes a collective waits for a dead peer before the rank fails")
 
     def __post_init__(self) -> None:
         if self.check_sync_every < 0:
@@ -257,27 +353,39 @@ class DistConfig:
 class RunConfig:
     """Logging, checkpoints, seeds."""
 
-    logs: str = "./logs"
-    name: str | None = None  #: run folder name under --logs (default: strategy-date)
-    resume: str | None = None  #: a checkpoint path, or `latest` (this run's latest.pt)
-    seed: int = 0
-    log_every_n_steps: int = 10
-    val_every: int = 1  #: evaluate every n epochs (and always after the last)
-    zeroshot_frequency: int = 2  #: zero-shot classification every n epochs (and after the last); 0: never
-    plots: bool = True
-    tensorboard: bool = True
-    progress: bool = True
-    max_nonfinite_steps: int = 10  #: stop after this many consecutive steps with a non-finite loss or gradient
-    record: bool = False  #: write select_record/record_{epoch}.npz (what each epoch scored and selected) per epoch
-    #: "A:B": torch.profiler trace (+ NVTX ranges on CUDA) of global steps A..B-1 into RUN/profile/
-    profile_steps: str | None = None
-    #: open_clip's --report-to: none | tensorboard | wandb | wandb,tensorboard (``tensorboard=False`` drops tensorboard)
-    report_to: str = "tensorboard"
-    wandb_project_name: str = "open-clip"  #: wandb project (open_clip's default)
-    wandb_notes: str = ""  #: notes of the wandb run
-    save_frequency: int = 1  #: checkpoints/epoch_N.pt every N epochs (0: the last epoch only); the last is always saved
-    save_most_recent: bool = True  #: checkpoints/latest.pt after every epoch (always on: resume needs it)
-    delete_previous_checkpoint: bool = False  #: keep only the newest epoch_N.pt (removed once the new one verifies)
+    logs: str = opt("./logs", "folder of the run folders; under torchrun use --logs-dir: torchrun rejects --logs "
+                              "(unless `--` precedes the script)", flags=("--logs", "--logs-dir"))
+    name: str | None = opt(None, "run folder under --logs (may hold slashes); None: STRATEGY-DATE. An existing run "
+                                 "is refused unless --resume is given")
+    resume: str | None = opt(None, "checkpoint path or `latest` (this run's checkpoints/latest.pt)")
+    seed: int = opt(0, "random seed (rank r uses seed + r)")
+    log_every_n_steps: int = opt(10, "read the loss on the host every N steps")
+    val_every: int = opt(1, "evaluate every N epochs (and after the last)")
+    zeroshot_frequency: int = opt(2, "zero-shot evaluation every N epochs (and after the last); 0: never",
+                                  section="zeroshot")
+    record: bool = opt(False, "write select_record/record_EPOCH.npz per epoch: per sample id what was scored and "
+                              "selected")
+    plots: bool = opt(True, "write no plots", flags=("--no-plots",), negate=True)
+    tensorboard: bool = opt(True, "write no tensorboard events (drops tensorboard from --report-to)",
+                            flags=("--no-tensorboard",), negate=True)
+    report_to: str = opt(
+        "tensorboard", "tensorboard | wandb | 'wandb,tensorboard' | none: where epoch metrics and the train/ scalars "
+                       "of every log step go (RUN/steps.jsonl is always written); wandb: `pip install wandb`")
+    wandb_project_name: str = opt("open-clip", "wandb project (with --report-to wandb)")
+    wandb_notes: str = opt("", "notes of the wandb run (with --report-to wandb)")
+    save_frequency: int = opt(1, "write checkpoints/epoch_N.pt every N epochs (0: only the last); the last epoch is "
+                                 "always saved and latest.pt always holds the newest state")
+    save_most_recent: bool = opt(True, "keep checkpoints/latest.pt as the newest state after every epoch (always on: "
+                                       "resume needs it; accepted for open_clip command lines)")
+    delete_previous_checkpoint: bool = opt(False, "after a new epoch_N.pt is written and verified, delete the older "
+                                                  "epoch checkpoints")
+    progress: bool = opt(True, "no progress bar", flags=("--no-progress",), negate=True)
+    max_nonfinite_steps: int = opt(10, "stop after this many consecutive steps with a non-finite loss/gradient (each "
+                                       "is skipped)")
+    profile_steps: str | None = opt(
+        None, "profile global steps A..B-1 (0-based, e.g. 10:20): torch.profiler trace with the step's phases as "
+              "ranges into RUN/profile/ (plus top_ops.txt, phases.json); on CUDA also NVTX ranges and "
+              "cudaProfilerStart/Stop for `nsys profile --capture-range=cudaProfilerApi`", metavar="A:B")
 
     def __post_init__(self) -> None:
         from dissect_fast.logging_utils import parse_report_to
@@ -329,7 +437,7 @@ def parse_profile_steps(value: str) -> tuple[int, int]:
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs."""
+    """Everything one training run needs: one section per component (the keys of config.json)."""
 
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -360,172 +468,54 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(
-            data=DataConfig(**d["data"]),
-            model=ModelConfig(**d["model"]),
-            optim=OptimConfig(**d["optim"]),
-            select=SelectConfig(**d["select"]),
-            run=RunConfig(**d["run"]),
-            dist=DistConfig(**d.get("dist", {})),
-        )
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The inverse of to_dict; a section or field missing from an older config.json takes its default."""
+        return cls(**{name: section(**d.get(name, {})) for name, section in _sections().items()})
+
+
+def _sections() -> dict[str, type]:
+    """TrainConfig's sections: field name -> dataclass, in order."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    """The argparse option of one opt() field."""
+    m = f.metadata
+    kw: dict[str, Any] = {"help": m["help"], "dest": _dest(f)}
+    base = str(f.type).replace(" | None", "")
+    if m["negate"]:
+        kw["action"] = "store_true"
+    elif base == "bool":
+        kw["action"], kw["default"] = m["action"] or "store_true", f.default
+    else:
+        kw["default"] = f.default if m["flag_default"] is _NO_FLAG_DEFAULT else m["flag_default"]
+        if base in ("int", "float"):
+            kw["type"] = {"int": int, "float": float}[base]
+        if m["choices"]:
+            kw["choices"] = list(m["choices"])
+        if m["metavar"]:
+            kw["metavar"] = m["metavar"]
+    group.add_argument(*_flags(f), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The training flags: open_clip's names where open_clip has the flag, the DISSect reference's for selection."""
+    """The training flags, generated from the config fields: open_clip's names where open_clip has the flag, the
+    DISSect reference's for selection."""
     p = argparse.ArgumentParser(
         prog="dissect_fast.train",
         description="Train a CLIP model with DISSect online sample selection (or a baseline).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d = p.add_argument_group("data")
-    d.add_argument("--train-data", default=None,
-                   help="shard dir (with index.json), brace pattern or glob of .tar; required unless "
-                        "--data-backend synthetic")
-    d.add_argument("--val-data", default=None, help="validation shards, same forms as --train-data")
-    d.add_argument("--train-num-samples", type=int, default=None,
-                   help="samples per epoch; smaller than the data = a shorter epoch (open_clip's meaning); "
-                        "default: the dataset index's count. --data-backend synthetic: the epoch size and id range, "
-                        "default 100 batches (100 x batch size x ranks)")
-    d.add_argument("--dataset-type", default="webdataset",
-                   help="webdataset | auto (both read .tar shards); csv: convert first with `dissect-fast shards`")
-    d.add_argument("--dataset-resampled", action="store_true",
-                   help="draw shards with replacement (open_clip's meaning); needs a known epoch size "
-                        "(--train-num-samples or a dataset index)")
-    d.add_argument("--batch-size", type=int, default=256, help="per-rank batch size before selection")
-    d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
-    d.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali", "synthetic"],
-                   help="loader: auto = DALI when CUDA and DALI are there, else torch; synthetic = random images "
-                        "and tokens made once on the device, fresh ids every step (times the training loop "
-                        "without loader cost; --train-data not read; never picked by auto)")
-    d.add_argument("--subset", default=None, help=".npy of sample ids to train on (from select-subset)")
-    d.add_argument("--data-index", default=None,
-                   help="the dataset index (index.json or its folder) of --train-data when it is not beside the "
-                        "shards, e.g. for pipe:/http URLs: ids and counts come from it")
-    d.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more samples are unreadable")
-    z = p.add_argument_group("zero-shot classification (open_clip's flags)")
-    z.add_argument("--imagenet-val", default=None,
-                   help="ImageNet validation set as an ImageFolder: zero-shot top-1/top-5 with open_clip's class "
-                        "names and templates")
-    z.add_argument("--imagenet-v2", default=None, help="ImageNetV2 as an ImageFolder (class folders 0..999)")
-    z.add_argument("--zeroshot-data", default=None,
-                   help="any ImageFolder: zero-shot top-1/top-5 with the folder names as class names")
-    z.add_argument("--zeroshot-classnames", default=None,
-                   help="with --zeroshot-data: a text file of class names, one per line, in the folders' order")
-    z.add_argument("--zeroshot-frequency", type=int, default=2,
-                   help="zero-shot evaluation every N epochs (and after the last); 0: never")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="RN50", help="open_clip model name or a dissect_fast tiny config")
-    m.add_argument("--model-config", default=None, help="open_clip-style model JSON (overrides --model)")
-    m.add_argument("--precision", default="auto",
-                   help="open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 (= amp_bfloat16: bf16 autocast), "
-                        "bf16 / fp16 (weights in bf16 / fp16, LayerNorms in fp32), pure_bf16 / pure_fp16 (every "
-                        "weight in bf16 / fp16), fp32; auto = amp_bf16 on CUDA, fp32 on CPU")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    m.add_argument("--compile", action="store_true", help="torch.compile the forwards")
-    m.add_argument("--score-scale", default="100", choices=["100", "learned"],
-                   help="CLIPScore scale: 100 (reference) or the model's learned logit scale")
-    m.add_argument("--score-resolution", type=int, default=None,
-                   help="score at this image side in pixels (ViT: multiple of the patch size, <= image size)")
-    m.add_argument("--score-patch-dropout", type=float, default=0.0,
-                   help="ViT only: share of patch tokens dropped at random in the scoring pass")
-    m.add_argument("--score-cudagraphs", action="store_true",
-                   help="with --compile on CUDA: compile the scoring pass with CUDA graphs (reduce-overhead)")
-    m.add_argument("--pretrained", default=None,
-                   help="initial weights: a checkpoint file (open_clip or dissect_fast) or an open_clip pretrained tag "
-                        "of --model (HF_HUB_OFFLINE=1: only from the local Hugging Face cache)")
-    m.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower")
-    m.add_argument("--lock-image-unlocked-groups", type=int, default=0,
-                   help="with --lock-image: leave the last N image-tower layer groups trainable")
-    m.add_argument("--lock-image-freeze-bn-stats", action="store_true",
-                   help="with --lock-image: freeze the running statistics of the locked BatchNorm layers")
-    m.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    m.add_argument("--lock-text-unlocked-layers", type=int, default=0,
-                   help="with --lock-text: leave the last N text-tower layers trainable")
-    m.add_argument("--lock-text-freeze-layer-norm", action="store_true",
-                   help="with --lock-text: freeze the LayerNorms of the locked layers too (else they train)")
-    m.add_argument("--grad-checkpointing", action="store_true",
-                   help="activation checkpointing in both towers (less memory, one more forward per step)")
-    m.add_argument("--siglip", action="store_true",
-                   help="SigLIP's sigmoid loss instead of the softmax contrastive loss (logit scale/bias "
-                        "initialised to log 10 / -10, as open_clip does)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=32, help="training epochs")
-    o.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine schedule)")
-    o.add_argument("--wd", type=float, default=0.2, help="weight decay (not on gains, biases, logit scale)")
-    o.add_argument("--warmup", type=int, default=10000, help="linear LR warm-up steps")
-    o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    o.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
-    o.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
-    o.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm to this (None: off)")
-    o.add_argument("--accum-freq", type=int, default=1,
-                   help="gradient accumulation: one optimizer step per N batches, the contrastive loss over all N "
-                        "(selected) sub-batches; selection runs on each batch of --batch-size")
-    o.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const", "const-cooldown"],
-                   help="open_clip's LR schedules, all after the linear --warmup: cosine (decay to 0), const, "
-                        "const-cooldown (const, then a decay over the last --epochs-cooldown epochs)")
-    o.add_argument("--epochs-cooldown", type=int, default=None,
-                   help="const-cooldown: the cooldown runs over the last N epochs")
-    o.add_argument("--lr-cooldown-end", type=float, default=0.0, help="const-cooldown: the LR at the end")
-    o.add_argument("--lr-cooldown-power", type=float, default=1.0,
-                   help="const-cooldown: polynomial decay power (1: linear)")
-    s = p.add_argument_group("selection")
-    s.add_argument("--select", action="store_true",
-                   help="train on a selected share of every batch (reference switch); alone: dissect-warmup")
-    s.add_argument("--select-strategy", default=None,
-                   help="one of " + ", ".join(STRATEGIES) + " (reference names accepted, `ours` = dissect-warmup); "
-                        "implies --select; None: full without --select, dissect-warmup with it")
-    s.add_argument("--select-rate", type=float, default=0.2, help="r: share of each batch trained on")
-    s.add_argument("--warmup-point", type=int, default=10, help="dissect-warmup: warm-up epochs")
-    s.add_argument("--momentum", type=float, default=0.9, help="dissect-momentum: history momentum beta")
-    s.add_argument("--warmup-train", default="random", choices=["random", "full"],
-                   help="dissect-warmup: what the warm-up epochs train on (random k-subset or the full batch)")
-    s.add_argument("--select-backend", default="auto", choices=["auto", "triton", "torch"],
-                   help="selection op: auto = fused Triton kernel on CUDA; torch = the unfused reference")
-    s.add_argument("--history-dtype", default="fp32", choices=["fp32", "bf16"], help="history buffer storage")
-    g = p.add_argument_group("distributed (torchrun)")
-    g.add_argument("--local-loss", action="store_true", help="ClipLoss over local vs gathered features")
-    g.add_argument("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True,
-                   help="all-gather features with gradient in ClipLoss")
-    g.add_argument("--check-sync-every", type=int, default=0,
-                   help="verify identical history buffers across ranks every N steps (0: at epoch ends only)")
-    g.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a collective waits for a dead peer")
-    r = p.add_argument_group("run")
-    r.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
-                   help="folder of the run folders; under torchrun use --logs-dir: torchrun rejects --logs "
-                        "(unless `--` precedes the script)")
-    r.add_argument("--name", default=None,
-                   help="run folder under --logs (may hold slashes); None: STRATEGY-DATE. An existing run is "
-                        "refused unless --resume is given")
-    r.add_argument("--resume", default=None, help="checkpoint path or `latest`")
-    r.add_argument("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
-    r.add_argument("--log-every-n-steps", type=int, default=10, help="read the loss on the host every N steps")
-    r.add_argument("--val-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    r.add_argument("--record", action="store_true",
-                   help="write select_record/record_EPOCH.npz per epoch: per sample id what was scored and selected")
-    r.add_argument("--no-plots", action="store_true", help="write no plots")
-    r.add_argument("--no-tensorboard", action="store_true",
-                   help="write no tensorboard events (drops tensorboard from --report-to)")
-    r.add_argument("--report-to", default="tensorboard",
-                   help="tensorboard | wandb | 'wandb,tensorboard' | none: where epoch metrics and the train/ "
-                        "scalars of every log step go (RUN/steps.jsonl is always written); wandb: `pip install wandb`")
-    r.add_argument("--wandb-project-name", default="open-clip", help="wandb project (with --report-to wandb)")
-    r.add_argument("--wandb-notes", default="", help="notes of the wandb run (with --report-to wandb)")
-    r.add_argument("--save-frequency", type=int, default=1,
-                   help="write checkpoints/epoch_N.pt every N epochs (0: only the last); the last epoch is always "
-                        "saved and latest.pt always holds the newest state")
-    r.add_argument("--save-most-recent", action="store_true", default=True,
-                   help="keep checkpoints/latest.pt as the newest state after every epoch (always on; accepted "
-                        "for open_clip command lines)")
-    r.add_argument("--delete-previous-checkpoint", action="store_true",
-                   help="after a new epoch_N.pt is written and verified, delete the older epoch checkpoints")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--max-nonfinite-steps", type=int, default=10,
-                   help="stop after this many consecutive steps with a non-finite loss/gradient (each is skipped)")
-    r.add_argument("--profile-steps", default=None, metavar="A:B",
-                   help="profile global steps A..B-1 (0-based, e.g. 10:20): torch.profiler trace with the step's "
-                        "phases as ranges into RUN/profile/ (plus top_ops.txt, phases.json); on CUDA also NVTX "
-                        "ranges and cudaProfilerStart/Stop for `nsys profile --capture-range=cudaProfilerApi`")
+    fields = [(f.metadata["section"] or name, f) for name, section in _sections().items()
+              for f in dataclasses.fields(section)]
+    for key, title in SECTIONS.items():
+        group = p.add_argument_group(title)
+        if key == "select":  # the reference's switch: no field of its own (select_strategy_from_flags)
+            group.add_argument("--select", action="store_true", help="train on a selected share of every batch "
+                               "(reference switch); alone: dissect-warmup")
+        for f in (f for k, f in fields if k == key):
+            _add_option(group, f)
     return p
 
 
@@ -544,6 +534,19 @@ def select_strategy_from_flags(select: bool, strategy: str | None) -> str:
     return name
 
 
+def _section_kwargs(section: type, values: dict[str, Any]) -> dict[str, Any]:
+    """One section's fields from the parsed options; an option left at a None flag_default keeps the field default."""
+    kwargs = {}
+    for f in dataclasses.fields(section):
+        value = values[_dest(f)]
+        if f.metadata["negate"]:
+            value = not value
+        elif value is None and f.default is not None:
+            continue
+        kwargs[f.name] = value
+    return kwargs
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags into a validated TrainConfig; exits with a one-line message on invalid input."""
     parser = build_parser()
@@ -551,98 +554,15 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     msg = check_unsupported(sys.argv[1:] if argv is None else argv, known)
     if msg:  # an open_clip flag we do not take: say what to use instead, not "unrecognized arguments"
         parser.error(msg)
-    a = parser.parse_args(argv)
+    values = vars(parser.parse_args(argv))
     try:
-        return TrainConfig(
-            data=DataConfig(
-                train_data=a.train_data or "",
-                val_data=a.val_data,
-                train_num_samples=a.train_num_samples,
-                batch_size=a.batch_size,
-                workers=a.workers,
-                data_backend=a.data_backend,
-                dataset_type=a.dataset_type,
-                dataset_resampled=a.dataset_resampled,
-                subset=a.subset,
-                data_index=a.data_index,
-                max_bad_fraction=a.max_bad_fraction,
-                imagenet_val=a.imagenet_val,
-                imagenet_v2=a.imagenet_v2,
-                zeroshot_data=a.zeroshot_data,
-                zeroshot_classnames=a.zeroshot_classnames,
-            ),
-            model=ModelConfig(
-                model=a.model,
-                model_config=a.model_config,
-                precision=a.precision,
-                device=a.device,
-                compile=a.compile,
-                score_scale=a.score_scale,
-                score_resolution=a.score_resolution,
-                score_patch_dropout=a.score_patch_dropout,
-                score_cudagraphs=a.score_cudagraphs,
-                pretrained=a.pretrained,
-                lock_image=a.lock_image,
-                lock_image_unlocked_groups=a.lock_image_unlocked_groups,
-                lock_image_freeze_bn_stats=a.lock_image_freeze_bn_stats,
-                lock_text=a.lock_text,
-                lock_text_unlocked_layers=a.lock_text_unlocked_layers,
-                lock_text_freeze_layer_norm=a.lock_text_freeze_layer_norm,
-                grad_checkpointing=a.grad_checkpointing,
-                siglip=a.siglip,
-            ),
-            optim=OptimConfig(
-                epochs=a.epochs,
-                lr=a.lr,
-                wd=a.wd,
-                warmup=a.warmup,
-                beta1=a.beta1,
-                beta2=a.beta2,
-                eps=a.eps,
-                grad_clip_norm=a.grad_clip_norm,
-                lr_scheduler=a.lr_scheduler,
-                epochs_cooldown=a.epochs_cooldown,
-                lr_cooldown_end=a.lr_cooldown_end,
-                lr_cooldown_power=a.lr_cooldown_power,
-                accum_freq=a.accum_freq,
-            ),
-            select=SelectConfig(
-                strategy=select_strategy_from_flags(a.select, a.select_strategy),
-                rate=a.select_rate,
-                warmup_point=a.warmup_point,
-                momentum=a.momentum,
-                warmup_train=a.warmup_train,
-                history_dtype=a.history_dtype,
-                backend=a.select_backend,
-            ),
-            run=RunConfig(
-                logs=a.logs,
-                name=a.name,
-                resume=a.resume,
-                seed=a.seed,
-                log_every_n_steps=a.log_every_n_steps,
-                val_every=a.val_every,
-                zeroshot_frequency=a.zeroshot_frequency,
-                plots=not a.no_plots,
-                tensorboard=not a.no_tensorboard,
-                progress=not a.no_progress,
-                max_nonfinite_steps=a.max_nonfinite_steps,
-                record=a.record,
-                profile_steps=a.profile_steps,
-                report_to=a.report_to,
-                wandb_project_name=a.wandb_project_name,
-                wandb_notes=a.wandb_notes,
-                save_frequency=a.save_frequency,
-                save_most_recent=a.save_most_recent,
-                delete_previous_checkpoint=a.delete_previous_checkpoint,
-            ),
-            dist=DistConfig(
-                local_loss=a.local_loss,
-                gather_with_grad=a.gather_with_grad,
-                check_sync_every=a.check_sync_every,
-                dist_timeout=a.dist_timeout,
-            ),
-        )
+        sections = {}
+        for name, section in _sections().items():  # in order: the first invalid section's message wins
+            kwargs = _section_kwargs(section, values)
+            if name == "select":
+                kwargs["strategy"] = select_strategy_from_flags(values["select"], values["select_strategy"])
+            sections[name] = section(**kwargs)
+        return TrainConfig(**sections)
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits

@@ -18,18 +18,37 @@ DEFAULTS = dict(num_train=2000, num_val=500, noise=0.4, epochs=30, warmup_point=
                 lr=3e-3, model="micro-rn")
 
 
-def _runs(a) -> list[tuple[str, list[str]]]:
-    r = str(a.rate)
+def _runs(a) -> list[tuple[str, dict]]:
+    """(run name, its SelectConfig fields) of the five demo runs."""
+    warm = {"rate": a.rate, "warmup_point": a.warmup_point, "warmup_train": a.warmup_train}
     return [
-        ("full", ["--select-strategy", "full"]),
-        ("dissect-warmup", ["--select-strategy", "dissect-warmup", "--select-rate", r,
-                            "--warmup-point", str(a.warmup_point), "--warmup-train", a.warmup_train]),
-        ("clipscore", ["--select-strategy", "clipscore", "--select-rate", r]),
-        ("random", ["--select-strategy", "random", "--select-rate", r]),
+        ("full", {"strategy": "full"}),
+        ("dissect-warmup", {"strategy": "dissect-warmup", **warm}),
+        ("clipscore", {"strategy": "clipscore", "rate": a.rate}),
+        ("random", {"strategy": "random", "rate": a.rate}),
         # this project's variant (not the published rule): the same warm-up, then the highest current scores
-        ("warmup-clipscore", ["--select-strategy", "warmup-clipscore", "--select-rate", r,
-                              "--warmup-point", str(a.warmup_point), "--warmup-train", a.warmup_train]),
+        ("warmup-clipscore", {"strategy": "warmup-clipscore", **warm}),
     ]
+
+
+def _configs(a, data: str, backend: str) -> dict:
+    """The TrainConfig of every wanted run, all validated before any data is written."""
+    from dissect_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SelectConfig, TrainConfig
+
+    wanted = set(a.only.split(",")) if a.only else None
+    return {
+        name: TrainConfig(
+            data=DataConfig(train_data=os.path.join(data, "train"), val_data=os.path.join(data, "val"),
+                            batch_size=a.batch_size, workers=a.workers, data_backend=backend),
+            model=ModelConfig(model=a.model, device=a.device),
+            optim=OptimConfig(epochs=a.epochs, lr=a.lr, warmup=50, wd=0.1),
+            select=SelectConfig(**select),
+            run=RunConfig(logs=os.path.join(a.out, "runs"), name=name, seed=a.seed, progress=False,
+                          val_every=max(1, a.epochs // 6)),
+        )
+        for name, select in _runs(a)
+        if not wanted or name in wanted
+    }
 
 
 def _clean_after(metrics: list[dict], first_epoch: int) -> float | None:
@@ -144,39 +163,33 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dissect_fast.config import config_from_args
+    from dissect_fast.config import ConfigError
     from dissect_fast.data.dali_loader import dali_if_available
     from dissect_fast.data.shards import INDEX_NAME
     from dissect_fast.data.synthetic import make_synthetic
     from dissect_fast.trainer import Trainer
 
     data = os.path.join(a.out, "data")
+    backend = dali_if_available() if a.data_backend == "auto" else a.data_backend
+    try:
+        configs = _configs(a, data, backend)
+    except ConfigError as e:
+        p.error(str(e))
     t0 = time.time()
     if not os.path.isfile(os.path.join(data, "train", INDEX_NAME)):
         print(f"[demo] writing a synthetic set: {a.num_train} training pairs ({a.noise:.0%} noisy), "
               f"{a.num_val} clean validation pairs -> {data}")
         make_synthetic(data, a.num_train, a.num_val, a.noise, 32, a.seed, samples_per_shard=500)
-    backend = dali_if_available() if a.data_backend == "auto" else a.data_backend
     settings = {k: getattr(a, k) for k in ("num_train", "num_val", "noise", "epochs", "warmup_point", "warmup_train",
                                             "rate", "batch_size", "lr", "model", "seed")}
     settings["data_backend"] = backend
     results: dict = {"_settings": settings}
-    wanted = set(a.only.split(",")) if a.only else None
-    for name, extra in _runs(a):
-        if wanted and name not in wanted:
-            continue
+    for name, cfg in configs.items():
         print(f"[demo] training {name} for {a.epochs} epochs ...", flush=True)
-        argv_run = [
-            "--train-data", os.path.join(data, "train"), "--val-data", os.path.join(data, "val"),
-            "--model", a.model, "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
-            "--warmup", "50", "--wd", "0.1", "--workers", str(a.workers), "--data-backend", backend,
-            "--logs", os.path.join(a.out, "runs"), "--name", name, "--seed", str(a.seed), "--device", a.device, "--no-progress",
-            "--val-every", str(max(1, a.epochs // 6)), *extra,
-        ]
         run_dir = os.path.join(a.out, "runs", name)
         if os.path.isdir(run_dir):  # a re-run of the demo starts this run afresh (the trainer refuses old runs)
             shutil.rmtree(run_dir)
-        trainer = Trainer(config_from_args(argv_run))
+        trainer = Trainer(cfg)
         import logging
 
         logging.getLogger("dissect_fast").setLevel(logging.WARNING)
