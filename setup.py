@@ -1,5 +1,27 @@
 """dissect_fast: DISSect online sample selection for CLIP training, made fast."""
+
+import os
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildPy(build_py):
+    """Ship the top-level ``kernels/*.py`` inside ``dissect_fast.kernels`` (wheel, sdist, strict editable).
+
+    In a checkout or a (lenient) editable install ``dissect_fast/kernels/__init__.py`` finds ``kernels/``
+    itself; a wheel has no repository beside it, so the op files are copied into the package here."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "dissect_fast.kernels":
+            src = os.path.join(HERE, "kernels")
+            names = sorted(n for n in os.listdir(src) if n.endswith(".py") and n != "__init__.py")
+            modules += [(package, n[:-3], os.path.relpath(os.path.join(src, n), HERE)) for n in names]
+        return modules
+
 
 setup(
     name="dissect_fast",
@@ -13,7 +35,6 @@ setup(
         "dissect_fast.offline",
         "dissect_fast.kernels",
     ],
-    package_dir={"dissect_fast.kernels": "kernels"},
     package_data={"dissect_fast": ["model_configs/*.json"]},
     install_requires=[
         "torch>=2.6",
@@ -31,5 +52,6 @@ setup(
         "gpu": ["triton>=3.0", "nvidia-dali-cuda130"],
         "test": ["pytest>=7", "pandas"],
     },
+    cmdclass={"build_py": BuildPy},
     entry_points={"console_scripts": ["dissect-fast=dissect_fast.cli:main"]},
 )

@@ -8,9 +8,8 @@ The GPU machine is bare (torch, triton, numpy, pandas, pytest, timm, ... but no 
 wcwidth, webdataset, braceexpand) and offline: `make gpu-wheels` downloads those wheels into `.whl/`
 on a development machine; this script installs the ones that do not import into a temporary folder
 (`pip install --no-index --no-deps --target`, or unzipped when pip is missing) and puts it on the
-PYTHONPATH of every phase. The repository runs as a plain working tree (no `pip install -e .`): a
-``sitecustomize`` in a second temporary folder maps ``dissect_fast.kernels`` to ``kernels/`` (setup.py's
-``package_dir``), whatever the working directory.
+PYTHONPATH of every phase. The repository runs as a plain working tree (no `pip install -e .`):
+``dissect_fast/kernels/__init__.py`` finds the top-level ``kernels/`` folder itself.
 
 Phases, in priority order; each runs in its own subprocess (own process group, own timeout) and writes
 its JSON (device, versions, commit, command, date, results) to the output folder as soon as it ends:
@@ -186,54 +185,17 @@ def wheel_dist(path: Path) -> str:
     return norm_dist(path.name.split("-")[0])
 
 
-def state_dirs() -> tuple[Path, Path]:
-    """(shim folder with the sitecustomize, target folder of the installed wheels), per checkout."""
-    base = Path(tempfile.gettempdir()) / f"dissect_gpu_check-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]}"
-    return base / "shim", base / "site"
+def state_dir() -> Path:
+    """Target folder of the installed wheels, per checkout."""
+    tag = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"dissect_gpu_check-{tag}" / "site"
 
 
-SITECUSTOMIZE = '''"""Written by benchmarks/gpu_check.py: ``dissect_fast.kernels`` is the repository's
-``kernels/`` folder (setup.py's package_dir), so the working tree runs without ``pip install -e .``."""
-import importlib.machinery
-import importlib.util
-import os
-import sys
-
-_KERNELS = {kernels!r}
-
-
-class _KernelsFinder:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "dissect_fast.kernels":
-            return None
-        return importlib.util.spec_from_file_location(
-            name, os.path.join(_KERNELS, "__init__.py"), submodule_search_locations=[_KERNELS])
-
-
-sys.meta_path.insert(0, _KernelsFinder)
-
-# run the sitecustomize this one shadows, if there is one further down sys.path
-_here = os.path.realpath(os.path.dirname(__file__))
-_rest = [p for p in sys.path if os.path.realpath(p or ".") != _here]
-_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _rest)
-if _spec is not None and _spec.loader is not None:
-    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-'''
-
-
-def write_shim(shim: Path) -> None:
-    shim.mkdir(parents=True, exist_ok=True)
-    tmp = shim / f".sitecustomize.{os.getpid()}.tmp"
-    tmp.write_text(SITECUSTOMIZE.format(kernels=str(ROOT / "kernels")))
-    os.replace(tmp, shim / "sitecustomize.py")
-
-
-def subprocess_env(shim: Path, site: Path | None = None) -> dict:
-    """The environment of every phase: the shim, the installed wheels (when some were needed) and the repository
-    on PYTHONPATH."""
+def subprocess_env(site: Path | None = None) -> dict:
+    """The environment of every phase: the installed wheels (when some were needed) and the repository on
+    PYTHONPATH."""
     env = dict(os.environ)
-    parts = [str(shim), *([str(site)] if site else []), str(ROOT)]
+    parts = [*([str(site)] if site else []), str(ROOT)]
     parts += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -337,16 +299,16 @@ def install_wheels(wheels: list[Path], target: Path) -> dict:
     return {**rec, "method": "unzip"}
 
 
-def prepare_python(shim: Path, site: Path, wheel_dir: Path) -> tuple[dict, dict, dict]:
+def prepare_python(site: Path, wheel_dir: Path) -> tuple[dict, dict, dict]:
     """Probe; install the wheels of ``wheel_dir`` whose module does not import into ``site``, put it on the
     path and probe again. Returns (probe, setup record, environment of the phases)."""
-    env = subprocess_env(shim)
+    env = subprocess_env()
     info = probe(env)
     missing = sorted(d for d, m in WHEEL_MODULES.items() if info.get("modules", {}).get(m) is None)
     setup: dict = {"missing_before": missing, "wheel_dir": str(wheel_dir)}
     if not missing:
         return info, setup, env
-    env = subprocess_env(shim, site)
+    env = subprocess_env(site)
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
     pick = [w for w in wheels if wheel_dist(w) in missing]
     absent = sorted(set(missing) - {wheel_dist(w) for w in pick})
@@ -1238,9 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
     out = output_dir(a)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    shim, site = state_dirs()
-    write_shim(shim)
-    info, setup, env = prepare_python(shim, site, Path(a.wheels))
+    info, setup, env = prepare_python(state_dir(), Path(a.wheels))
     for m, v in info.get("modules", {}).items():
         if v is None:
             print(f"[gpu_check] warning: {m} does not import: {info.get('import_errors', {}).get(m)}", flush=True)

@@ -14,6 +14,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from dissect_fast.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
+
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 _registered = False
 log = logging.getLogger("dissect_fast")
@@ -166,7 +168,7 @@ def resolve_pretrained(spec: str, model_name: str) -> str:
     hub = cfg.get("hf_hub", "")
     try:
         if hub:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # open_clip's dependency, needed for hub tags only
 
             repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
             names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
@@ -202,10 +204,8 @@ def read_state_dict(path: str) -> tuple[dict, str | None]:
     """(model weights, model name when the file records one) of a checkpoint: dissect_fast's (``state_dict`` +
     ``model_name``), open_clip's (``state_dict``, ``module.`` prefixes), a bare state dict or a .safetensors file;
     torch.compile / DDP prefixes stripped."""
-    from dissect_fast.checkpoint import strip_prefixes
-
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: .safetensors checkpoints only
 
         ck = load_file(path, device="cpu")
     else:
@@ -557,8 +557,6 @@ class Forwards:
 def model_from_checkpoint(path: str, name: str | None, device: torch.device):
     """(model, model name, eval preprocess, context length) of a saved dissect_fast or open_clip checkpoint, for
     the command-line tools; ValueError with a one-line message naming the flag for every user mistake."""
-    from dissect_fast.checkpoint import CheckpointError, load_checkpoint
-
     if not os.path.isfile(path):
         raise ValueError(f"--checkpoint {path}: no such file")
     try:

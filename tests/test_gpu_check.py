@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py, the one prepared command of a GPU session, checked on CPU: its dry run writes every
 phase's JSON (or a recorded skip with the reason) in the shape the GPU run will; the wheel list covers what the
-bare GPU machine lacks; the kernels import from a plain working tree; wheels install without pip."""
+bare GPU machine lacks; the kernels import from a plain working tree (no shim); wheels install without pip."""
 
 from __future__ import annotations
 
@@ -175,35 +175,21 @@ def test_wheel_list_covers_the_gpu_machine():
 
 
 def test_kernels_import_from_a_plain_working_tree(tmp_path):
-    """No site (-S): no editable install's finder; torch from site-packages added by hand. Without the shim
-    ``dissect_fast.kernels`` is missing (setup.py maps it from kernels/), with it the kernels import."""
+    """No site (-S): no editable install's finder; torch from site-packages added by hand. The phases put the
+    repository on PYTHONPATH and nothing else: ``dissect_fast.kernels`` finds ``kernels/`` by itself."""
     gc = load_gpu_check()
-    gc.write_shim(tmp_path)
+    assert not hasattr(gc, "write_shim")
     purelib = sysconfig.get_paths()["purelib"]
     code = (
-        "import sys; sys.path[:0] = [{shim!r}, {root!r}]; sys.path.append({lib!r}); {pre}"
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path.append({purelib!r}); "
         "import dissect_fast.kernels.fused_select; print(sys.modules['dissect_fast.kernels.fused_select'].__file__)"
     )
-    kw = {"shim": str(tmp_path), "root": str(ROOT), "lib": purelib}
     bare = subprocess.run(
-        [sys.executable, "-S", "-c", code.format(pre="", **kw)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
+        [sys.executable, "-S", "-c", code], check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
-    assert bare.returncode != 0 and "No module named 'dissect_fast.kernels'" in bare.stderr
-    shimmed = subprocess.run(
-        [sys.executable, "-S", "-c", code.format(pre="import sitecustomize; ", **kw)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert shimmed.returncode == 0, shimmed.stderr[-2000:]
-    assert Path(shimmed.stdout.strip()) == ROOT / "kernels" / "fused_select.py"
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert Path(bare.stdout.strip()) == ROOT / "kernels" / "fused_select.py"
+    assert str(ROOT) in gc.subprocess_env()["PYTHONPATH"].split(os.pathsep)
 
 
 def _fake_wheel(path: Path) -> Path:

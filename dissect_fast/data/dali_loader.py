@@ -27,7 +27,8 @@ int64 [B]) and ``stats`` (a Counter of the last epoch's skip reasons, ``bad_samp
   (:func:`fit_tokens_batch`, the batched twin of ``loader.fit_tokens``); shards without ``tok`` are
   tokenised from ``txt`` in a background thread (slow: a warning says so).
 * Ids: the ``id`` field read as int64; shards without one get ``first_id + position`` from their
-  sidecar, looked up from DALI's ``source_info`` (tar path and byte offset of the image).
+  sidecar, looked up from DALI's ``source_info`` (tar path and byte offset of the image) over the whole
+  batch at once with numpy (:class:`SourceIds`).
 """
 
 from __future__ import annotations
@@ -120,10 +121,6 @@ class Preprocess:
             raise ValueError("Preprocess: the shortest-side resize supports square image sizes only")
 
     @classmethod
-    def for_model(cls, image_size: int, train: bool) -> Preprocess:
-        return cls((image_size, image_size), "crop" if train else "shortest")
-
-    @classmethod
     def from_transform(cls, transform) -> Preprocess:
         """Parameters of an open_clip/torchvision Compose (RandomResizedCrop | Resize [+ CenterCrop],
         Normalize); a clear error for steps DALI does not reproduce (colour jitter, grayscale, ...)."""
@@ -175,7 +172,7 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
                    prefetch: int = 2):
     """The DALI pipeline: outputs ``images`` (float32 CHW, normalised), ``tokens`` (int32 [B, n] or the
     caption bytes when ``caption="txt"``), then ``ids`` (int64 [B, 1]) and/or ``source_info`` (uint8)."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, types  # optional dependency (the gpu extra): imported only when used
     from nvidia.dali import math as dmath
     from nvidia.dali.pipeline import Pipeline
 
@@ -233,6 +230,74 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
     return pipe
 
 
+# ----------------------------------------------------------------------------- ids from source_info
+_OFFSET_BITS = 40  #: image offsets below 1 TiB: (shard, offset) packs into one int64 key
+_MAX_DIGITS = 19  #: decimal digits of an int64
+
+
+class SourceIds:
+    """DALI's ``source_info`` rows -> sample ids for shards without an ``id`` field, with numpy over the batch
+    (no Python loop over samples).
+
+    A row is ``"<tar path>:<offset of the image data>:<member name>"`` (uint8, zero padded). The tar path is
+    matched against the shard paths of each distinct path length (a handful of lengths, not one per sample):
+    the row's first ``L`` bytes, viewed as one fixed-width byte string, are found by ``searchsorted`` among the
+    sorted paths of that length, shortest first (a path may contain ``:``). The decimal offset that follows is
+    parsed with byte arithmetic, and ``(shard, offset)``, packed into one int64, is found by ``searchsorted``
+    among the sorted keys of all shards' samples."""
+
+    def __init__(self, shards: list[_Shard]) -> None:
+        paths = [s.path.encode("utf-8", "surrogateescape") for s in shards]
+        self.path_len = np.asarray([len(p) for p in paths], dtype=np.int64)
+        self.groups = []  #: (length, sorted paths as bytes dtype, their shard numbers)
+        for n in sorted(set(self.path_len.tolist())):
+            sel = np.flatnonzero(self.path_len == n)
+            names = np.asarray([paths[i] for i in sel], dtype=f"S{n}")
+            o = np.argsort(names)
+            self.groups.append((n, names[o], sel[o]))
+        offs = [s.offsets if s.offsets is not None else np.zeros(0, np.int64) for s in shards]
+        if any(len(o) and int(o.max()) >= 1 << _OFFSET_BITS for o in offs) or len(shards) >= 1 << (63 - _OFFSET_BITS):
+            raise ValueError("DaliLoader: shards over 1 TiB or over 8M shards cannot map source_info to ids")
+        empty = np.zeros(0, np.int64)
+        self.keys = np.concatenate([empty] + [(np.int64(i) << _OFFSET_BITS) | o for i, o in enumerate(offs)])
+        self.ids = np.concatenate([empty] + [s.offset_ids for s in shards if s.offsets is not None])
+        if len(self.keys) != len(self.ids) or not np.all(np.diff(self.keys) > 0):
+            raise ValueError("DaliLoader: image offsets must be sorted and unique within each shard")
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.uint8).reshape(len(rows), -1)
+        b, w = rows.shape
+        shard = np.full(b, -1, dtype=np.int64)
+        for n, names, which in self.groups:  # one pass per distinct path length
+            cand = np.flatnonzero((shard < 0) & (rows[:, n] == ord(":"))) if n < w else np.zeros(0, np.int64)
+            if not len(cand):
+                continue
+            head = np.ascontiguousarray(rows[cand, :n]).view(f"S{n}").ravel()
+            j = np.minimum(np.searchsorted(names, head), len(names) - 1)
+            hit = names[j] == head
+            shard[cand[hit]] = which[j[hit]]
+        if (shard < 0).any():
+            raise KeyError(f"DaliLoader: source_info names no shard of this epoch: {self._row(rows, shard < 0)}")
+        start = self.path_len[shard] + 1  # the offset's first digit
+        at = start[:, None] + np.arange(_MAX_DIGITS)
+        digit = rows[np.arange(b)[:, None], np.minimum(at, w - 1)].astype(np.int64) - ord("0")
+        ok = np.cumprod((at < w) & (digit >= 0) & (digit <= 9), axis=1).astype(bool)  # up to the first non-digit
+        ndig = ok.sum(axis=1)
+        offset = (np.where(ok, digit, 0) * 10 ** np.maximum(ndig[:, None] - 1 - np.arange(_MAX_DIGITS), 0)).sum(1)
+        key = (shard << _OFFSET_BITS) | offset
+        i = np.searchsorted(self.keys, key)
+        found = np.zeros(b, dtype=bool)
+        inside = i < len(self.keys)
+        found[inside] = self.keys[i[inside]] == key[inside]
+        if not (found & (ndig > 0)).all():
+            raise KeyError(f"DaliLoader: no sample at this source_info offset: {self._row(rows, ~found | (ndig == 0))}")
+        return self.ids[i]
+
+    @staticmethod
+    def _row(rows: np.ndarray, mask) -> str:
+        return rows[np.flatnonzero(mask)[0]].tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
+
+
 # ----------------------------------------------------------------------------- the loader
 @dataclass
 class _Shard:
@@ -240,7 +305,8 @@ class _Shard:
     idx: str  #: the .idx DALI reads (possibly a filtered copy)
     count: int
     skipped: Counter  #: reasons the shard lost samples (static: the same every epoch)
-    offset_to_id: dict | None = None  #: image data offset -> id, when ids come from source_info
+    offsets: np.ndarray | None = None  #: sorted image data offsets, when ids come from source_info ...
+    offset_ids: np.ndarray | None = None  #: ... and the ids of those samples
     verify: str = "none"  #: the image check its .idx was built with
 
 
@@ -376,7 +442,8 @@ class DaliLoader:
                     f.write(lines[i] + "\n")
             sh.count = int(keep.sum())
         if keep_map:
-            sh.offset_to_id = dict(zip(img_off[keep].tolist(), ids[keep].tolist()))
+            order = np.argsort(img_off[keep], kind="stable")
+            sh.offsets, sh.offset_ids = img_off[keep][order], ids[keep][order]
 
     # ------------------------------------------------------------------ the epoch
     def set_epoch(self, epoch: int) -> None:
@@ -403,7 +470,7 @@ class DaliLoader:
         return out
 
     def __iter__(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # optional dependency
 
         self.stats = Counter()
         order = [s for s in self._order() if s.count > 0]
@@ -425,7 +492,7 @@ class DaliLoader:
         )
         size = pipe.reader_meta("reader")["epoch_size"]
         n_rank = self._rank_size(size)
-        offsets = {s.path: s.offset_to_id for s in order} if source else None
+        offsets = SourceIds(order) if source else None
         pool = ThreadPoolExecutor(1) if self.caption == "txt" else None
         yielded = 0
         try:
@@ -467,17 +534,10 @@ class DaliLoader:
         if pending is not None:
             yield pending[0], pending[1].result().to(self.device, non_blocking=True), pending[2]
 
-    def _ids(self, out: dict, offsets) -> torch.Tensor:
+    def _ids(self, out: dict, offsets: SourceIds | None) -> torch.Tensor:
         if offsets is None:
             return out["ids"].view(-1).to(self.device, non_blocking=True)
-        ids = []
-        for row in out["source"].numpy():  # "<tar path>:<offset of the image data>:<member name>"
-            s = row.tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
-            i = s.find(":")
-            while i != -1 and s[:i] not in offsets:
-                i = s.find(":", i + 1)
-            ids.append(offsets[s[:i]][int(s[i + 1 : s.index(":", i + 1)])])
-        return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        return torch.from_numpy(offsets(out["source"].numpy())).to(self.device, non_blocking=True)
 
     def _tokenize(self, text: torch.Tensor) -> torch.Tensor:
         if self._tokenizer is None:
@@ -535,4 +595,5 @@ class DaliLoader:
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
 
 
-__all__ = ["DaliLoader", "Preprocess", "build_pipeline", "dali_unavailable_reason", "fit_tokens_batch", "idx_paths"]
+__all__ = ["DaliLoader", "Preprocess", "SourceIds", "build_pipeline", "dali_unavailable_reason", "fit_tokens_batch",
+           "idx_paths"]

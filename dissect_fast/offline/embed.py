@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dissect_fast.data.loader import eval_loader
+from dissect_fast.data.shards import check_ids_known, resolve_data, tokenizer_for
+from dissect_fast.model import autocast, model_from_checkpoint, resolve_device, resolve_precision
+from dissect_fast.offline.embeddings_io import EmbeddingsError, EmbeddingWriter
+
 
 def embed_class_names(model, names: list[str], context_length: int, device, precision) -> np.ndarray:
-    from dissect_fast.data.shards import tokenizer_for
-    from dissect_fast.model import autocast
-
     tok = tokenizer_for(context_length)
     prompts = tok([f"a photo of a {n}." for n in names], context_length=context_length).to(device)
     with torch.no_grad(), autocast(precision, device):
@@ -49,11 +51,6 @@ def main_embed(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from tqdm import tqdm
-
-    from dissect_fast.data.loader import eval_loader
-    from dissect_fast.data.shards import check_ids_known, resolve_data
-    from dissect_fast.model import autocast, model_from_checkpoint, resolve_device, resolve_precision
-    from dissect_fast.offline.embeddings_io import EmbeddingsError, EmbeddingWriter
 
     try:
         shards, index = resolve_data(a.data, "--data", a.data_index)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from dissect_fast.ioutil import write_json_atomic
+
 FORMAT = "dissect_fast.embeddings"
 VERSION = 1
 DTYPES = ("float16", "float32")
@@ -44,15 +46,6 @@ def _to_numpy(x: Any, dtype: np.dtype) -> np.ndarray:
             x = x.float()
         x = x.cpu().numpy()
     return np.asarray(x).astype(dtype, copy=False)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class EmbeddingWriter:
@@ -197,7 +190,7 @@ class EmbeddingWriter:
         for name in _ARRAYS:
             getattr(self, name).flush()
         self.meta.update(count=self.count, dim=self.dim, dtype=self.dtype)
-        _write_json_atomic(self.dir / "meta.json", self.meta)
+        write_json_atomic(self.dir / "meta.json", self.meta, indent=1, sort_keys=True)
         self._since_flush = 0
 
     def close(self) -> None:
