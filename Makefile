@@ -18,7 +18,12 @@ $(STAMP): setup.py requirements.txt
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/dissect-fast demo --out runs/demo
 
-test: install
+# ruff check (rules in ruff.toml) and ruff format --check, before the tests
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 test-gpu: install

@@ -72,8 +72,10 @@ def make_shards(out: str, unique: int, samples: int, per_shard: int, workers: in
     t0 = time.time()
     with Pool(workers) as pool:
         jpegs = pool.map(realistic_jpeg, range(unique), chunksize=16)
-    caps = [f"a photo of object {i} with {['red', 'green', 'blue'][i % 3]} shapes on a textured background"
-            for i in range(unique)]
+    caps = [
+        f"a photo of object {i} with {['red', 'green', 'blue'][i % 3]} shapes on a textured background"
+        for i in range(unique)
+    ]
     toks = tokenize(tokenizer_for(77), caps, 77)
     w = ShardWriter(out, per_shard, prefix="bench")
     for i in range(samples):
@@ -81,9 +83,17 @@ def make_shards(out: str, unique: int, samples: int, per_shard: int, workers: in
         w.write(i, jpegs[j], caps[j], toks[j], None)
     w.finish(77)
     sizes = np.array([len(j) for j in jpegs])
-    return {"unique_images": unique, "samples": samples, "shards": len(w.shards), "jpeg_kb_mean": round(
-        sizes.mean() / 1024, 1), "jpeg_kb_min": round(sizes.min() / 1024, 1), "jpeg_kb_max": round(
-        sizes.max() / 1024, 1), "image_size": "400x300", "quality": 90, "gen_s": round(time.time() - t0, 1)}
+    return {
+        "unique_images": unique,
+        "samples": samples,
+        "shards": len(w.shards),
+        "jpeg_kb_mean": round(sizes.mean() / 1024, 1),
+        "jpeg_kb_min": round(sizes.min() / 1024, 1),
+        "jpeg_kb_max": round(sizes.max() / 1024, 1),
+        "image_size": "400x300",
+        "quality": 90,
+        "gen_s": round(time.time() - t0, 1),
+    }
 
 
 def _sync(device):
@@ -100,7 +110,7 @@ def time_loader(make, device, warmup: int, batches: int) -> dict:
     t_start = time.time()
     while n < warmup + batches:
         loader.set_epoch(epoch)
-        for images, tokens, ids in loader:
+        for images, tokens, ids in loader:  # noqa: B007 -- the last batch is checked after the loop
             n += 1
             if n == warmup:
                 _sync(device)
@@ -113,9 +123,16 @@ def time_loader(make, device, warmup: int, batches: int) -> dict:
     _sync(device)
     dt = time.time() - t0
     assert images.device.type == device.type and images.dtype.is_floating_point and ids.dtype.is_signed
-    return {"images_per_s": round(seen / dt, 1), "timed_batches": batches, "timed_s": round(dt, 3),
-            "warmup_batches": warmup, "first_batch_s": None, "startup_plus_warmup_s": round(t0 - t_start, 2),
-            "image_shape": list(images.shape), "tokens_shape": list(tokens.shape)}
+    return {
+        "images_per_s": round(seen / dt, 1),
+        "timed_batches": batches,
+        "timed_s": round(dt, 3),
+        "warmup_batches": warmup,
+        "first_batch_s": None,
+        "startup_plus_warmup_s": round(t0 - t_start, 2),
+        "image_shape": list(images.shape),
+        "tokens_shape": list(tokens.shape),
+    }
 
 
 def versions() -> dict:
@@ -123,8 +140,13 @@ def versions() -> dict:
     import PIL
     import torch
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-         "pillow": PIL.__version__, "numpy": np.__version__}
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import nvidia.dali
 
@@ -153,8 +175,14 @@ def commit(given: str | None) -> str:
     if given:
         return given
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -173,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique", type=int, default=None, help="distinct JPEGs generated (default 4096; 128 quick)")
     p.add_argument("--samples", type=int, default=None, help="samples in the shards (default 32768; 1024 quick)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="torch workers and DALI threads")
-    p.add_argument("--shuffle-buffer", type=int, default=None,
-                   help="default 256 (64 quick): both loaders' sample shuffle buffer (per torch worker; per rank for "
-                        "DALI). Keep it well below samples/workers: a torch worker reads its whole buffer (raw bytes) "
-                        "before its first batch, so a buffer holding most of the data would let the warm-up pre-read "
-                        "the timed region")
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="default 256 (64 quick): both loaders' sample shuffle buffer (per torch worker; per rank for "
+        "DALI). Keep it well below samples/workers: a torch worker reads its whole buffer (raw bytes) "
+        "before its first batch, so a buffer holding most of the data would let the warm-up pre-read "
+        "the timed region",
+    )
     p.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI: share of the hardware JPEG decoder")
     p.add_argument("--data", default=None, help="keep the generated shards here (reused when present)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -197,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     data = a.data or tempfile.mkdtemp(prefix="bench_data_")
     per_epoch = samples // bs
     if warmup + batches > per_epoch:
-        print(f"note: {warmup + batches} batches cross epoch boundaries ({per_epoch} per epoch): the timing includes "
-              f"the DALI pipeline rebuild and the torch workers' restart + buffer refill")
+        print(
+            f"note: {warmup + batches} batches cross epoch boundaries ({per_epoch} per epoch): the timing includes "
+            f"the DALI pipeline rebuild and the torch workers' restart + buffer refill"
+        )
     if not os.path.isfile(os.path.join(data, "index.json")):
         dataset = make_shards(data, unique, samples, per_shard=max(64, samples // (2 * workers)), workers=workers)
         with open(os.path.join(data, "dataset.json"), "w") as f:
@@ -225,9 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
 
             def make():
-                return DaliLoader(shards, bs, 77, Preprocess.from_transform(tf), train=True, device=device,
-                                  workers=workers, index=index, shuffle_buffer=a.shuffle_buffer,
-                                  hw_decoder_load=a.hw_decoder_load)
+                return DaliLoader(
+                    shards,
+                    bs,
+                    77,
+                    Preprocess.from_transform(tf),
+                    train=True,
+                    device=device,
+                    workers=workers,
+                    index=index,
+                    shuffle_buffer=a.shuffle_buffer,
+                    hw_decoder_load=a.hw_decoder_load,
+                )
 
             name = "dali-" + ("gpu-decode" if device.type == "cuda" else "cpu-decode")
         else:
@@ -239,8 +282,16 @@ def main(argv: list[str] | None = None) -> int:
             name = "torch-cpu-decode"
         r = time_loader(make, device, warmup, batches)
         r.pop("first_batch_s")
-        rows.append({"provider": name, "batch_size": bs, "image_size": a.image_size, "workers": workers,
-                     "shuffle_buffer": a.shuffle_buffer, **r})
+        rows.append(
+            {
+                "provider": name,
+                "batch_size": bs,
+                "image_size": a.image_size,
+                "workers": workers,
+                "shuffle_buffer": a.shuffle_buffer,
+                **r,
+            }
+        )
         if name.startswith("dali"):
             rows[-1]["hw_decoder_load"] = a.hw_decoder_load
         print(f"{name:18s} {r['images_per_s']:>10.1f} images/s  (batch {bs}, {a.image_size} px, {workers} workers)")
@@ -252,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = {"speedup_dali_over_torch": round(speedup, 2)}
         if device.type == "cuda":
             ok = by["dali"] >= TARGET_DALI_IMAGES_S and speedup >= TARGET_SPEEDUP
-            verdict.update(target=f"dali >= {TARGET_DALI_IMAGES_S} images/s and >= {TARGET_SPEEDUP}x torch",
-                           passed=ok)
+            verdict.update(target=f"dali >= {TARGET_DALI_IMAGES_S} images/s and >= {TARGET_SPEEDUP}x torch", passed=ok)
             print(f"speed-up {speedup:.2f}x; target ({verdict['target']}): {'PASS' if ok else 'FAIL'}")
         else:
             print(f"speed-up {speedup:.2f}x (CPU run: the GPU target does not apply)")

@@ -50,13 +50,20 @@ def train(a, data: Path, logs: Path, name: str, epochs: int, select: dict, subse
     from dissect_fast.trainer import Trainer
 
     cfg = TrainConfig(
-        data=DataConfig(train_data=str(data / "train"), val_data=str(data / "val"), batch_size=a.batch_size,
-                        workers=a.workers, data_backend="torch", subset=None if subset is None else str(subset)),
+        data=DataConfig(
+            train_data=str(data / "train"),
+            val_data=str(data / "val"),
+            batch_size=a.batch_size,
+            workers=a.workers,
+            data_backend="torch",
+            subset=None if subset is None else str(subset),
+        ),
         model=ModelConfig(model=a.model, device="cpu"),
         optim=OptimConfig(epochs=epochs, lr=a.lr, warmup=a.warmup, wd=0.1),
         select=SelectConfig(**select),
-        run=RunConfig(logs=str(logs), name=name, seed=a.seed, progress=False, tensorboard=False, plots=False,
-                      val_every=epochs),
+        run=RunConfig(
+            logs=str(logs), name=name, seed=a.seed, progress=False, tensorboard=False, plots=False, val_every=epochs
+        ),
     )
     shutil.rmtree(logs / name, ignore_errors=True)  # a re-run starts afresh (the trainer refuses an existing run)
     trainer = Trainer(cfg)
@@ -193,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: clean share {r['subset_clean_share']:.3f}, i->t R@1 {r['i2t_R@1']:.1f}", flush=True)
 
     online = [
-        ("dissect-warmup", {"strategy": "dissect-warmup", "rate": a.fraction, "warmup_point": a.ref_epochs,
-                                "warmup_train": "full"}),
+        (
+            "dissect-warmup",
+            {"strategy": "dissect-warmup", "rate": a.fraction, "warmup_point": a.ref_epochs, "warmup_train": "full"},
+        ),
         ("full", {"strategy": "full"}),
     ]
     for name, select in online:

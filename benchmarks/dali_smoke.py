@@ -62,8 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     model, pre_train, _ = open_clip.create_model_and_transforms(a.model, device=device, output_dict=True)
     ctx = model.context_length
     index = DatasetIndex.load(data)
-    loader = DaliLoader(index.shard_paths(), a.batch_size, ctx, Preprocess.from_transform(pre_train), train=True,
-                        device=device, workers=a.workers, index=index)
+    loader = DaliLoader(
+        index.shard_paths(),
+        a.batch_size,
+        ctx,
+        Preprocess.from_transform(pre_train),
+        train=True,
+        device=device,
+        workers=a.workers,
+        index=index,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, fused=True)
     loss_fn = ClipLoss()
     model.train()

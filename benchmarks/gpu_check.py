@@ -408,15 +408,33 @@ def tail(path: Path, n: int) -> str:
         return ""
     return data[-n:].decode(errors="replace")
 
-def phase_result(status: str, reason: str | None, command: str, secs: float, results, key: str, log, *,
-                 spec=None, ok=("ok",), tail_chars=(3000, 12000)) -> dict:
+
+def phase_result(
+    status: str,
+    reason: str | None,
+    command: str,
+    secs: float,
+    results,
+    key: str,
+    log,
+    *,
+    spec=None,
+    ok=("ok",),
+    tail_chars=(3000, 12000),
+) -> dict:
     """The JSON body every phase writes: its log's tail is longer when the phase did not end well."""
-    out = {"status": status, "reason": reason, "command": command, "seconds": secs, "results": results, "key": key,
-           "log_tail": tail(log, tail_chars[0] if status in ok else tail_chars[1])}
+    out = {
+        "status": status,
+        "reason": reason,
+        "command": command,
+        "seconds": secs,
+        "results": results,
+        "key": key,
+        "log_tail": tail(log, tail_chars[0] if status in ok else tail_chars[1]),
+    }
     if spec is not None:
         out["spec"] = spec
     return out
-
 
 
 def read_json(path: Path) -> dict | None:

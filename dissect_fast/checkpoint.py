@@ -282,3 +282,102 @@ def strip_prefixes(sd: dict) -> dict:
             k = k.replace(p, "")
         out[k] = v
     return out
+
+
+class Checkpointer:
+    """One run's checkpoints in ``RUN/checkpoints``: what to resume from, which file each save writes (the
+    --save-frequency policy), the mid-epoch position of an interrupted epoch, --delete-previous-checkpoint.
+
+    Writes happen on the main rank only (``is_main``); every rank reads the same files to resume.
+    """
+
+    def __init__(self, run_dir: str, epochs: int, save_frequency: int, delete_previous: bool, is_main: bool) -> None:
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.epochs, self.save_frequency, self.delete_previous = epochs, save_frequency, delete_previous
+        self.is_main = is_main
+
+    # ---------------------------------------------------------------- resume
+    def load_resume(self, resume: str | None, restarted: bool) -> tuple[str, dict] | None:
+        """(path, state) of the checkpoint to resume from, verified and loaded once; None: start fresh. After a
+        torchelastic restart (``restarted``) and with ``--resume latest``: this run's newest checkpoint that
+        verifies and loads (damaged ones are logged and skipped); else the file ``--resume`` names."""
+        if restarted or resume == "latest":
+            found = find_resumable(self.dir)
+            if found is not None or resume in (None, "latest"):
+                return found
+        if resume is None:
+            return None
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return resume, load_checkpoint(resume)
+
+    def latest(self) -> str | None:
+        """checkpoints/latest.pt when it exists: the last good checkpoint."""
+        p = os.path.join(self.dir, "latest.pt")
+        return p if os.path.isfile(p) else None
+
+    def remove_stale(self) -> None:
+        """Remove checkpoint writes a killed process left unfinished (main rank, at the run's start)."""
+        if self.is_main:
+            for p in remove_stale_temporaries(self.dir):
+                log.warning("removed %s, a checkpoint write that did not finish (killed process)", p)
+
+    # ---------------------------------------------------------------- save
+    def write(self, state: dict, name: str) -> str:
+        """Atomic, verified write of checkpoints/<name>; latest.pt then names the same file. A full disk stops
+        the run (RunStopped) with the previous checkpoint intact."""
+        from dissect_fast.reliability import RunStopped
+
+        path = os.path.join(self.dir, name)
+        try:
+            save_checkpoint(state, path)
+            if name != "latest.pt":
+                link_checkpoint(path, os.path.join(self.dir, "latest.pt"))
+        except DiskFullError as e:
+            raise RunStopped(f"{e.strerror}; last good checkpoint: {self.latest()}") from e
+        return path
+
+    def save_epoch(self, state_fn, epoch_done: int) -> None:
+        """The end-of-epoch checkpoint of ``state_fn()``. Every --save-frequency epochs and after the last:
+        checkpoints/epoch_N.pt, which latest.pt then names; other epochs write latest.pt alone
+        (--save-most-recent: it always holds the newest state). --delete-previous-checkpoint: the older
+        epoch_M.pt go once epoch_N.pt verifies."""
+        if not self.is_main:
+            return
+        f = self.save_frequency
+        if epoch_done == self.epochs or (f > 0 and epoch_done % f == 0):
+            path = self.write(state_fn(), f"epoch_{epoch_done}.pt")
+            if self.delete_previous:
+                self._delete_previous(path, epoch_done)
+        else:
+            self.write(state_fn(), "latest.pt")
+
+    def save_position(self, state_fn) -> str | None:
+        """Mid-epoch (a stop signal): ``state_fn()``, which holds the data position inside the epoch under
+        ``epoch_resume`` (``epoch``, ``epoch_step``, RNG streams, the epoch's partial sums), to latest.pt; the
+        epoch_*.pt are not touched. Resuming re-enters the epoch there (``epoch_position``). Returns the path on
+        the main rank."""
+        if not self.is_main:
+            return None
+        state = state_fn()
+        state["epoch_step"] = state["epoch_resume"]["epoch_step"]
+        return self.write(state, "latest.pt")
+
+    @staticmethod
+    def epoch_position(state: dict) -> dict | None:
+        """The data position inside an epoch an interrupted run's checkpoint holds; None: an epoch's end."""
+        return state.get("epoch_resume")
+
+    def _delete_previous(self, path: str, epoch_done: int) -> None:
+        """Remove epoch_M.pt (M < ``epoch_done``) and their sidecars, once ``path`` verifies against its sidecar."""
+        try:
+            if read_sidecar(path) is None:
+                raise CheckpointError(f"checkpoint {path} has no sidecar")
+            verify_checkpoint(path)
+        except (CheckpointError, OSError) as e:
+            log.error("--delete-previous-checkpoint: %s; the older epoch checkpoints are kept", e)
+            return
+        for epoch, old in sorted(epoch_checkpoints(self.dir).items()):
+            if epoch < epoch_done:
+                remove_checkpoint(old)
+                log.info("--delete-previous-checkpoint: removed %s", old)

@@ -24,8 +24,10 @@ def _synth(argv: list[str]) -> int:
         train, val = make_synthetic(a.out, a.num_train, a.num_val, a.noise, a.image_size, a.seed, a.samples_per_shard)
     except ValueError as e:
         p.error(str(e))
-    print(f"wrote {train.num_samples} training samples in {len(train.shards)} shards to {a.out}/train"
-          + (f", {val.num_samples} validation samples to {a.out}/val" if val else ""))
+    print(
+        f"wrote {train.num_samples} training samples in {len(train.shards)} shards to {a.out}/train"
+        + (f", {val.num_samples} validation samples to {a.out}/val" if val else "")
+    )
     return 0
 
 
@@ -34,10 +36,16 @@ def _shards(argv: list[str]) -> int:
     p.add_argument("--csv", required=True)
     p.add_argument("--images", required=True, help="folder the CSV's image paths are relative to")
     p.add_argument("--out", required=True)
-    p.add_argument("--csv-img-key", default=None,
-                   help="image path column (default: the first of filepath, file, image, img, path in the header)")
-    p.add_argument("--csv-caption-key", default=None,
-                   help="caption column (default: the first of title, caption, text in the header)")
+    p.add_argument(
+        "--csv-img-key",
+        default=None,
+        help="image path column (default: the first of filepath, file, image, img, path in the header)",
+    )
+    p.add_argument(
+        "--csv-caption-key",
+        default=None,
+        help="caption column (default: the first of title, caption, text in the header)",
+    )
     p.add_argument("--csv-separator", default=None, help="default: tab if the header has tabs, else comma")
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--val-fraction", type=float, default=0.0)
@@ -48,13 +56,23 @@ def _shards(argv: list[str]) -> int:
 
     try:
         train, val, skipped = csv_to_shards(
-            a.csv, a.images, a.out, img_key=a.csv_img_key, caption_key=a.csv_caption_key, sep=a.csv_separator,
-            noise=a.noise, val_fraction=a.val_fraction, seed=a.seed, samples_per_shard=a.samples_per_shard,
+            a.csv,
+            a.images,
+            a.out,
+            img_key=a.csv_img_key,
+            caption_key=a.csv_caption_key,
+            sep=a.csv_separator,
+            noise=a.noise,
+            val_fraction=a.val_fraction,
+            seed=a.seed,
+            samples_per_shard=a.samples_per_shard,
         )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    print(f"wrote {train.num_samples} training samples to {a.out}/train"
-          + (f" and {val.num_samples} validation samples to {a.out}/val" if val else ""))
+    print(
+        f"wrote {train.num_samples} training samples to {a.out}/train"
+        + (f" and {val.num_samples} validation samples to {a.out}/val" if val else "")
+    )
     print(f"skipped rows: {sum(skipped.values())} {json.dumps(skipped)}")
     return 0
 

@@ -65,8 +65,16 @@ def opt(
     ``flag_default``: the option's default when it differs from the field's (None: "not given").
     A bool field is a store_true switch unless ``action`` names another (e.g. BooleanOptionalAction).
     """
-    meta = {"help": help, "flags": flags, "choices": choices, "section": section, "action": action,
-            "metavar": metavar, "negate": negate, "flag_default": flag_default}
+    meta = {
+        "help": help,
+        "flags": flags,
+        "choices": choices,
+        "section": section,
+        "action": action,
+        "metavar": metavar,
+        "negate": negate,
+        "flag_default": flag_default,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -100,85 +108,128 @@ def _looks_like_path(value: str) -> bool:
 class DataConfig:
     """Where the shards are and how they are loaded."""
 
-    train_data: str = opt("", "shard dir (with index.json), brace pattern or glob of .tar; required unless "
-                              "--data-backend synthetic", flag_default=None)
-    val_data: str | None = opt(None, "validation shards, same forms as --train-data; evaluated every --val-every "
-                                     "epochs")
+    train_data: str = opt(
+        "",
+        "shard dir (with index.json), brace pattern or glob of .tar; required unless --data-backend synthetic",
+        flag_default=None,
+    )
+    val_data: str | None = opt(
+        None, "validation shards, same forms as --train-data; evaluated every --val-every epochs"
+    )
     train_num_samples: int | None = opt(
-        None, "samples per epoch; smaller than the data = a shorter epoch (open_clip's meaning); default: the "
-              "dataset index's count. --data-backend synthetic: the epoch size and id range, default 100 batches "
-              "(100 x batch size x ranks)")
-    dataset_type: str = opt("webdataset", "webdataset | auto (both read .tar shards); csv: convert first with "
-                                          "`dissect-fast shards`")
-    dataset_resampled: bool = opt(False, "draw shards with replacement (open_clip's meaning); needs a known epoch "
-                                         "size (--train-num-samples or a dataset index)")
+        None,
+        "samples per epoch; smaller than the data = a shorter epoch (open_clip's meaning); default: the "
+        "dataset index's count. --data-backend synthetic: the epoch size and id range, default 100 batches "
+        "(100 x batch size x ranks)",
+    )
+    dataset_type: str = opt(
+        "webdataset", "webdataset | auto (both read .tar shards); csv: convert first with `dissect-fast shards`"
+    )
+    dataset_resampled: bool = opt(
+        False,
+        "draw shards with replacement (open_clip's meaning); needs a known epoch "
+        "size (--train-num-samples or a dataset index)",
+    )
     batch_size: int = opt(256, "per-rank batch size B before selection")
     workers: int = opt(2, "loader worker processes per rank")
     data_backend: str = opt(
-        "auto", "loader: auto = DALI when CUDA and DALI are there, else torch; synthetic = random images and tokens "
-                "made once on the device, fresh ids every step (times the training loop without loader cost; "
-                "--train-data not read; never picked by auto)", choices=("auto", "torch", "dali", "synthetic"))
+        "auto",
+        "loader: auto = DALI when CUDA and DALI are there, else torch; synthetic = random images and tokens "
+        "made once on the device, fresh ids every step (times the training loop without loader cost; "
+        "--train-data not read; never picked by auto)",
+        choices=("auto", "torch", "dali", "synthetic"),
+    )
     subset: str | None = opt(None, ".npy of sample ids to train on (from select-subset)")
     data_index: str | None = opt(
-        None, "the dataset index (index.json or its folder) of --train-data when it is not beside the shards, e.g. "
-              "for pipe:/http URLs: ids and counts come from it")
+        None,
+        "the dataset index (index.json or its folder) of --train-data when it is not beside the shards, e.g. "
+        "for pipe:/http URLs: ids and counts come from it",
+    )
     max_bad_fraction: float = opt(0.01, "stop when a larger share of samples is unreadable")
     imagenet_val: str | None = opt(
-        None, "ImageNet validation set as an ImageFolder (1000 class folders): zero-shot top-1/top-5 with "
-              "open_clip's class names and templates", section="zeroshot")
-    imagenet_v2: str | None = opt(None, "ImageNetV2 as an ImageFolder (class folders 0..999): zero-shot "
-                                        "top-1/top-5", section="zeroshot")
-    zeroshot_data: str | None = opt(None, "any ImageFolder: zero-shot top-1/top-5 with the folder names as class "
-                                          "names", section="zeroshot")
-    zeroshot_classnames: str | None = opt(None, "with --zeroshot-data: a text file of class names, one per line, "
-                                                "in the folders' order", section="zeroshot")
+        None,
+        "ImageNet validation set as an ImageFolder (1000 class folders): zero-shot top-1/top-5 with "
+        "open_clip's class names and templates",
+        section="zeroshot",
+    )
+    imagenet_v2: str | None = opt(
+        None, "ImageNetV2 as an ImageFolder (class folders 0..999): zero-shot top-1/top-5", section="zeroshot"
+    )
+    zeroshot_data: str | None = opt(
+        None, "any ImageFolder: zero-shot top-1/top-5 with the folder names as class names", section="zeroshot"
+    )
+    zeroshot_classnames: str | None = opt(
+        None,
+        "with --zeroshot-data: a text file of class names, one per line, in the folders' order",
+        section="zeroshot",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        for flag, path in (("--imagenet-val", self.imagenet_val), ("--imagenet-v2", self.imagenet_v2),
-                           ("--zeroshot-data", self.zeroshot_data)):
+        for flag, path in (
+            ("--imagenet-val", self.imagenet_val),
+            ("--imagenet-v2", self.imagenet_v2),
+            ("--zeroshot-data", self.zeroshot_data),
+        ):
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"{flag} {path}: no such folder (an ImageFolder: one sub-folder of images per class)")
-        if self.zeroshot_classnames is not None and (self.zeroshot_data is None or not os.path.isfile(
-                self.zeroshot_classnames)):
-            raise ConfigError(f"--zeroshot-classnames {self.zeroshot_classnames}: needs --zeroshot-data and an "
-                              f"existing file (one class name per line, in the folders' order)")
+        if self.zeroshot_classnames is not None and (
+            self.zeroshot_data is None or not os.path.isfile(self.zeroshot_classnames)
+        ):
+            raise ConfigError(
+                f"--zeroshot-classnames {self.zeroshot_classnames}: needs --zeroshot-data and an "
+                f"existing file (one class name per line, in the folders' order)"
+            )
         if self.data_backend == "synthetic":
             self._check_synthetic()
         elif not self.train_data:
-            raise ConfigError("--train-data is required: a shard directory, a brace pattern or a glob of .tar files "
-                              "(or --data-backend synthetic to time the training loop on random data)")
+            raise ConfigError(
+                "--train-data is required: a shard directory, a brace pattern or a glob of .tar files "
+                "(or --data-backend synthetic to time the training loop on random data)"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.dataset_type == "csv":
-            raise ConfigError("--dataset-type csv is not read directly: convert the CSV to shards with "
-                              "`dissect-fast shards --csv FILE --images DIR --out DIR` and pass --train-data DIR/train")
+            raise ConfigError(
+                "--dataset-type csv is not read directly: convert the CSV to shards with "
+                "`dissect-fast shards --csv FILE --images DIR --out DIR` and pass --train-data DIR/train"
+            )
         if self.dataset_type == "synthetic":
-            raise ConfigError("--dataset-type synthetic is not supported: for random data made on the device (timing) "
-                              "use --data-backend synthetic; for a learnable synthetic set write shards with "
-                              "`dissect-fast synth --out DIR` and pass --train-data DIR/train")
+            raise ConfigError(
+                "--dataset-type synthetic is not supported: for random data made on the device (timing) "
+                "use --data-backend synthetic; for a learnable synthetic set write shards with "
+                "`dissect-fast synth --out DIR` and pass --train-data DIR/train"
+            )
         if self.dataset_type not in ("webdataset", "auto"):
             raise ConfigError(f"--dataset-type must be webdataset or auto, got {self.dataset_type!r}")
         if self.train_num_samples is not None and self.train_num_samples < 1:
             raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.data_index is not None and not (os.path.isfile(self.data_index) or os.path.isfile(
-                os.path.join(self.data_index, "index.json"))):
-            raise ConfigError(f"--data-index {self.data_index}: no index.json there (write one with `dissect-fast index "
-                              f"SHARDS --out DIR`)")
+        if self.data_index is not None and not (
+            os.path.isfile(self.data_index) or os.path.isfile(os.path.join(self.data_index, "index.json"))
+        ):
+            raise ConfigError(
+                f"--data-index {self.data_index}: no index.json there (write one with `dissect-fast index "
+                f"SHARDS --out DIR`)"
+            )
         if self.subset is not None and not os.path.isfile(self.subset):
             raise ConfigError(f"--subset {self.subset}: no such file (write one with `dissect-fast select-subset`)")
 
     def _check_synthetic(self) -> None:
         """--data-backend synthetic reads no shards: the flags that describe shards contradict it."""
-        for flag, given in (("--subset", self.subset is not None), ("--data-index", self.data_index is not None),
-                            ("--dataset-resampled", self.dataset_resampled)):
+        for flag, given in (
+            ("--subset", self.subset is not None),
+            ("--data-index", self.data_index is not None),
+            ("--dataset-resampled", self.dataset_resampled),
+        ):
             if given:
-                raise ConfigError(f"{flag} describes shards, which --data-backend synthetic does not read: drop "
-                                  f"{flag}, or train on real shards with --data-backend torch/dali")
+                raise ConfigError(
+                    f"{flag} describes shards, which --data-backend synthetic does not read: drop "
+                    f"{flag}, or train on real shards with --data-backend torch/dali"
+                )
 
 
 @dataclass
@@ -188,34 +239,50 @@ class ModelConfig:
     model: str = opt("RN50", "open_clip model name or a dissect_fast tiny config")
     model_config: str | None = opt(None, "open_clip-style model JSON (overrides --model)")
     precision: str = opt(
-        "auto", "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 (= amp_bfloat16: bf16 autocast), bf16 / "
-                "fp16 (weights in bf16 / fp16, LayerNorms in fp32), pure_bf16 / pure_fp16 (every weight in bf16 / "
-                "fp16), fp32; auto = amp_bf16 on CUDA, fp32 on CPU")
+        "auto",
+        "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 (= amp_bfloat16: bf16 autocast), bf16 / "
+        "fp16 (weights in bf16 / fp16, LayerNorms in fp32), pure_bf16 / pure_fp16 (every weight in bf16 / "
+        "fp16), fp32; auto = amp_bf16 on CUDA, fp32 on CPU",
+    )
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = opt(False, "torch.compile the training and scoring forwards")
-    score_scale: str = opt("100", "CLIPScore scale: 100 (reference) or the model's learned logit scale "
-                                  "(logit_scale.exp())", choices=("100", "learned"))
+    score_scale: str = opt(
+        "100",
+        "CLIPScore scale: 100 (reference) or the model's learned logit scale (logit_scale.exp())",
+        choices=("100", "learned"),
+    )
     score_resolution: int | None = opt(
-        None, "score at this image side in pixels (ViT: position embeddings interpolated; a multiple of the patch "
-              "size, <= image size)")
+        None,
+        "score at this image side in pixels (ViT: position embeddings interpolated; a multiple of the patch "
+        "size, <= image size)",
+    )
     score_patch_dropout: float = opt(0.0, "ViT only: share of patch tokens dropped at random in the scoring pass")
-    score_cudagraphs: bool = opt(False, "with --compile on CUDA: compile the scoring pass with CUDA graphs "
-                                        "(reduce-overhead)")
+    score_cudagraphs: bool = opt(
+        False, "with --compile on CUDA: compile the scoring pass with CUDA graphs (reduce-overhead)"
+    )
     pretrained: str | None = opt(
-        None, "initial weights: a checkpoint file (open_clip or dissect_fast) or an open_clip pretrained tag of "
-              "--model (HF_HUB_OFFLINE=1: only from the local Hugging Face cache)")
+        None,
+        "initial weights: a checkpoint file (open_clip or dissect_fast) or an open_clip pretrained tag of "
+        "--model (HF_HUB_OFFLINE=1: only from the local Hugging Face cache)",
+    )
     lock_image: bool = opt(False, "LiT: freeze the image tower (open_clip's lock_image_tower)")
     lock_image_unlocked_groups: int = opt(0, "with --lock-image: leave the last N image-tower layer groups trainable")
-    lock_image_freeze_bn_stats: bool = opt(False, "with --lock-image: freeze the running statistics of the locked "
-                                                  "BatchNorm layers")
+    lock_image_freeze_bn_stats: bool = opt(
+        False, "with --lock-image: freeze the running statistics of the locked BatchNorm layers"
+    )
     lock_text: bool = opt(False, "freeze the text tower (open_clip's lock_text_tower)")
     lock_text_unlocked_layers: int = opt(0, "with --lock-text: leave the last N text-tower layers trainable")
-    lock_text_freeze_layer_norm: bool = opt(False, "with --lock-text: freeze the LayerNorms of the locked layers too "
-                                                   "(else they train)")
-    grad_checkpointing: bool = opt(False, "activation checkpointing in both towers (less memory, one more forward "
-                                          "per step)")
-    siglip: bool = opt(False, "SigLIP's sigmoid loss (open_clip's SigLipLoss) instead of the softmax contrastive "
-                              "loss (logit scale/bias initialised to log 10 / -10, as open_clip does)")
+    lock_text_freeze_layer_norm: bool = opt(
+        False, "with --lock-text: freeze the LayerNorms of the locked layers too (else they train)"
+    )
+    grad_checkpointing: bool = opt(
+        False, "activation checkpointing in both towers (less memory, one more forward per step)"
+    )
+    siglip: bool = opt(
+        False,
+        "SigLIP's sigmoid loss (open_clip's SigLipLoss) instead of the softmax contrastive "
+        "loss (logit scale/bias initialised to log 10 / -10, as open_clip does)",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -223,8 +290,10 @@ class ModelConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision == "amp_bfloat16":  # open_clip's alias
             self.precision = "amp_bf16"
-        for flag, n in (("--lock-image-unlocked-groups", self.lock_image_unlocked_groups),
-                        ("--lock-text-unlocked-layers", self.lock_text_unlocked_layers)):
+        for flag, n in (
+            ("--lock-image-unlocked-groups", self.lock_image_unlocked_groups),
+            ("--lock-text-unlocked-layers", self.lock_text_unlocked_layers),
+        ):
             if n < 0:
                 raise ConfigError(f"{flag} must be >= 0, got {n}")
         for flag, given, lock in (
@@ -236,8 +305,10 @@ class ModelConfig:
             if given and not getattr(self, lock[2:].replace("-", "_")):
                 raise ConfigError(f"{flag} applies to a locked tower: add {lock}, or drop {flag}")
         if self.pretrained is not None and _looks_like_path(self.pretrained) and not os.path.isfile(self.pretrained):
-            raise ConfigError(f"--pretrained {self.pretrained}: no such checkpoint file (give a .pt/.bin/.safetensors "
-                              f"file, or an open_clip pretrained tag such as laion2b_s34b_b79k)")
+            raise ConfigError(
+                f"--pretrained {self.pretrained}: no such checkpoint file (give a .pt/.bin/.safetensors "
+                f"file, or an open_clip pretrained tag such as laion2b_s34b_b79k)"
+            )
         if self.score_resolution is not None and self.score_resolution < 1:
             raise ConfigError(f"--score-resolution must be >= 1 pixel (or left out), got {self.score_resolution}")
         if not 0.0 <= self.score_patch_dropout < 1.0:
@@ -262,12 +333,17 @@ class OptimConfig:
     beta2: float = opt(0.98, "AdamW beta2")
     eps: float = opt(1e-6, "AdamW epsilon")
     grad_clip_norm: float | None = opt(None, "clip the gradient norm to this (None: off)")
-    accum_freq: int = opt(1, "gradient accumulation: one optimizer step per N batches, the contrastive loss over all "
-                             "N (selected) sub-batches; selection runs on each batch of --batch-size")
+    accum_freq: int = opt(
+        1,
+        "gradient accumulation: one optimizer step per N batches, the contrastive loss over all "
+        "N (selected) sub-batches; selection runs on each batch of --batch-size",
+    )
     lr_scheduler: str = opt(
-        "cosine", "open_clip's LR schedules (open_clip_train.scheduler), all after the linear --warmup: cosine "
-                  "(decay to 0), const, const-cooldown (const, then a decay over the last --epochs-cooldown epochs)",
-        choices=("cosine", "const", "const-cooldown"))
+        "cosine",
+        "open_clip's LR schedules (open_clip_train.scheduler), all after the linear --warmup: cosine "
+        "(decay to 0), const, const-cooldown (const, then a decay over the last --epochs-cooldown epochs)",
+        choices=("cosine", "const", "const-cooldown"),
+    )
     epochs_cooldown: int | None = opt(None, "const-cooldown: the cooldown runs over the last N epochs")
     lr_cooldown_end: float = opt(0.0, "const-cooldown: the LR at the end")
     lr_cooldown_power: float = opt(1.0, "const-cooldown: polynomial decay (1 - e / es) ** power (1: linear)")
@@ -300,18 +376,29 @@ class SelectConfig:
     (select_strategy_from_flags)."""
 
     strategy: str = opt(
-        "full", "one of " + ", ".join(STRATEGIES) + " (reference names accepted, `ours` = dissect-warmup); implies "
-                "--select; None: full without --select, dissect-warmup with it",
-        flags=("--select-strategy",), flag_default=None)
+        "full",
+        "one of " + ", ".join(STRATEGIES) + " (reference names accepted, `ours` = dissect-warmup); implies "
+        "--select; None: full without --select, dissect-warmup with it",
+        flags=("--select-strategy",),
+        flag_default=None,
+    )
     rate: float = opt(0.2, "r: share of each batch trained on, k = floor(r * B)", flags=("--select-rate",))
     warmup_point: int = opt(10, "dissect-warmup: warm-up epochs (epochs < W)")
     momentum: float = opt(0.9, "dissect-momentum: history momentum beta")
-    warmup_train: str = opt("random", "dissect-warmup: what the warm-up epochs train on (random k-subset or the full "
-                                      "batch)", choices=("random", "full"))
-    backend: str = opt("auto", "selection op: auto = fused Triton kernel on CUDA; triton; torch = the unfused "
-                               "reference", flags=("--select-backend",), choices=("auto", "triton", "torch"))
-    history_dtype: str = opt("fp32", "history buffer storage: fp32 (4 B/sample) or bf16 (2 B/sample)",
-                             choices=("fp32", "bf16"))
+    warmup_train: str = opt(
+        "random",
+        "dissect-warmup: what the warm-up epochs train on (random k-subset or the full batch)",
+        choices=("random", "full"),
+    )
+    backend: str = opt(
+        "auto",
+        "selection op: auto = fused Triton kernel on CUDA; triton; torch = the unfused reference",
+        flags=("--select-backend",),
+        choices=("auto", "triton", "torch"),
+    )
+    history_dtype: str = opt(
+        "fp32", "history buffer storage: fp32 (4 B/sample) or bf16 (2 B/sample)", choices=("fp32", "bf16")
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -336,15 +423,21 @@ class DistConfig:
     """Multi-GPU / multi-node training under torchrun (ignored in a single process)."""
 
     local_loss: bool = opt(False, "ClipLoss over local vs gathered features (open_clip's --local-loss)")
-    gather_with_grad: bool = opt(True, "all-gather features with gradient in ClipLoss (exact full-batch gradient)",
-                                 action=argparse.BooleanOptionalAction)
-    check_sync_every: int = opt(0, "verify identical history buffers across ranks every N steps (0: at epoch ends "
-                                   "only)")
+    gather_with_grad: bool = opt(
+        True,
+        "all-gather features with gradient in ClipLoss (exact full-batch gradient)",
+        action=argparse.BooleanOptionalAction,
+    )
+    check_sync_every: int = opt(
+        0, "verify identical history buffers across ranks every N steps (0: at epoch ends only)"
+    )
     dist_timeout: float = opt(10.0, "minutes a collective waits for a dead peer before the rank fails")
 
     def __post_init__(self) -> None:
         if self.check_sync_every < 0:
-            raise ConfigError(f"--check-sync-every must be >= 0 steps (0: epoch ends only), got {self.check_sync_every}")
+            raise ConfigError(
+                f"--check-sync-every must be >= 0 steps (0: epoch ends only), got {self.check_sync_every}"
+            )
         if not self.dist_timeout > 0:
             raise ConfigError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
 
@@ -353,39 +446,65 @@ class DistConfig:
 class RunConfig:
     """Logging, checkpoints, seeds."""
 
-    logs: str = opt("./logs", "folder of the run folders; under torchrun use --logs-dir: torchrun rejects --logs "
-                              "(unless `--` precedes the script)", flags=("--logs", "--logs-dir"))
-    name: str | None = opt(None, "run folder under --logs (may hold slashes); None: STRATEGY-DATE. An existing run "
-                                 "is refused unless --resume is given")
+    logs: str = opt(
+        "./logs",
+        "folder of the run folders; under torchrun use --logs-dir: torchrun rejects --logs "
+        "(unless `--` precedes the script)",
+        flags=("--logs", "--logs-dir"),
+    )
+    name: str | None = opt(
+        None,
+        "run folder under --logs (may hold slashes); None: STRATEGY-DATE. An existing run "
+        "is refused unless --resume is given",
+    )
     resume: str | None = opt(None, "checkpoint path or `latest` (this run's checkpoints/latest.pt)")
     seed: int = opt(0, "random seed (rank r uses seed + r)")
     log_every_n_steps: int = opt(10, "read the loss on the host every N steps")
     val_every: int = opt(1, "evaluate every N epochs (and after the last)")
-    zeroshot_frequency: int = opt(2, "zero-shot evaluation every N epochs (and after the last); 0: never",
-                                  section="zeroshot")
-    record: bool = opt(False, "write select_record/record_EPOCH.npz per epoch: per sample id what was scored and "
-                              "selected")
+    zeroshot_frequency: int = opt(
+        2, "zero-shot evaluation every N epochs (and after the last); 0: never", section="zeroshot"
+    )
+    record: bool = opt(
+        False, "write select_record/record_EPOCH.npz per epoch: per sample id what was scored and selected"
+    )
     plots: bool = opt(True, "write no plots", flags=("--no-plots",), negate=True)
-    tensorboard: bool = opt(True, "write no tensorboard events (drops tensorboard from --report-to)",
-                            flags=("--no-tensorboard",), negate=True)
+    tensorboard: bool = opt(
+        True,
+        "write no tensorboard events (drops tensorboard from --report-to)",
+        flags=("--no-tensorboard",),
+        negate=True,
+    )
     report_to: str = opt(
-        "tensorboard", "tensorboard | wandb | 'wandb,tensorboard' | none: where epoch metrics and the train/ scalars "
-                       "of every log step go (RUN/steps.jsonl is always written); wandb: `pip install wandb`")
+        "tensorboard",
+        "tensorboard | wandb | 'wandb,tensorboard' | none: where epoch metrics and the train/ scalars "
+        "of every log step go (RUN/steps.jsonl is always written); wandb: `pip install wandb`",
+    )
     wandb_project_name: str = opt("open-clip", "wandb project (with --report-to wandb)")
     wandb_notes: str = opt("", "notes of the wandb run (with --report-to wandb)")
-    save_frequency: int = opt(1, "write checkpoints/epoch_N.pt every N epochs (0: only the last); the last epoch is "
-                                 "always saved and latest.pt always holds the newest state")
-    save_most_recent: bool = opt(True, "keep checkpoints/latest.pt as the newest state after every epoch (always on: "
-                                       "resume needs it; accepted for open_clip command lines)")
-    delete_previous_checkpoint: bool = opt(False, "after a new epoch_N.pt is written and verified, delete the older "
-                                                  "epoch checkpoints")
+    save_frequency: int = opt(
+        1,
+        "write checkpoints/epoch_N.pt every N epochs (0: only the last); the last epoch is "
+        "always saved and latest.pt always holds the newest state",
+    )
+    save_most_recent: bool = opt(
+        True,
+        "keep checkpoints/latest.pt as the newest state after every epoch (always on: "
+        "resume needs it; accepted for open_clip command lines)",
+    )
+    delete_previous_checkpoint: bool = opt(
+        False, "after a new epoch_N.pt is written and verified, delete the older epoch checkpoints"
+    )
     progress: bool = opt(True, "no progress bar", flags=("--no-progress",), negate=True)
-    max_nonfinite_steps: int = opt(10, "stop after this many consecutive steps with a non-finite loss/gradient (each "
-                                       "is skipped)")
+    max_nonfinite_steps: int = opt(
+        10, "stop after this many consecutive steps with a non-finite loss/gradient (each is skipped)"
+    )
     profile_steps: str | None = opt(
-        None, "profile global steps A..B-1 (0-based, e.g. 10:20): torch.profiler trace with the step's phases as "
-              "ranges into RUN/profile/ (plus top_ops.txt, phases.json); on CUDA also NVTX ranges and "
-              "cudaProfilerStart/Stop for `nsys profile --capture-range=cudaProfilerApi`", metavar="A:B")
+        None,
+        "profile global steps A..B-1 (0-based, e.g. 10:20): torch.profiler trace with the step's phases as "
+        "ranges into RUN/profile/ (plus top_ops.txt, phases.json); on CUDA also NVTX ranges and "
+        "cudaProfilerStart/Stop for `nsys profile --capture-range=cudaProfilerApi`",
+        metavar="A:B",
+    )
 
     def __post_init__(self) -> None:
         from dissect_fast.logging_utils import parse_report_to
@@ -400,8 +519,10 @@ class RunConfig:
         if self.save_frequency < 0:
             raise ConfigError(f"--save-frequency must be >= 0 epochs (0: last epoch only), got {self.save_frequency}")
         if not self.save_most_recent:
-            raise ConfigError("save_most_recent=False is not supported: checkpoints/latest.pt is always kept (--resume "
-                              "latest, torchelastic restarts and SIGTERM checkpoints use it)")
+            raise ConfigError(
+                "save_most_recent=False is not supported: checkpoints/latest.pt is always kept (--resume "
+                "latest, torchelastic restarts and SIGTERM checkpoints use it)"
+            )
         if self.profile_steps is not None:
             start, stop = parse_profile_steps(self.profile_steps)
             self.profile_steps = f"{start}:{stop}"
@@ -414,8 +535,10 @@ class RunConfig:
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max-nonfinite-steps must be >= 1 step, got {self.max_nonfinite_steps}")
         if self.resume not in (None, "latest") and not os.path.isfile(self.resume):
-            raise ConfigError(f"--resume {self.resume}: no such checkpoint file (give a .pt path, or `latest` "
-                              f"with the run's --logs and --name)")
+            raise ConfigError(
+                f"--resume {self.resume}: no such checkpoint file (give a .pt path, or `latest` "
+                f"with the run's --logs and --name)"
+            )
 
     def profile_window(self) -> tuple[int, int] | None:
         """(A, B) of --profile-steps: profile global steps A..B-1; None without the flag."""
@@ -430,8 +553,10 @@ def parse_profile_steps(value: str) -> tuple[int, int]:
     except ValueError:
         a = b = None
     if not sep or a is None or not 0 <= a < b:
-        raise ConfigError(f"--profile-steps must be A:B, global step numbers with 0 <= A < B (e.g. 10:20 profiles "
-                          f"steps 10..19), got {value!r}")
+        raise ConfigError(
+            f"--profile-steps must be A:B, global step numbers with 0 <= A < B (e.g. 10:20 profiles "
+            f"steps 10..19), got {value!r}"
+        )
     return a, b
 
 
@@ -461,8 +586,10 @@ class TrainConfig:
         if s.strategy in ("small_loss", "big_loss") and self.data.batch_size < 2:
             raise ConfigError("small_loss / big_loss need --batch-size >= 2 (the loss is contrastive)")
         if self.model.siglip and self.dist.local_loss:
-            raise ConfigError("--local-loss is a ClipLoss option; --siglip's SigLipLoss exchanges text features with "
-                              "the neighbouring ranks instead: drop --local-loss")
+            raise ConfigError(
+                "--local-loss is a ClipLoss option; --siglip's SigLipLoss exchanges text features with "
+                "the neighbouring ranks instead: drop --local-loss"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -507,13 +634,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a CLIP model with DISSect online sample selection (or a baseline).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    fields = [(f.metadata["section"] or name, f) for name, section in _sections().items()
-              for f in dataclasses.fields(section)]
+    fields = [
+        (f.metadata["section"] or name, f) for name, section in _sections().items() for f in dataclasses.fields(section)
+    ]
     for key, title in SECTIONS.items():
         group = p.add_argument_group(title)
         if key == "select":  # the reference's switch: no field of its own (select_strategy_from_flags)
-            group.add_argument("--select", action="store_true", help="train on a selected share of every batch "
-                               "(reference switch); alone: dissect-warmup")
+            group.add_argument(
+                "--select",
+                action="store_true",
+                help="train on a selected share of every batch (reference switch); alone: dissect-warmup",
+            )
         for f in (f for k, f in fields if k == key):
             _add_option(group, f)
     return p
@@ -529,8 +660,10 @@ def select_strategy_from_flags(select: bool, strategy: str | None) -> str:
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
     if select and name == "full":
-        raise ConfigError(f"--select with --select-strategy {strategy}: {strategy} trains on the whole batch; "
-                          f"drop --select, or name a selection strategy")
+        raise ConfigError(
+            f"--select with --select-strategy {strategy}: {strategy} trains on the whole batch; "
+            f"drop --select, or name a selection strategy"
+        )
     return name
 
 

@@ -14,8 +14,17 @@ import os
 import shutil
 import time
 
-DEFAULTS = dict(num_train=2000, num_val=500, noise=0.4, epochs=30, warmup_point=10, rate=0.3, batch_size=100,
-                lr=3e-3, model="micro-rn")
+DEFAULTS = dict(
+    num_train=2000,
+    num_val=500,
+    noise=0.4,
+    epochs=30,
+    warmup_point=10,
+    rate=0.3,
+    batch_size=100,
+    lr=3e-3,
+    model="micro-rn",
+)
 
 
 def _runs(a) -> list[tuple[str, dict]]:
@@ -38,13 +47,23 @@ def _configs(a, data: str, backend: str) -> dict:
     wanted = set(a.only.split(",")) if a.only else None
     return {
         name: TrainConfig(
-            data=DataConfig(train_data=os.path.join(data, "train"), val_data=os.path.join(data, "val"),
-                            batch_size=a.batch_size, workers=a.workers, data_backend=backend),
+            data=DataConfig(
+                train_data=os.path.join(data, "train"),
+                val_data=os.path.join(data, "val"),
+                batch_size=a.batch_size,
+                workers=a.workers,
+                data_backend=backend,
+            ),
             model=ModelConfig(model=a.model, device=a.device),
             optim=OptimConfig(epochs=a.epochs, lr=a.lr, warmup=50, wd=0.1),
             select=SelectConfig(**select),
-            run=RunConfig(logs=os.path.join(a.out, "runs"), name=name, seed=a.seed, progress=False,
-                          val_every=max(1, a.epochs // 6)),
+            run=RunConfig(
+                logs=os.path.join(a.out, "runs"),
+                name=name,
+                seed=a.seed,
+                progress=False,
+                val_every=max(1, a.epochs // 6),
+            ),
         )
         for name, select in _runs(a)
         if not wanted or name in wanted
@@ -103,10 +122,20 @@ def plot_demo(results: dict, out_dir: str) -> list[str]:
         if name.startswith("_"):
             continue
         ms = res["metrics"]
-        axes[0].plot([m["epoch"] for m in ms], [m.get("val/image_to_text_R@1", float("nan")) for m in ms],
-                     marker="o", ms=3, label=name)
-        axes[1].plot([m["epoch"] for m in ms], [m.get("select/clean_fraction", float("nan")) for m in ms],
-                     marker="o", ms=3, label=name)
+        axes[0].plot(
+            [m["epoch"] for m in ms],
+            [m.get("val/image_to_text_R@1", float("nan")) for m in ms],
+            marker="o",
+            ms=3,
+            label=name,
+        )
+        axes[1].plot(
+            [m["epoch"] for m in ms],
+            [m.get("select/clean_fraction", float("nan")) for m in ms],
+            marker="o",
+            ms=3,
+            label=name,
+        )
     axes[0].set_ylabel("image->text R@1 (%)")
     axes[1].set_ylabel("clean share of trained samples")
     for ax in axes:
@@ -153,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--model", default=DEFAULTS["model"])
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"],
-                   help="auto: DALI whenever it imports (its CPU path decodes about 3x faster than the torch loader "
-                        "on this demo), else the torch loader")
+    p.add_argument(
+        "--data-backend",
+        default="auto",
+        choices=["auto", "torch", "dali"],
+        help="auto: DALI whenever it imports (its CPU path decodes about 3x faster than the torch loader "
+        "on this demo), else the torch loader",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default=None,
-                   help="comma-separated subset of: full,dissect-warmup,clipscore,random,warmup-clipscore")
+    p.add_argument(
+        "--only", default=None, help="comma-separated subset of: full,dissect-warmup,clipscore,random,warmup-clipscore"
+    )
     a = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,11 +211,27 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     t0 = time.time()
     if not os.path.isfile(os.path.join(data, "train", INDEX_NAME)):
-        print(f"[demo] writing a synthetic set: {a.num_train} training pairs ({a.noise:.0%} noisy), "
-              f"{a.num_val} clean validation pairs -> {data}")
+        print(
+            f"[demo] writing a synthetic set: {a.num_train} training pairs ({a.noise:.0%} noisy), "
+            f"{a.num_val} clean validation pairs -> {data}"
+        )
         make_synthetic(data, a.num_train, a.num_val, a.noise, 32, a.seed, samples_per_shard=500)
-    settings = {k: getattr(a, k) for k in ("num_train", "num_val", "noise", "epochs", "warmup_point", "warmup_train",
-                                            "rate", "batch_size", "lr", "model", "seed")}
+    settings = {
+        k: getattr(a, k)
+        for k in (
+            "num_train",
+            "num_val",
+            "noise",
+            "epochs",
+            "warmup_point",
+            "warmup_train",
+            "rate",
+            "batch_size",
+            "lr",
+            "model",
+            "seed",
+        )
+    }
     settings["data_backend"] = backend
     results: dict = {"_settings": settings}
     for name, cfg in configs.items():

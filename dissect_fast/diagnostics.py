@@ -13,7 +13,13 @@ import torch
 
 
 class EpochDiagnostics:
-    def __init__(self, num_ids: int, device: torch.device, clean: np.ndarray | None) -> None:
+    """Trained-sample counters (always: two device scalars) and, only when needed, per-id arrays: last score,
+    last delta and times trained (12 bytes per id). ``per_id``: the shards have clean flags (clean/noisy
+    means, plots) or --record writes them; without it a step pays one add and no scatter."""
+
+    _PER_ID = ("score", "delta", "trained")
+
+    def __init__(self, num_ids: int, device: torch.device, clean: np.ndarray | None, per_id: bool = False) -> None:
         self.device = device
         self.clean = None
         if clean is not None:
@@ -21,26 +27,43 @@ class EpochDiagnostics:
             c[: min(num_ids, len(clean))] = clean[:num_ids]
             self.clean = torch.from_numpy(c).to(device).bool()
         self.num_ids = num_ids
+        self.per_id = per_id or self.clean is not None
         self.reset()
 
     def reset(self) -> None:
         n, d = self.num_ids, self.device
-        self.score = torch.full((n,), float("nan"), device=d)
-        self.delta = torch.full((n,), float("nan"), device=d)
-        self.trained = torch.zeros(n, dtype=torch.int32, device=d)
+        self.score = self.delta = self.trained = None
+        if self.per_id:
+            self.score = torch.full((n,), float("nan"), device=d)
+            self.delta = torch.full((n,), float("nan"), device=d)
+            self.trained = torch.zeros(n, dtype=torch.int32, device=d)
         self.n_trained = torch.zeros((), dtype=torch.int64, device=d)
         self.n_clean_trained = torch.zeros((), dtype=torch.int64, device=d)
 
     @torch.no_grad()
-    def record(self, ids, score, delta, trained_ids) -> None:
-        if score is not None:
-            self.score[ids if score.shape[0] == ids.shape[0] else trained_ids] = score.float()
-        if delta is not None:
-            self.delta[ids] = delta.float()
-        self.trained.index_add_(0, trained_ids, torch.ones_like(trained_ids, dtype=torch.int32))
+    def record(self, ids: torch.Tensor, sel, trained_ids: torch.Tensor) -> None:
+        """One batch: ``ids`` its samples, ``sel`` its completed Selection (``Strategy.update``), ``trained_ids``
+        the ids trained on."""
         self.n_trained += trained_ids.numel()
         if self.clean is not None:
             self.n_clean_trained += self.clean[trained_ids].sum()
+        if not self.per_id:
+            return
+        if sel.score is not None:
+            self.score[sel.scored_ids] = sel.score.float()
+        if sel.delta is not None:
+            self.delta[ids] = sel.delta.float()
+        self.trained.index_add_(0, trained_ids, torch.ones_like(trained_ids, dtype=torch.int32))
+
+    def state_dict(self) -> dict:
+        """The epoch so far (an interrupted epoch's checkpoint), on the host."""
+        names = ("n_trained", "n_clean_trained") + (self._PER_ID if self.per_id else ())
+        return {k: getattr(self, k).detach().cpu() for k in names}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            if getattr(self, k, None) is not None:  # a run without per-id arrays skips a checkpoint's
+                getattr(self, k).copy_(v.to(self.device))
 
     def summary(self) -> dict:
         out = {"select/trained_samples": int(self.n_trained)}
@@ -56,10 +79,56 @@ class EpochDiagnostics:
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        a = {"score": self.score.cpu().numpy(), "delta": self.delta.cpu().numpy(), "trained": self.trained.cpu().numpy()}
+        a = {
+            "score": self.score.cpu().numpy(),
+            "delta": self.delta.cpu().numpy(),
+            "trained": self.trained.cpu().numpy(),
+        }
         if self.clean is not None:
             a["clean"] = self.clean.cpu().numpy()
         return a
+
+
+def write_record(diag: EpochDiagnostics, dist, history, strategy: str, run_dir: str, epoch: int) -> str | None:
+    """--record: ``RUN/select_record/record_{epoch + 1}.npz`` (1-based, like metrics.jsonl and the checkpoints)
+    with one row per sample id scored or trained in the epoch: ``id``, ``selected`` (times trained; 0 = scored,
+    not selected), ``score`` (last CLIPScore, NaN: not scored), ``delta`` (last DISSect differential, NaN: none),
+    ``history`` (buffer value after the epoch, history strategies) and ``clean`` (when the index has clean
+    flags). Several ranks: the per-rank diagnostics are merged first (a collective on every rank); the main rank
+    writes. Returns the path on the main rank."""
+    d = diag
+    score, delta, trained = d.score.clone(), d.delta.clone(), d.trained.clone()
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        for t in (score, delta):  # NaN where a rank did not see the id: merge by max over the ranks
+            t.copy_(torch.where(torch.isnan(t), float("-inf"), t))
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            t[torch.isneginf(t)] = float("nan")
+        tdist.all_reduce(trained, op=tdist.ReduceOp.SUM)
+    if not dist.is_main:
+        return None
+    ids = torch.nonzero(~torch.isnan(score) | (trained > 0)).squeeze(1)
+    rec = {
+        "id": ids.cpu().numpy(),
+        "selected": trained[ids].cpu().numpy(),
+        "score": score[ids].cpu().numpy(),
+        "delta": delta[ids].cpu().numpy(),
+        "epoch": np.int64(epoch + 1),
+        "num_ids": np.int64(d.num_ids),
+        "strategy": np.array(strategy),
+    }
+    if history is not None:
+        rec["history"] = history.values[ids].float().cpu().numpy()
+    if d.clean is not None:
+        rec["clean"] = d.clean[ids].cpu().numpy()
+    out = os.path.join(run_dir, "select_record")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"record_{epoch + 1}.npz")
+    tmp = f"{path}.tmp.{os.getpid()}.npz"
+    np.savez(tmp, **rec)
+    os.replace(tmp, path)
+    return path
 
 
 def plot_epoch(arrays: dict, epoch: int, out_dir: str) -> str | None:

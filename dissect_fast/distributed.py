@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import glob
 import os
-import signal
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +37,7 @@ class LaunchError(RuntimeError):
 
 #: the two lines an sbatch script needs before ``srun python -m dissect_fast.train ...`` (open_clip's docs)
 SLURM_EXPORTS = (
-    'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-    "export MASTER_PORT=12802"
+    'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\nexport MASTER_PORT=12802'
 )
 
 
@@ -51,8 +49,12 @@ def world_from_env() -> tuple[int, int, int, str]:
     (launcher ``slurm``, open_clip's rule); else a single process (``none``).
     """
     if "WORLD_SIZE" in os.environ:
-        return (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]),
-                int(os.environ.get("LOCAL_RANK", "0")), "torchrun")
+        return (
+            int(os.environ.get("RANK", "0")),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", "0")),
+            "torchrun",
+        )
     ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
     if ntasks > 1 and "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
         rank = int(os.environ["SLURM_PROCID"])
@@ -70,7 +72,9 @@ def _check_slurm_rendezvous(world: int) -> None:
             f"find each other; export both in the sbatch script before srun:\n{SLURM_EXPORTS}"
         )
     if not os.environ["MASTER_PORT"].isdigit():
-        raise LaunchError(f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number: e.g. export MASTER_PORT=12802")
+        raise LaunchError(
+            f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number: e.g. export MASTER_PORT=12802"
+        )
 
 
 def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInfo:
@@ -92,8 +96,9 @@ def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInf
             # torchrun's names too, for anything downstream that reads them
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
             try:
-                dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                        timeout=timeout)
+                dist.init_process_group(
+                    backend=backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
+                )
             except RuntimeError as e:
                 raise LaunchError(
                     f"SLURM task {rank} of {world}: no process group at {os.environ['MASTER_ADDR']}:"
@@ -218,35 +223,3 @@ def find_elastic_run(logs: str, run_id: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- fault injection (tests only)
-class FaultHooks:
-    """Fault injection for the distributed tests ONLY; never set these variables in a real run.
-
-    ``DISSECT_FAST_TEST_KILL_AT_STEP=RANK:STEP``: that rank SIGKILLs itself after global step STEP,
-    on the first attempt only (not after a torchelastic restart): tests elastic restarts.
-    ``DISSECT_FAST_TEST_DRIFT_AT_STEP=RANK:STEP``: that rank corrupts history entry 0 after step
-    STEP: tests that ``--check-sync-every`` catches diverged replicas.
-    """
-
-    def __init__(self, rank: int) -> None:
-        self.kill_step = self._parse("DISSECT_FAST_TEST_KILL_AT_STEP", rank) if elastic_restart_count() == 0 else None
-        self.drift_step = self._parse("DISSECT_FAST_TEST_DRIFT_AT_STEP", rank)
-        self.active = self.kill_step is not None or self.drift_step is not None
-
-    @staticmethod
-    def _parse(var: str, rank: int) -> int | None:
-        v = os.environ.get(var)
-        if not v:
-            return None
-        try:
-            r, s = (int(x) for x in v.split(":"))
-        except ValueError:
-            raise ValueError(f"{var}={v!r}: expected RANK:STEP (test-only variable)") from None
-        return s if r == rank else None
-
-    def after_step(self, step: int, history) -> None:
-        if step == self.drift_step and history is not None:
-            with torch.no_grad():
-                h0 = history.values[:1]
-                h0.copy_(torch.nan_to_num(h0.float(), nan=0.0) + 1.0)
-        if step == self.kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)

@@ -33,16 +33,20 @@ def parse_report_to(value: str) -> str:
     parts.discard("none")
     unknown = parts - set(REPORT_TARGETS)
     if unknown:
-        raise ValueError(f"--report-to takes tensorboard, wandb, 'wandb,tensorboard' or none, got {value!r} "
-                         f"(unknown: {', '.join(sorted(unknown))})")
+        raise ValueError(
+            f"--report-to takes tensorboard, wandb, 'wandb,tensorboard' or none, got {value!r} "
+            f"(unknown: {', '.join(sorted(unknown))})"
+        )
     return ",".join(t for t in ("wandb", "tensorboard") if t in parts) or "none"
 
 
 def check_wandb_installed() -> None:
     """--report-to wandb without wandb: fail at set-up, before any run folder exists."""
     if importlib.util.find_spec("wandb") is None:
-        raise ValueError("--report-to wandb: wandb is not installed: `pip install wandb` (and `wandb login`, or "
-                         "WANDB_MODE=offline), or drop wandb from --report-to")
+        raise ValueError(
+            "--report-to wandb: wandb is not installed: `pip install wandb` (and `wandb login`, or "
+            "WANDB_MODE=offline), or drop wandb from --report-to"
+        )
 
 
 def init_wandb(run_cfg, config: dict, run_dir: str):
@@ -114,8 +118,13 @@ class StepWindow:
         host = torch.stack(vals).tolist()  # the one host sync of a log step
         now = time.time()
         n = max(1, self.steps)
-        out = {"loss": host[0], "logit_scale": host[1], "data_time_s": self.data_s / n,
-               "batch_time_s": (now - self.t0) / n, "window_steps": self.steps}
+        out = {
+            "loss": host[0],
+            "logit_scale": host[1],
+            "data_time_s": self.data_s / n,
+            "batch_time_s": (now - self.t0) / n,
+            "window_steps": self.steps,
+        }
         if counts is not None and host[2] > 0:
             out["clean_share"] = host[3] / host[2]
         self.t0, self.data_s, self.steps = now, 0.0, 0
@@ -136,10 +145,13 @@ class StepLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         scalars = {
-            "train/loss": rec["loss"], "train/lr": rec["lr"], "train/scale": rec["logit_scale"],
+            "train/loss": rec["loss"],
+            "train/lr": rec["lr"],
+            "train/scale": rec["logit_scale"],
             "train/samples_per_second": rec["samples_per_s"],
             "train/samples_per_second_per_gpu": rec["samples_per_s"] / world_size,
-            "train/data_time": rec["data_time_s"], "train/batch_time": rec["batch_time_s"],
+            "train/data_time": rec["data_time_s"],
+            "train/batch_time": rec["batch_time_s"],
             "train/selected_share": rec["selected_share"],
         }
         if "clean_share" in rec:

@@ -51,8 +51,9 @@ def weight_dtype(precision: str) -> torch.dtype | None:
     """The dtype open_clip stores the weights in for a --precision: bf16 / fp16 (LayerNorms and other norm
     weights stay float32, open_clip's ``convert_weights_to_lp``), pure_bf16 / pure_fp16 (every parameter);
     None: float32 (fp32 and the autocast modes amp, amp_bf16)."""
-    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16,
-            "pure_fp16": torch.float16}.get(precision)
+    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16, "pure_fp16": torch.float16}.get(
+        precision
+    )
 
 
 def input_dtype(precision: str) -> torch.dtype | None:
@@ -97,8 +98,11 @@ def model_name_for(model: str, model_config: str | None) -> str:
         close = suggest_names(model, names)
         hint = ""
         if close:
-            hint = f"did you mean {close[0]}? " if len(close) == 1 else (
-                f"did you mean {', '.join(close[:-1])} or {close[-1]}? ")
+            hint = (
+                f"did you mean {close[0]}? "
+                if len(close) == 1
+                else (f"did you mean {', '.join(close[:-1])} or {close[-1]}? ")
+            )
         raise ValueError(
             f"--model {model!r} is not an open_clip model name (names are case-sensitive); {hint}"
             f"see open_clip.list_models() or pass --model-config FILE.json"
@@ -123,8 +127,9 @@ def suggest_names(name: str, names: list[str], n: int = 3) -> list[str]:
     return [m for k in close for m in by_key[k]][:n]
 
 
-def create_model(name: str, device: torch.device, pretrained: str | None = None, precision: str = "fp32",
-                 siglip: bool = False):
+def create_model(
+    name: str, device: torch.device, pretrained: str | None = None, precision: str = "fp32", siglip: bool = False
+):
     """(model, train transform, eval transform, tokenizer context length) from random init or ``pretrained``
     (a checkpoint file or an open_clip tag: ``load_pretrained``), its weights in ``precision``'s dtype
     (open_clip's rules: ``weight_dtype``). ``siglip``: logit scale and bias initialised as open_clip does for
@@ -160,8 +165,10 @@ def resolve_pretrained(spec: str, model_name: str) -> str:
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained tags for it"
-        raise ValueError(f"--pretrained {spec}: neither a file nor an open_clip pretrained tag of model {model_name!r} "
-                         f"({known}); give a checkpoint file or one of the tags")
+        raise ValueError(
+            f"--pretrained {spec}: neither a file nor an open_clip pretrained tag of model {model_name!r} "
+            f"({known}); give a checkpoint file or one of the tags"
+        )
     offline = _hf_offline()
     if cfg.get("file"):
         return cfg["file"]
@@ -194,10 +201,13 @@ def resolve_pretrained(spec: str, model_name: str) -> str:
             raise ValueError(
                 f"--pretrained {spec}: the weights of open_clip tag {spec!r} for {model_name} ({where}) are not in the "
                 f"local cache and HF_HUB_OFFLINE is set, so nothing is downloaded: download them once where there is "
-                f"network (same HF_HOME), or pass the checkpoint file's path to --pretrained") from None
-        raise ValueError(f"--pretrained {spec}: could not fetch open_clip tag {spec!r} for {model_name} from {where} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a local checkpoint "
-                         f"file instead") from None
+                f"network (same HF_HOME), or pass the checkpoint file's path to --pretrained"
+            ) from None
+        raise ValueError(
+            f"--pretrained {spec}: could not fetch open_clip tag {spec!r} for {model_name} from {where} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a local checkpoint "
+            f"file instead"
+        ) from None
 
 
 def read_state_dict(path: str) -> tuple[dict, str | None]:
@@ -227,8 +237,10 @@ def load_pretrained(model: torch.nn.Module, spec: str, model_name: str) -> None:
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
         raise ValueError(f"--pretrained {path}: cannot be read ({type(e).__name__}: {e})") from None
     if name is not None and name != model_name:
-        raise ValueError(f"--pretrained {path} holds a {name!r} model, this run builds {model_name!r}: pass "
-                         f"--model {name}, or a checkpoint of {model_name}")
+        raise ValueError(
+            f"--pretrained {path} holds a {name!r} model, this run builds {model_name!r}: pass "
+            f"--model {name}, or a checkpoint of {model_name}"
+        )
     if getattr(model, "logit_bias", None) is not None and "logit_bias" not in sd and "logit_scale" in sd:
         sd["logit_bias"] = torch.zeros_like(model.logit_bias)
     for key in ("logit_scale", "logit_bias"):  # scalar vs 1-element parameter across open_clip versions
@@ -239,8 +251,10 @@ def load_pretrained(model: torch.nn.Module, spec: str, model_name: str) -> None:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())
-        raise ValueError(f"--pretrained {path} does not fit model {model_name!r} (pass the --model it was trained "
-                         f"with): {detail[:300]}{'...' if len(detail) > 300 else ''}") from None
+        raise ValueError(
+            f"--pretrained {path} does not fit model {model_name!r} (pass the --model it was trained "
+            f"with): {detail[:300]}{'...' if len(detail) > 300 else ''}"
+        ) from None
     log.info("--pretrained: loaded %s into %s", path, model_name)
 
 
@@ -253,8 +267,9 @@ def lock_towers(model: torch.nn.Module, cfg) -> None:
     on native towers too, which is the flag's meaning."""
     if cfg.lock_image:
         try:
-            model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
-                                   freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+            model.lock_image_tower(
+                unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn_stats
+            )
         except AssertionError:
             raise ValueError(
                 f"--lock-image-unlocked-groups {cfg.lock_image_unlocked_groups}: open_clip locks a "
@@ -263,8 +278,9 @@ def lock_towers(model: torch.nn.Module, cfg) -> None:
     if cfg.lock_text:
         text = getattr(model, "text", None)
         if type(text).__name__ == "HFTextEncoder":
-            model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
-                                  freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+            model.lock_text_tower(
+                unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm
+            )
             return
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
         if not cfg.lock_text_freeze_layer_norm:
@@ -281,8 +297,10 @@ def set_grad_checkpointing(model: torch.nn.Module) -> None:
     recomputed in the backward). open_clip's ResNet image tower has none: only its text tower is checkpointed."""
     model.set_grad_checkpointing(True)
     if type(getattr(model, "visual", None)).__name__ == "ModifiedResNet":
-        log.warning("--grad-checkpointing: open_clip's ResNet image tower has no activation checkpointing; only the "
-                    "text tower is checkpointed")
+        log.warning(
+            "--grad-checkpointing: open_clip's ResNet image tower has no activation checkpointing; only the "
+            "text tower is checkpointed"
+        )
 
 
 def uses_clip_bpe(model_name: str) -> bool:
@@ -308,12 +326,16 @@ def text_tokenizer(model_name: str):
     try:
         return open_clip.get_tokenizer(model_name)
     except Exception as e:  # noqa: BLE001 -- missing package, no network, not cached: one message
-        offline = "HF_HUB_OFFLINE is set: it must already be in the local Hugging Face cache" if _hf_offline() else (
-            "set HF_HUB_OFFLINE=1 only once it is cached")
+        offline = (
+            "HF_HUB_OFFLINE is set: it must already be in the local Hugging Face cache"
+            if _hf_offline()
+            else ("set HF_HUB_OFFLINE=1 only once it is cached")
+        )
         raise ValueError(
             f"--model {model_name}: its tokenizer ({source}) could not be loaded ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); {offline} (load it once where there is network, with "
-            f"`transformers` installed)") from None
+            f"`transformers` installed)"
+        ) from None
 
 
 def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
@@ -442,8 +464,13 @@ class ScoringModule(torch.nn.Module):
     def _image(self, images: torch.Tensor) -> torch.Tensor:
         v = self.model.visual
         if self.grid is not None:
-            images = F.interpolate(images.float(), size=(self.resolution, self.resolution), mode="bilinear",
-                                   antialias=True, align_corners=False).to(images.dtype)
+            images = F.interpolate(
+                images.float(),
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            ).to(images.dtype)
         x = v.conv1(images)  # [B, width, g, g]
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, g*g, width]
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -572,6 +599,8 @@ def model_from_checkpoint(path: str, name: str | None, device: torch.device):
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"--checkpoint {path} does not fit model {name!r} (pass the --model it was trained with): "
-                         f"{str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"--checkpoint {path} does not fit model {name!r} (pass the --model it was trained with): "
+            f"{str(e).splitlines()[0]}"
+        ) from None
     return model, name, pre_val, ctx

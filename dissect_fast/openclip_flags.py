@@ -33,20 +33,26 @@ _PREPROCESS = "not supported: the model's own open_clip preprocessing (mean, std
 OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--train-data": (TAKEN, "also a shard directory with index.json; `::`-joined sources, brace patterns, URLs"),
     "--train-data-upsampling-factors": (
-        REFUSED, "per-source upsampling is not supported: `::`-joined --train-data sources are read uniformly"),
+        REFUSED,
+        "per-source upsampling is not supported: `::`-joined --train-data sources are read uniformly",
+    ),
     "--val-data": (TAKEN, "shards; evaluated as retrieval R@K"),
     "--train-num-samples": (TAKEN, "default: the dataset index's count"),
     "--val-num-samples": (REFUSED, "validation reads all of --val-data: pass fewer shards to evaluate fewer"),
     "--dataset-type": (
-        TAKEN, "webdataset | auto; csv: convert with `dissect-fast shards`; synthetic: use --data-backend synthetic"),
+        TAKEN,
+        "webdataset | auto; csv: convert with `dissect-fast shards`; synthetic: use --data-backend synthetic",
+    ),
     "--dataset-resampled": (TAKEN, "needs a known epoch size (--train-num-samples or a dataset index)"),
     "--csv-separator": (REFUSED, _CSV),
     "--csv-img-key": (REFUSED, _CSV),
     "--csv-caption-key": (REFUSED, _CSV),
     "--imagenet-val": (PLANNED, "zero-shot ImageNet top-1/top-5 (imagenet-zeroshot-val-top1/5)"),
     "--imagenet-v2": (PLANNED, "zero-shot ImageNetV2 top-1/top-5 (imagenetv2-zeroshot-val-top1/5)"),
-    "--cache-dir": (REFUSED, ("not supported: set HF_HOME or HF_HUB_CACHE (open_clip downloads through the Hugging "
-                             "Face cache)")),
+    "--cache-dir": (
+        REFUSED,
+        ("not supported: set HF_HOME or HF_HUB_CACHE (open_clip downloads through the Hugging Face cache)"),
+    ),
     "--logs": (TAKEN, "alias --logs-dir (under torchrun use --logs-dir: torchrun rejects --logs)"),
     "--log-local": (REFUSED, "not supported: rank 0 writes the run's logs; every rank's errors go to stderr"),
     "--name": (TAKEN, "an existing run is refused unless --resume is given"),
@@ -59,8 +65,13 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--beta2": (TAKEN, "default 0.98 for every model (open_clip: 0.999 for non-ViT models)"),
     "--eps": (TAKEN, "default 1e-6 for every model (open_clip: 1e-8 for non-ViT models)"),
     "--wd": (TAKEN, "not on gains, biases, embeddings' scales, logit scale (open_clip's rule)"),
-    "--momentum": (DIFFERS, ("here: the dissect-momentum history beta; open_clip's (timm optimizers) does not apply: "
-                            "dissect_fast always uses AdamW")),
+    "--momentum": (
+        DIFFERS,
+        (
+            "here: the dissect-momentum history beta; open_clip's (timm optimizers) does not apply: "
+            "dissect_fast always uses AdamW"
+        ),
+    ),
     "--warmup": (TAKEN, ""),
     "--opt": (REFUSED, "not supported: dissect_fast always uses AdamW (torch's fused one): drop --opt"),
     "--use-bn-sync": (REFUSED, "not supported: BatchNorm statistics stay per rank"),
@@ -73,8 +84,11 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--zeroshot-frequency": (PLANNED, "zero-shot evaluation every N epochs"),
     "--val-frequency": (MAPPED, "evaluate every N epochs (and after the last)"),
     "--resume": (TAKEN, "a checkpoint path or `latest`"),
-    "--precision": (TAKEN, "every open_clip mode (amp, amp_bf16/amp_bfloat16, bf16, pure_bf16, fp16, pure_fp16, "
-                           "fp32) with its meaning, plus auto (default: amp_bf16 on CUDA, fp32 on CPU)"),
+    "--precision": (
+        TAKEN,
+        "every open_clip mode (amp, amp_bf16/amp_bfloat16, bf16, pure_bf16, fp16, pure_fp16, "
+        "fp32) with its meaning, plus auto (default: amp_bf16 on CUDA, fp32 on CPU)",
+    ),
     "--model": (TAKEN, "open_clip names plus dissect_fast's tiny configs; also --model-config FILE.json"),
     "--pretrained": (PLANNED, "start from an open_clip pretrained tag or checkpoint file"),
     "--pretrained-image": (REFUSED, "not supported: use --pretrained for a whole CLIP checkpoint"),
@@ -97,8 +111,11 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--torchscript": (REFUSED, "not supported: use --compile"),
     "--torchcompile": (MAPPED, "torch.compile the training and scoring forwards"),
     "--trace": (REFUSED, "not supported: use --compile"),
-    "--accum-freq": (PLANNED, "gradient accumulation over N batches, composed with selection (selection per batch; "
-                              "the logit scale's gradient counted once, open_clip counts it N times)"),
+    "--accum-freq": (
+        PLANNED,
+        "gradient accumulation over N batches, composed with selection (selection per batch; "
+        "the logit scale's gradient counted once, open_clip counts it N times)",
+    ),
     "--device": (TAKEN, "auto | cpu | cuda | cuda:N; default auto"),
     "--dist-url": (REFUSED, "not needed: torchrun sets the rendezvous; under srun export MASTER_ADDR and MASTER_PORT"),
     "--dist-backend": (REFUSED, "not needed: nccl on CUDA, gloo on CPU, chosen from --device"),
@@ -106,18 +123,25 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--wandb-notes": (TAKEN, "with --report-to wandb"),
     "--wandb-project-name": (TAKEN, "default open-clip, as open_clip"),
     "--debug": (REFUSED, "not supported: RUN/out.log holds the run's log"),
-    "--copy-codebase": (REFUSED, ("not supported: RUN/config.json records every setting; run from an installed "
-                                 "version or a fixed checkout")),
+    "--copy-codebase": (
+        REFUSED,
+        ("not supported: RUN/config.json records every setting; run from an installed version or a fixed checkout"),
+    ),
     "--horovod": (REFUSED, "not supported: use torchrun or srun"),
     "--ddp-static-graph": (REFUSED, "not supported: DDP runs with its default (dynamic) graph"),
-    "--no-set-device-rank": (REFUSED, ("not supported: when each rank sees a single GPU (CUDA_VISIBLE_DEVICES per "
-                                      "rank), pass --device cuda:0")),
+    "--no-set-device-rank": (
+        REFUSED,
+        ("not supported: when each rank sees a single GPU (CUDA_VISIBLE_DEVICES per rank), pass --device cuda:0"),
+    ),
     "--seed": (TAKEN, "rank r uses seed + r"),
     "--grad-clip-norm": (TAKEN, ""),
     "--lock-text": (PLANNED, "freeze the text tower"),
     "--lock-text-unlocked-layers": (PLANNED, "leave the last N text-tower layers trainable"),
-    "--lock-text-freeze-layer-norm": (PLANNED, "freeze the locked text layers' LayerNorms too (without it they "
-                                               "train, also on native text towers, where open_clip asserts)"),
+    "--lock-text-freeze-layer-norm": (
+        PLANNED,
+        "freeze the locked text layers' LayerNorms too (without it they "
+        "train, also on native text towers, where open_clip asserts)",
+    ),
     "--log-every-n-steps": (TAKEN, "default 10"),
     "--coca-caption-loss-weight": (REFUSED, _COCA),
     "--coca-contrastive-loss-weight": (REFUSED, _COCA),

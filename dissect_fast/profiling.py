@@ -109,8 +109,18 @@ class StepProfiler:
         record_shapes, with_stack: torch.profiler's options (off: they inflate the trace and its overhead).
     """
 
-    def __init__(self, start: int, stop: int, out_dir: str, device: torch.device, *, rank: int = 0,
-                 summary: bool = True, record_shapes: bool = False, with_stack: bool = False) -> None:
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        out_dir: str,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        summary: bool = True,
+        record_shapes: bool = False,
+        with_stack: bool = False,
+    ) -> None:
         if not 0 <= start < stop:
             raise ValueError(f"--profile-steps {start}:{stop}: need 0 <= A < B")
         self.start, self.stop, self.out_dir, self.device = start, stop, out_dir, device
@@ -143,8 +153,9 @@ class StepProfiler:
         if self.cuda:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize(self.device)  # the steps before the window stay out of it
-        self._prof = torch.profiler.profile(activities=acts, record_shapes=self.record_shapes,
-                                            with_stack=self.with_stack)
+        self._prof = torch.profiler.profile(
+            activities=acts, record_shapes=self.record_shapes, with_stack=self.with_stack
+        )
         self._prof.start()
         if self.cuda:
             torch.cuda.profiler.start()  # nsys --capture-range=cudaProfilerApi starts here
@@ -180,14 +191,21 @@ class StepProfiler:
             head = f"steps {first}..{end - 1} ({steps} steps) on {self.device}"
             parts = [f"# {head}: top ops by self CPU time\n", avg.table(sort_by="self_cpu_time_total", row_limit=15)]
             if self.cuda:
-                parts += [f"\n\n# {head}: top ops by self CUDA time\n",
-                          avg.table(sort_by="self_cuda_time_total", row_limit=15)]
+                parts += [
+                    f"\n\n# {head}: top ops by self CUDA time\n",
+                    avg.table(sort_by="self_cuda_time_total", row_limit=15),
+                ]
             with open(os.path.join(self.out_dir, "top_ops.txt"), "w") as f:
                 f.write("".join(parts) + "\n")
             with open(self.trace) as f:
                 events = json.load(f).get("traceEvents", [])
-            totals = {"steps": [first, end], "steps_profiled": steps, "device": str(self.device),
-                      "trace": os.path.basename(self.trace), **phase_totals(events, steps, self.cuda)}
+            totals = {
+                "steps": [first, end],
+                "steps_profiled": steps,
+                "device": str(self.device),
+                "trace": os.path.basename(self.trace),
+                **phase_totals(events, steps, self.cuda),
+            }
             with open(os.path.join(self.out_dir, "phases.json"), "w") as f:
                 json.dump(totals, f, indent=1)
         log.info("profile: steps %d..%d traced to %s", first, end - 1, self.trace)
@@ -195,14 +213,24 @@ class StepProfiler:
     def report(self) -> None:
         """Log where the trace is and how to open it (end of the run)."""
         if self.trace is None:
-            log.warning("--profile-steps %d:%d: no step of the window ran in this run (resumed past it?); no trace "
-                        "written", self.start, self.stop)
+            log.warning(
+                "--profile-steps %d:%d: no step of the window ran in this run (resumed past it?); no trace written",
+                self.start,
+                self.stop,
+            )
             return
         first, end = self.profiled
-        log.info("profile of steps %d..%d: %s (per-phase totals: %s, top ops: %s)", first, end - 1, self.trace,
-                 os.path.join(self.out_dir, "phases.json"), os.path.join(self.out_dir, "top_ops.txt"))
-        log.info("open it in https://ui.perfetto.dev or `tensorboard --logdir %s` (torch-tb-profiler plugin)",
-                 self.out_dir)
+        log.info(
+            "profile of steps %d..%d: %s (per-phase totals: %s, top ops: %s)",
+            first,
+            end - 1,
+            self.trace,
+            os.path.join(self.out_dir, "phases.json"),
+            os.path.join(self.out_dir, "top_ops.txt"),
+        )
+        log.info(
+            "open it in https://ui.perfetto.dev or `tensorboard --logdir %s` (torch-tb-profiler plugin)", self.out_dir
+        )
 
 
 def phase_totals(events: list[dict], steps: int, device_times: bool) -> dict:
@@ -243,7 +271,11 @@ def phase_totals(events: list[dict], steps: int, device_times: bool) -> dict:
         for k in [k for k in v if k.endswith("_ms")]:
             v[k] = round(v[k], 4)
             v[f"{k}_per_step"] = round(v[k] / n, 4)
-    return {"step_ms": round(step_ms, 4), "step_ms_per_step": round(step_ms / n, 4), "phases": out,
-            "notes": "cpu_ms: host time in the phase's ranges (on CUDA mostly launch time: the step does not wait "
-                     "for the device). device_ms: duration of the device work launched inside the phase's ranges, "
-                     "from any host thread."}
+    return {
+        "step_ms": round(step_ms, 4),
+        "step_ms_per_step": round(step_ms / n, 4),
+        "phases": out,
+        "notes": "cpu_ms: host time in the phase's ranges (on CUDA mostly launch time: the step does not wait "
+        "for the device). device_ms: duration of the device work launched inside the phase's ranges, "
+        "from any host thread.",
+    }

@@ -183,3 +183,28 @@ class NonFiniteGuard:
                 getattr(self, k).copy_(state[k])
         self.run_max.copy_(self.run)
         self._seen_total = int(self.total)
+
+
+def bad_samples_stop(stats: dict, epoch: int, max_bad_fraction: float) -> str | None:
+    """The bad-data policy at an epoch's end, from the loader's counters ``stats``: skipped samples are logged with
+    the worst shards; returns the stop message when more than ``max_bad_fraction`` of the epoch's training
+    samples were unreadable (the caller raises TooManyBadSamples), else None."""
+    bad = stats.get("bad_samples", 0)
+    if not bad:
+        return None
+    bad_frac = bad / max(1, stats.get("ok", 0) + bad)
+    worst = sorted(((v, k[6:]) for k, v in stats.items() if k.startswith("shard:")), reverse=True)[:5]
+    log.warning(
+        "epoch %d: skipped %d bad samples (%s); worst shards: %s",
+        epoch,
+        bad,
+        {k: v for k, v in stats.items() if not k.startswith("shard:") and k != "ok"},
+        worst,
+    )
+    if bad_frac <= max_bad_fraction:
+        return None
+    return (
+        f"{100 * bad_frac:.2f}% of epoch {epoch + 1}'s training samples were unreadable (> --max-bad-fraction "
+        f"{max_bad_fraction}); worst shards (bad samples, shard): {worst}. Repair or drop those shards, or raise "
+        f"--max-bad-fraction"
+    )

@@ -33,8 +33,15 @@ def make_scheduler(optimizer, optim, steps_per_epoch: int, total_steps: int) -> 
         if optim.epochs_cooldown is None:
             raise ValueError("--lr-scheduler const-cooldown needs --epochs-cooldown N (the epochs of the cooldown)")
         cooldown_steps = steps_per_epoch * optim.epochs_cooldown
-        return oc.const_lr_cooldown(optimizer, optim.lr, optim.warmup, total_steps, cooldown_steps,
-                                    optim.lr_cooldown_power, optim.lr_cooldown_end)
+        return oc.const_lr_cooldown(
+            optimizer,
+            optim.lr,
+            optim.warmup,
+            total_steps,
+            cooldown_steps,
+            optim.lr_cooldown_power,
+            optim.lr_cooldown_end,
+        )
     raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {name!r}")
 
 

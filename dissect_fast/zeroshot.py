@@ -159,8 +159,12 @@ def zeroshot_classifier(
                 w = _build_classifier(model, tokenizer, list(classnames), list(templates), device, classes_per_batch)
             else:
                 w = build_zero_shot_classifier(
-                    model, tokenizer=tokenizer, classnames=list(classnames), templates=list(templates),
-                    num_classes_per_batch=classes_per_batch, device=device,
+                    model,
+                    tokenizer=tokenizer,
+                    classnames=list(classnames),
+                    templates=list(templates),
+                    num_classes_per_batch=classes_per_batch,
+                    device=device,
                 )
     finally:
         model.train(was_training)
@@ -211,6 +215,10 @@ def zeroshot_loader(dataset, batch_size: int, workers: int, device: torch.device
     if dataset.transform is None:
         raise ValueError("zero-shot set: set dataset.transform to the model's eval transform before loading")
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
         persistent_workers=False,
     )

@@ -11,8 +11,9 @@ def tiny_data(tmp_path_factory):
     from dissect_fast.data.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("synth")
-    make_synthetic(str(root), num_train=240, num_val=64, noise=0.4, image_size=32, seed=3,
-                   samples_per_shard=80, progress=False)
+    make_synthetic(
+        str(root), num_train=240, num_val=64, noise=0.4, image_size=32, seed=3, samples_per_shard=80, progress=False
+    )
     return root
 
 

@@ -37,12 +37,20 @@ from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------- images and captions
 COLOURS = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40),
-    "purple": (130, 50, 160), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 210, 40),
+    "purple": (130, 50, 160),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 BACKGROUNDS = {
-    "sky": ((120, 170, 230), (230, 240, 250)), "grass": ((40, 120, 40), (150, 200, 90)),
-    "sand": ((200, 170, 110), (240, 220, 170)), "night": ((10, 10, 40), (60, 60, 110)),
+    "sky": ((120, 170, 230), (230, 240, 250)),
+    "grass": ((40, 120, 40), (150, 200, 90)),
+    "sand": ((200, 170, 110), (240, 220, 170)),
+    "night": ((10, 10, 40), (60, 60, 110)),
     "stone": ((90, 90, 90), (170, 170, 170)),
 }
 SHAPES = ("circle", "square", "triangle", "stripe")
@@ -141,8 +149,13 @@ class Awkward:
 
     def plan(self) -> list[str]:
         """The per-sample kinds, in planting order."""
-        return (["png_as_jpg"] * self.png_as_jpg + ["cmyk"] * self.cmyk + ["tiny"] * self.tiny
-                + ["no_txt"] * self.no_txt + ["corrupt"] * self.corrupt)
+        return (
+            ["png_as_jpg"] * self.png_as_jpg
+            + ["cmyk"] * self.cmyk
+            + ["tiny"] * self.tiny
+            + ["no_txt"] * self.no_txt
+            + ["corrupt"] * self.corrupt
+        )
 
 
 BAD_REASON = {"tiny": "tiny_image", "no_txt": "missing_field", "corrupt": "corrupt_image"}
@@ -222,12 +235,20 @@ def truncate_in_member(path: str | os.PathLike, fraction: float = 0.6) -> tuple[
 
 
 def _shard_set(root: Path, shards: list[Path], pattern: str) -> ShardSet:
-    return ShardSet(root=root, shards=shards, pattern=pattern, written=0, good=0, bad=Counter(),
-                    converted=Counter())
+    return ShardSet(root=root, shards=shards, pattern=pattern, written=0, good=0, bad=Counter(), converted=Counter())
 
 
-def _write_shards(root: Path, names: list[str], per_shard: int, key_of, image_size: int, seed: int,
-                  awkward: Awkward | None, extra_members, after_shard=None) -> ShardSet:
+def _write_shards(
+    root: Path,
+    names: list[str],
+    per_shard: int,
+    key_of,
+    image_size: int,
+    seed: int,
+    awkward: Awkward | None,
+    extra_members,
+    after_shard=None,
+) -> ShardSet:
     """Shared writer loop; ``key_of(shard, index, global_index)`` names samples, ``extra_members(key, im,
     caption, status)`` adds format-specific members (img2dataset's json), ``after_shard(i, name, rows)``
     writes side files."""
@@ -277,8 +298,14 @@ def _write_shards(root: Path, names: list[str], per_shard: int, key_of, image_si
 
 
 # ----------------------------------------------------------------------------- pixparse/cc3m-wds
-def pixparse_shards(directory: str | os.PathLike, n: int, per_shard: int, image_size: int = 64, seed: int = 0,
-                    awkward: Awkward | None = None) -> ShardSet:
+def pixparse_shards(
+    directory: str | os.PathLike,
+    n: int,
+    per_shard: int,
+    image_size: int = 64,
+    seed: int = 0,
+    awkward: Awkward | None = None,
+) -> ShardSet:
     """``n`` samples as Hugging Face ``pixparse/cc3m-wds`` shards: ``cc3m-train-0000.tar``, ...; members
     ``KEY.jpg`` and ``KEY.txt`` only (no id, no tokens); keys ``000000000`` .. unique across shards.
 
@@ -291,8 +318,16 @@ def pixparse_shards(directory: str | os.PathLike, n: int, per_shard: int, image_
     awkward = awkward or Awkward()
     n_shards = n // per_shard + (1 if awkward.truncated else 0)
     names = [f"cc3m-train-{i:04d}.tar" for i in range(n_shards)]
-    out = _write_shards(root, names, per_shard, lambda si, i, g: f"{g:09d}", image_size, seed, awkward,
-                        lambda key, im, caption, sample: {})
+    out = _write_shards(
+        root,
+        names,
+        per_shard,
+        lambda si, i, g: f"{g:09d}",
+        image_size,
+        seed,
+        awkward,
+        lambda key, im, caption, sample: {},
+    )
     out.pattern = str(root / f"cc3m-train-{{0000..{n_shards - 1:04d}}}.tar")
     return out
 
@@ -316,8 +351,15 @@ def _img2dataset_json(key: str, im: Image.Image, caption: str, sample: dict, url
     }
 
 
-def img2dataset_shards(directory: str | os.PathLike, n_shards: int, per_shard: int, image_size: int = 64,
-                       seed: int = 0, awkward: Awkward | None = None, parquet: bool = True) -> ShardSet:
+def img2dataset_shards(
+    directory: str | os.PathLike,
+    n_shards: int,
+    per_shard: int,
+    image_size: int = 64,
+    seed: int = 0,
+    awkward: Awkward | None = None,
+    parquet: bool = True,
+) -> ShardSet:
     """img2dataset's ``--output_format webdataset`` layout: ``00000.tar``, ... with ``jpg``, ``txt`` and
     ``json`` per sample, keys ``shard * 10**4 + index`` zero padded to 9 digits, and beside each tar
     ``00000_stats.json`` and (pandas + pyarrow installed, ``parquet``) ``00000.parquet``.
@@ -328,8 +370,9 @@ def img2dataset_shards(directory: str | os.PathLike, n_shards: int, per_shard: i
     awkward = awkward or Awkward()
     total = n_shards + (1 if awkward.truncated else 0)
     names = [f"{i:05d}.tar" for i in range(total)]
-    want_parquet = parquet and importlib.util.find_spec("pyarrow") is not None \
-        and importlib.util.find_spec("pandas") is not None
+    want_parquet = (
+        parquet and importlib.util.find_spec("pyarrow") is not None and importlib.util.find_spec("pandas") is not None
+    )
 
     def extra(key, im, caption, sample):
         return {"json": _img2dataset_json(key, im, caption, sample, "img.example.org")}
@@ -337,9 +380,15 @@ def img2dataset_shards(directory: str | os.PathLike, n_shards: int, per_shard: i
     def side_files(si: int, shard: Path, rows: list) -> None:
         stem = shard.with_suffix("")
         stats = {
-            "count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
-            "duration": 1.25, "bytes_downloaded": sum(len(r[3]["jpg"]) for r in rows),
-            "start_time": 1_700_000_000.0, "end_time": 1_700_000_001.25, "status_dict": {"success": len(rows)},
+            "count": len(rows),
+            "successes": len(rows),
+            "failed_to_download": 0,
+            "failed_to_resize": 0,
+            "duration": 1.25,
+            "bytes_downloaded": sum(len(r[3]["jpg"]) for r in rows),
+            "start_time": 1_700_000_000.0,
+            "end_time": 1_700_000_001.25,
+            "status_dict": {"success": len(rows)},
         }
         (Path(f"{stem}_stats.json")).write_text(json.dumps(stats, indent=4))
         if want_parquet:
@@ -348,8 +397,9 @@ def img2dataset_shards(directory: str | os.PathLike, n_shards: int, per_shard: i
             meta = [r[3]["json"] for r in rows]
             pd.DataFrame(meta).to_parquet(f"{stem}.parquet", index=False)
 
-    out = _write_shards(root, names, per_shard, lambda si, i, g: f"{si * 10**4 + i:09d}", image_size, seed,
-                        awkward, extra, side_files)
+    out = _write_shards(
+        root, names, per_shard, lambda si, i, g: f"{si * 10**4 + i:09d}", image_size, seed, awkward, extra, side_files
+    )
     out.pattern = str(root / f"{{00000..{total - 1:05d}}}.tar")
     return out
 
@@ -364,8 +414,9 @@ class CsvSet:
     missing_images: int
 
 
-def openclip_csv(directory: str | os.PathLike, n: int, image_size: int = 64, seed: int = 0,
-                 missing_images: int = 0) -> CsvSet:
+def openclip_csv(
+    directory: str | os.PathLike, n: int, image_size: int = 64, seed: int = 0, missing_images: int = 0
+) -> CsvSet:
     """``directory/train.csv`` as open_clip reads it (``--csv-img-key filepath --csv-caption-key title
     --csv-separator "\\t"``) over ``directory/images/NN/NNNNNN.jpg`` (paths relative to ``images``);
     the last ``missing_images`` rows name files that do not exist (a broken download)."""

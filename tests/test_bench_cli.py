@@ -8,7 +8,9 @@ import pytest
 from dissect_fast.cli import main
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-NAMES = sorted(os.path.basename(p)[len("bench_"):-len(".py")] for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.py")))
+NAMES = sorted(
+    os.path.basename(p)[len("bench_") : -len(".py")] for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.py"))
+)
 
 
 def test_benchmarks_found():

@@ -8,9 +8,25 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_KEYS = {
-    "noise", "strategy", "seed", "rate", "sweep", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5",
-    "clean_fraction_per_epoch", "clean_fraction_after_warmup", "base_clean_fraction", "trajectories", "wall_s",
-    "samples_forwarded", "samples_backpropagated", "compute_units", "load_start", "load_end",
+    "noise",
+    "strategy",
+    "seed",
+    "rate",
+    "sweep",
+    "i2t_R@1",
+    "i2t_R@5",
+    "t2i_R@1",
+    "t2i_R@5",
+    "clean_fraction_per_epoch",
+    "clean_fraction_after_warmup",
+    "base_clean_fraction",
+    "trajectories",
+    "wall_s",
+    "samples_forwarded",
+    "samples_backpropagated",
+    "compute_units",
+    "load_start",
+    "load_end",
 }
 
 

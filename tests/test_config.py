@@ -32,16 +32,33 @@ def test_invalid_flags_exit_with_message(tiny_data, extra, match, capsys):
 
 
 def test_reference_flag_names_and_aliases(tiny_data):
-    cfg = config_from_args(args(tiny_data, "--select", "--select-strategy", "warmup_base_sampling",
-                                "--warmup-point", "1", "--select-rate", "0.25"))
+    cfg = config_from_args(
+        args(
+            tiny_data,
+            "--select",
+            "--select-strategy",
+            "warmup_base_sampling",
+            "--warmup-point",
+            "1",
+            "--select-rate",
+            "0.25",
+        )
+    )
     assert cfg.select.strategy == "dissect-warmup" and cfg.select.rate == 0.25
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("random", "random"), ("clipscore", "clipscore"), ("small_loss", "small_loss"), ("big_loss", "big_loss"),
-    ("historical_base_sampling", "dissect-momentum"), ("warmup_base_sampling", "dissect-warmup"),
-    ("ours", "dissect-warmup"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("random", "random"),
+        ("clipscore", "clipscore"),
+        ("small_loss", "small_loss"),
+        ("big_loss", "big_loss"),
+        ("historical_base_sampling", "dissect-momentum"),
+        ("warmup_base_sampling", "dissect-warmup"),
+        ("ours", "dissect-warmup"),
+    ],
+)
 def test_every_reference_strategy_name_resolves(tiny_data, name, expected):
     for extra in (["--select", "--select-strategy", name], ["--select-strategy", name]):  # a strategy implies --select
         cfg = config_from_args(args(tiny_data, *extra, "--warmup-point", "1"))
@@ -65,8 +82,11 @@ def test_dataset_type_and_resampled_flags(tiny_data, capsys):
     assert cfg.data.dataset_type == "webdataset" and cfg.data.dataset_resampled is False and cfg.run.record is False
     cfg = config_from_args(args(tiny_data, "--dataset-type", "auto", "--dataset-resampled", "--record"))
     assert cfg.data.dataset_type == "auto" and cfg.data.dataset_resampled is True and cfg.run.record is True
-    for kind, fix in (("csv", "dissect-fast shards --csv FILE --images DIR --out DIR"), ("synthetic", "not supported"),
-                      ("parquet", "must be webdataset or auto")):
+    for kind, fix in (
+        ("csv", "dissect-fast shards --csv FILE --images DIR --out DIR"),
+        ("synthetic", "not supported"),
+        ("parquet", "must be webdataset or auto"),
+    ):
         with pytest.raises(SystemExit):
             config_from_args(args(tiny_data, "--dataset-type", kind))
         err = capsys.readouterr().err
@@ -103,10 +123,15 @@ def test_help_shows_defaults(capsys):
 
 def test_unknown_model_and_missing_data_fail_before_training(tiny_data, tmp_path):
     env_cmd = [sys.executable, "-m", "dissect_fast.train", "--logs", str(tmp_path)]
-    r = subprocess.run(env_cmd + args(tiny_data)[:2] + ["--model", "NoSuchModel", "--batch-size", "16"], capture_output=True, text=True)
+    r = subprocess.run(
+        env_cmd + args(tiny_data)[:2] + ["--model", "NoSuchModel", "--batch-size", "16"], capture_output=True, text=True
+    )
     assert r.returncode != 0 and "is not an open_clip model name" in r.stderr
-    r = subprocess.run(env_cmd + ["--train-data", str(tmp_path / "nothing-*.tar"), "--model", "micro-vit"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        env_cmd + ["--train-data", str(tmp_path / "nothing-*.tar"), "--model", "micro-vit"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "no shards found" in r.stderr
 
 

@@ -27,8 +27,9 @@ def synth(tmp_path_factory):
     from dissect_fast.data.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("dali_synth")
-    make_synthetic(str(root), num_train=200, num_val=0, noise=0.4, image_size=32, seed=5, samples_per_shard=50,
-                   progress=False)
+    make_synthetic(
+        str(root), num_train=200, num_val=0, noise=0.4, image_size=32, seed=5, samples_per_shard=50, progress=False
+    )
     return root / "train"
 
 
@@ -45,8 +46,9 @@ def _transform(size, train=False):
 def _torch_batches(shards, size, ctx=77, train=False, rank=0, world=1, first_ids=None):
     from dissect_fast.data.loader import ShardDataset, TorchLoader
 
-    ds = ShardDataset(shards, B, _transform(size, train), ctx, train=train, rank=rank, world_size=world,
-                      first_ids=first_ids)
+    ds = ShardDataset(
+        shards, B, _transform(size, train), ctx, train=train, rank=rank, world_size=world, first_ids=first_ids
+    )
     loader = TorchLoader(ds, 0, torch.device("cpu"), drop_last=train)
     return list(loader), loader.stats
 

@@ -127,20 +127,44 @@ def test_csv_shards_skip_missing_image_and_empty_caption(tmp_path):
     for i in range(6):
         Image.new("RGB", (24, 24), (i * 40, 0, 0)).save(img_dir / f"{i}.jpg")
     Image.new("RGB", (24, 24), (0, 0, 9)).save(img_dir / "p.png")  # a PNG is re-encoded
-    rows = [("0.jpg", "red 0"), ("1.jpg", ""), ("missing.jpg", "x"), ("2.jpg", "red 2"), ("3.jpg", "red 3"),
-            ("4.jpg", "   "), ("5.jpg", "red 5"), ("p.png", "blue png")]
+    rows = [
+        ("0.jpg", "red 0"),
+        ("1.jpg", ""),
+        ("missing.jpg", "x"),
+        ("2.jpg", "red 2"),
+        ("3.jpg", "red 3"),
+        ("4.jpg", "   "),
+        ("5.jpg", "red 5"),
+        ("p.png", "blue png"),
+    ]
     with open(tmp_path / "caps.csv", "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["file", "caption"])
         wr.writerows(rows)
-    train, val, skipped = csv_to_shards(str(tmp_path / "caps.csv"), str(img_dir), str(tmp_path / "out"),
-                                        val_fraction=0.2, progress=False)
+    train, val, skipped = csv_to_shards(
+        str(tmp_path / "caps.csv"), str(img_dir), str(tmp_path / "out"), val_fraction=0.2, progress=False
+    )
     assert skipped == {"empty_caption": 2, "missing_image": 1}
     assert train.num_samples + val.num_samples == 5
     assert train.skipped == skipped
-    r = subprocess.run([sys.executable, "-m", "dissect_fast.cli", "shards", "--csv", str(tmp_path / "caps.csv"),
-                        "--images", str(img_dir), "--out", str(tmp_path / "o2"), "--csv-caption-key", "text"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dissect_fast.cli",
+            "shards",
+            "--csv",
+            str(tmp_path / "caps.csv"),
+            "--images",
+            str(img_dir),
+            "--out",
+            str(tmp_path / "o2"),
+            "--csv-caption-key",
+            "text",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--csv-caption-key 'text': no such column" in r.stderr
 
 
@@ -159,8 +183,10 @@ def test_csv_open_clip_layout_needs_no_flags(tmp_path):
 
     p = tmp_path / "train.csv"
     p.write_text("filepath\ttitle\na.jpg\ta dog, a ball, and a park\nb.jpg\tone, two, three, four\n")
-    assert _read_rows(str(p), None, None, None) == [("a.jpg", "a dog, a ball, and a park"),
-                                                    ("b.jpg", "one, two, three, four")]
+    assert _read_rows(str(p), None, None, None) == [
+        ("a.jpg", "a dog, a ball, and a park"),
+        ("b.jpg", "one, two, three, four"),
+    ]
     q = tmp_path / "cc3m.csv"  # the CC3M / CyCLIP convention: comma-separated file,caption
     q.write_text('file,caption\nx.jpg,"a cat, sitting"\n')
     assert _read_rows(str(q), None, None, None) == [("x.jpg", "a cat, sitting")]

@@ -52,8 +52,16 @@ def _pixparse(d, n_shards=3, per_shard=20, start=0, prefix="cc3m-train"):
 
 
 def _loader(shards, B, train, index=None, workers=0, **kw):
-    ds = ShardDataset(shards, B, _transform(), 77, train=train, seed=3,
-                      first_ids=index.first_ids() if index is not None else None, **kw)
+    ds = ShardDataset(
+        shards,
+        B,
+        _transform(),
+        77,
+        train=train,
+        seed=3,
+        first_ids=index.first_ids() if index is not None else None,
+        **kw,
+    )
     return TorchLoader(ds, workers, torch.device("cpu"), drop_last=train)
 
 
@@ -111,9 +119,11 @@ def test_pixparse_shards_need_the_index_for_ids(tmp_path):
         check_ids_known(shards, None)
     index_shards(shards, str(tmp_path), verify="header", workers=1, progress=False)
     got, idx = resolve_data(str(tmp_path / "cc3m-train-{0000..0002}.tar"))
-    assert got == shards and idx.num_samples == 60 and idx.first_ids() == {"cc3m-train-0000": 0,
-                                                                            "cc3m-train-0001": 20,
-                                                                            "cc3m-train-0002": 40}
+    assert (
+        got == shards
+        and idx.num_samples == 60
+        and idx.first_ids() == {"cc3m-train-0000": 0, "cc3m-train-0001": 20, "cc3m-train-0002": 40}
+    )
     loader = _loader(shards, 8, train=True, index=idx, num_ids=idx.num_ids)
     seen = [int(i) for b in loader for i in b[2]]
     assert len(seen) + loader.stats["dropped_tail"] == 60 and len(set(seen)) == len(seen)

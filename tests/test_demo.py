@@ -9,8 +9,22 @@ from dissect_fast import demo
 
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["--out", str(out), "--num-train", "160", "--num-val", "40", "--epochs", "2", "--warmup-point", "1",
-            "--batch-size", "40", "--workers", "1"]
+    argv = [
+        "--out",
+        str(out),
+        "--num-train",
+        "160",
+        "--num-val",
+        "40",
+        "--epochs",
+        "2",
+        "--warmup-point",
+        "1",
+        "--batch-size",
+        "40",
+        "--workers",
+        "1",
+    ]
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     res = json.load(open(out / "demo_results.json"))
@@ -26,8 +40,13 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
             assert math.isfinite(last[key]), (name, key)
         # 160 pairs, batch 40: 4 steps/epoch; full trains all, the r = 0.3 strategies 12 of 40 per step
         # (the warm-up strategies train the full batch in their warm-up epoch 1, then 12 per step)
-        want = {"full": [160, 160], "dissect-warmup": [160, 48], "clipscore": [48, 48], "random": [48, 48],
-                "warmup-clipscore": [160, 48]}[name]
+        want = {
+            "full": [160, 160],
+            "dissect-warmup": [160, 48],
+            "clipscore": [48, 48],
+            "random": [48, 48],
+            "warmup-clipscore": [160, 48],
+        }[name]
         assert [m["select/trained_samples"] for m in ms] == want, name
     table = open(out / "demo_table.md").read()
     assert table.strip() in printed

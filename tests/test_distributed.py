@@ -30,12 +30,44 @@ def even_data(tmp_path_factory):
 
 
 def torchrun(data, logs, name, *extra, nproc=2, launcher=(), env=None, ok=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *launcher,
-           "--", os.path.join(ROOT, "dissect_fast", "train.py"),
-           "--train-data", str(data / "train"), "--val-data", str(data / "val"), "--model", "micro-vit",
-           "--batch-size", "20", "--epochs", "2", "--lr", "1e-3", "--warmup", "2", "--workers", "1",
-           "--logs", str(logs), *(["--name", name] if name else []), "--no-progress", "--no-plots",
-           "--no-tensorboard", "--device", "cpu", "--select-rate", "0.5", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *launcher,
+        "--",
+        os.path.join(ROOT, "dissect_fast", "train.py"),
+        "--train-data",
+        str(data / "train"),
+        "--val-data",
+        str(data / "val"),
+        "--model",
+        "micro-vit",
+        "--batch-size",
+        "20",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--workers",
+        "1",
+        "--logs",
+        str(logs),
+        *(["--name", name] if name else []),
+        "--no-progress",
+        "--no-plots",
+        "--no-tensorboard",
+        "--device",
+        "cpu",
+        "--select-rate",
+        "0.5",
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
     if ok:
@@ -96,8 +128,18 @@ def test_two_ranks_share_one_history_warmup_local_loss(even_data, tmp_path):
 def test_resume_two_rank_checkpoint_on_one_rank(even_data, momentum_run, tmp_path):
     os.makedirs(tmp_path / "one" / "checkpoints")
     shutil.copy(momentum_run / "checkpoints" / "latest.pt", tmp_path / "one" / "checkpoints" / "latest.pt")
-    torchrun(even_data, tmp_path, "one", "--select-strategy", "dissect-momentum", "--resume", "latest",
-             "--epochs", "3", nproc=1)
+    torchrun(
+        even_data,
+        tmp_path,
+        "one",
+        "--select-strategy",
+        "dissect-momentum",
+        "--resume",
+        "latest",
+        "--epochs",
+        "3",
+        nproc=1,
+    )
     ck = load_checkpoint(str(tmp_path / "one" / "checkpoints" / "latest.pt"))
     assert ck["epoch"] == 3 and torch.isfinite(ck["strategy"]["history"]["values"]).all()
     before = load_checkpoint(str(momentum_run / "checkpoints" / "latest.pt"))
@@ -127,11 +169,26 @@ def test_record_merges_ranks_and_logs_dir_passes_torchrun(even_data, tmp_path):
 
 
 def test_sync_check_fails_loudly_on_drift(even_data, tmp_path):
-    r = torchrun(even_data, tmp_path, "drift", "--select-strategy", "dissect-momentum", "--epochs", "1",
-                 "--check-sync-every", "2", "--workers", "0", env={"DISSECT_FAST_TEST_DRIFT_AT_STEP": "1:3"}, ok=False)
+    r = torchrun(
+        even_data,
+        tmp_path,
+        "drift",
+        "--select-strategy",
+        "dissect-momentum",
+        "--epochs",
+        "1",
+        "--check-sync-every",
+        "2",
+        "--workers",
+        "0",
+        env={"DISSECT_FAST_TEST_DRIFT_AT_STEP": "1:3"},
+        ok=False,
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert "HistoryDesyncError" in out and "history buffer out of sync at step 4: rank(s) [1] differ" in out, out[-3000:]
+    assert "HistoryDesyncError" in out and "history buffer out of sync at step 4: rank(s) [1] differ" in out, out[
+        -3000:
+    ]
     assert not (tmp_path / "drift" / "checkpoints" / "epoch_1.pt").exists()
 
 
@@ -140,8 +197,17 @@ def test_elastic_restart_resumes_from_latest_checkpoint(even_data, tmp_path):
     folder (no --name given) and resume from the epoch-1 checkpoint; the job ends with both epochs."""
     # --workers 0: a rank that raises mid-epoch with loader worker processes alive does not exit (a
     # loader issue outside this test's scope), which would leave torchrun waiting on it.
-    r = torchrun(even_data, tmp_path, None, "--select-strategy", "dissect-momentum", "--workers", "0",
-                 launcher=("--max-restarts", "1"), env={"DISSECT_FAST_TEST_KILL_AT_STEP": "1:9"})
+    r = torchrun(
+        even_data,
+        tmp_path,
+        None,
+        "--select-strategy",
+        "dissect-momentum",
+        "--workers",
+        "0",
+        launcher=("--max-restarts", "1"),
+        env={"DISSECT_FAST_TEST_KILL_AT_STEP": "1:9"},
+    )
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     log = (run_dir / "out.log").read_text()
     assert "torchelastic restart 1: resumed from" in log and "at epoch 1 (step 6)" in log, log[-3000:]
@@ -212,10 +278,37 @@ def test_bf16_history_end_to_end(tiny_data, tmp_path):
     from dissect_fast.config import config_from_args
     from dissect_fast.trainer import Trainer
 
-    argv = ["--train-data", str(tiny_data / "train"), "--model", "micro-vit", "--batch-size", "40", "--epochs", "1",
-            "--lr", "1e-3", "--warmup", "2", "--workers", "0", "--logs", str(tmp_path), "--name", "bf16",
-            "--no-progress", "--no-tensorboard", "--no-plots", "--device", "cpu",
-            "--select-strategy", "dissect-momentum", "--select-rate", "0.3", "--history-dtype", "bf16"]
+    argv = [
+        "--train-data",
+        str(tiny_data / "train"),
+        "--model",
+        "micro-vit",
+        "--batch-size",
+        "40",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--workers",
+        "0",
+        "--logs",
+        str(tmp_path),
+        "--name",
+        "bf16",
+        "--no-progress",
+        "--no-tensorboard",
+        "--no-plots",
+        "--device",
+        "cpu",
+        "--select-strategy",
+        "dissect-momentum",
+        "--select-rate",
+        "0.3",
+        "--history-dtype",
+        "bf16",
+    ]
     Trainer(config_from_args(argv)).fit()
     h = load_checkpoint(str(tmp_path / "bf16" / "checkpoints" / "latest.pt"))["strategy"]["history"]["values"]
     assert h.dtype == torch.bfloat16 and torch.isfinite(h).all()  # 240 samples, all scored in epoch 1

@@ -21,14 +21,47 @@ from dissect_fast.train_setup import lr_at, make_scheduler, set_cuda_defaults
 from dissect_fast.trainer import Trainer, cosine_lr
 
 STEPS_PER_EPOCH = 15  # 240 samples / batch 16
-STEP_FIELDS = {"step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_time_s", "batch_time_s",
-               "selected_share", "clean_share"}
+STEP_FIELDS = {
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "logit_scale",
+    "samples_per_s",
+    "data_time_s",
+    "batch_time_s",
+    "selected_share",
+    "clean_share",
+}
 
 
 def argv(tiny_data, logs, name, *extra):
-    return ["--train-data", str(tiny_data / "train"), "--model", "micro-rn", "--batch-size", "16", "--epochs", "2",
-            "--lr", "1e-3", "--warmup", "3", "--workers", "0", "--logs", str(logs), "--name", name, "--no-progress",
-            "--no-tensorboard", "--no-plots", "--device", "cpu", *extra]
+    return [
+        "--train-data",
+        str(tiny_data / "train"),
+        "--model",
+        "micro-rn",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "3",
+        "--workers",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--no-progress",
+        "--no-tensorboard",
+        "--no-plots",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def run(tiny_data, logs, name, *extra):
@@ -48,8 +81,21 @@ def ckpt_files(run_dir):
 def test_steps_jsonl_tensorboard_and_log_lines(tiny_data, tmp_path):
     """Every --log-every-n-steps steps (and at each epoch's last step): one steps.jsonl line, train/ scalars in
     TensorBoard and, under --no-progress, open_clip's log line."""
-    t, _ = run(tiny_data, tmp_path, "s", "--log-every-n-steps", "4", "--select-strategy", "random",
-               "--select-rate", "0.5", "--report-to", "tensorboard", "--lr-scheduler", "const")
+    t, _ = run(
+        tiny_data,
+        tmp_path,
+        "s",
+        "--log-every-n-steps",
+        "4",
+        "--select-strategy",
+        "random",
+        "--select-rate",
+        "0.5",
+        "--report-to",
+        "tensorboard",
+        "--lr-scheduler",
+        "const",
+    )
     # --no-tensorboard (in argv) drops tensorboard from an explicit --report-to too
     assert t.cfg.run.report_to == "none" and t.tb is None
     lines = read_jsonl(tmp_path / "s" / "steps.jsonl")
@@ -71,15 +117,29 @@ def test_steps_jsonl_tensorboard_and_log_lines(tiny_data, tmp_path):
 def test_train_scalars_reach_tensorboard(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = config_from_args([a for a in argv(tiny_data, tmp_path, "tb", "--epochs", "1", "--log-every-n-steps", "5")
-                            if a != "--no-tensorboard"])
+    cfg = config_from_args(
+        [
+            a
+            for a in argv(tiny_data, tmp_path, "tb", "--epochs", "1", "--log-every-n-steps", "5")
+            if a != "--no-tensorboard"
+        ]
+    )
     assert cfg.run.report_to == "tensorboard" and cfg.run.tensorboard
     Trainer(cfg).fit()
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/scale", "train/samples_per_second", "train/data_time",
-                "train/batch_time", "train/selected_share", "train/clean_share", "train_loss"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/scale",
+        "train/samples_per_second",
+        "train/data_time",
+        "train/batch_time",
+        "train/selected_share",
+        "train/clean_share",
+        "train_loss",
+    ):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/loss")] == [5, 10, 15]
 
@@ -92,10 +152,18 @@ def test_steps_jsonl_is_cut_back_to_the_resumed_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ --report-to
-@pytest.mark.parametrize("value,expected", [
-    ("tensorboard", "tensorboard"), ("wandb", "wandb"), ("wandb,tensorboard", "wandb,tensorboard"),
-    ("tensorboard,wandb", "wandb,tensorboard"), ("all", "wandb,tensorboard"), ("none", "none"), ("", "none"),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("tensorboard", "tensorboard"),
+        ("wandb", "wandb"),
+        ("wandb,tensorboard", "wandb,tensorboard"),
+        ("tensorboard,wandb", "wandb,tensorboard"),
+        ("all", "wandb,tensorboard"),
+        ("none", "none"),
+        ("", "none"),
+    ],
+)
 def test_report_to_values(value, expected):
     assert parse_report_to(value) == expected
 
@@ -142,15 +210,31 @@ def fake_wandb(calls):
 def test_report_to_wandb_logs_steps_and_epochs(tiny_data, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
-    run(tiny_data, tmp_path, "w", "--epochs", "1", "--log-every-n-steps", "5", "--report-to", "wandb",
-        "--wandb-project-name", "proj", "--wandb-notes", "a note")
+    run(
+        tiny_data,
+        tmp_path,
+        "w",
+        "--epochs",
+        "1",
+        "--log-every-n-steps",
+        "5",
+        "--report-to",
+        "wandb",
+        "--wandb-project-name",
+        "proj",
+        "--wandb-notes",
+        "a note",
+    )
     init = calls[0][1]
     assert calls[0][0] == "init" and init["project"] == "proj" and init["notes"] == "a note"
     assert init["name"] == "w" and init["dir"] == str(tmp_path / "w") and init["config"]["run"]["report_to"] == "wandb"
     logs = [c for c in calls if c[0] == "log"]
     assert [s for _, s, d in logs if "train/loss" in d] == [5, 10, 15]
-    assert all({"train/lr", "train/scale", "train/batch_time", "train/data_time"} <= set(d)
-               for _, _, d in logs if "train/loss" in d)
+    assert all(
+        {"train/lr", "train/scale", "train/batch_time", "train/data_time"} <= set(d)
+        for _, _, d in logs
+        if "train/loss" in d
+    )
     epoch = [d for _, s, d in logs if "train_loss" in d]
     assert len(epoch) == 1 and epoch[0]["epoch"] == 1 and "select/clean_fraction" in epoch[0]
     assert calls[-1] == ("finish", None)
@@ -168,12 +252,14 @@ def test_wandb_offline_when_installed(tiny_data, tmp_path, monkeypatch):
 def test_save_frequency_keeps_latest_every_epoch_and_the_last_epoch(tiny_data, tmp_path):
     seen = []
 
-    t = Trainer(config_from_args(argv(tiny_data, tmp_path, "f", "--epochs", "3", "--save-frequency", "2",
-                                      "--save-most-recent")))
+    t = Trainer(
+        config_from_args(argv(tiny_data, tmp_path, "f", "--epochs", "3", "--save-frequency", "2", "--save-most-recent"))
+    )
     ck = tmp_path / "f" / "checkpoints"
     # before epoch 2 is saved: epoch 1 was written to latest.pt alone
-    t.on_epoch_end = lambda m: seen.append((m["epoch"], ckpt_files(tmp_path / "f"),
-                                            (ckpt_io.read_sidecar(str(ck / "latest.pt")) or {}).get("epoch")))
+    t.on_epoch_end = lambda m: seen.append(
+        (m["epoch"], ckpt_files(tmp_path / "f"), (ckpt_io.read_sidecar(str(ck / "latest.pt")) or {}).get("epoch"))
+    )
     t.fit()
     assert seen[1] == (2, ["latest.pt"], 1)
     assert ckpt_files(tmp_path / "f") == ["epoch_2.pt", "epoch_3.pt", "latest.pt"]
@@ -223,12 +309,18 @@ def test_sigterm_mid_epoch_resumes_under_a_save_policy(tiny_data, tmp_path):
     assert ckpt_files(tmp_path / "sig") == ["epoch_3.pt", "latest.pt"]
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--save-frequency", "-1"], "--save-frequency must be >= 0"),
-    (["--lr-scheduler", "const-cooldown"], "needs --epochs-cooldown"),
-    (["--lr-scheduler", "const-cooldown", "--epochs-cooldown", "5"], r"--epochs-cooldown must be in \[1, --epochs 2\]"),
-    (["--lr-cooldown-power", "0"], "--lr-cooldown-power must be > 0"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--save-frequency", "-1"], "--save-frequency must be >= 0"),
+        (["--lr-scheduler", "const-cooldown"], "needs --epochs-cooldown"),
+        (
+            ["--lr-scheduler", "const-cooldown", "--epochs-cooldown", "5"],
+            r"--epochs-cooldown must be in \[1, --epochs 2\]",
+        ),
+        (["--lr-cooldown-power", "0"], "--lr-cooldown-power must be > 0"),
+    ],
+)
 def test_policy_and_schedule_flags_are_checked(tiny_data, tmp_path, capsys, extra, match):
     with pytest.raises(SystemExit):
         config_from_args(argv(tiny_data, tmp_path, "x", *extra))
@@ -245,15 +337,26 @@ def openclip_lrs(name, steps_per_epoch, total, optim):
     elif name == "const":
         f = oc.const_lr(opt, optim.lr, optim.warmup, total)
     else:
-        f = oc.const_lr_cooldown(opt, optim.lr, optim.warmup, total, steps_per_epoch * optim.epochs_cooldown,
-                                 optim.lr_cooldown_power, optim.lr_cooldown_end)
+        f = oc.const_lr_cooldown(
+            opt,
+            optim.lr,
+            optim.warmup,
+            total,
+            steps_per_epoch * optim.epochs_cooldown,
+            optim.lr_cooldown_power,
+            optim.lr_cooldown_end,
+        )
     return [f(s) for s in range(total)]
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("cosine", {}), ("const", {}),
-    ("const-cooldown", {"epochs_cooldown": 2, "lr_cooldown_end": 1e-5, "lr_cooldown_power": 2.0}),
-])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("cosine", {}),
+        ("const", {}),
+        ("const-cooldown", {"epochs_cooldown": 2, "lr_cooldown_end": 1e-5, "lr_cooldown_power": 2.0}),
+    ],
+)
 def test_schedules_are_open_clips(name, extra):
     optim = OptimConfig(epochs=5, lr=1e-3, warmup=7, lr_scheduler=name, **extra)
     spe, total = 10, 50
@@ -263,15 +366,28 @@ def test_schedules_are_open_clips(name, extra):
     for s in (0, 3, 6, 7, 20, 29, 30, 31, 42, 49):
         assert sched(s) == ref[s] == opt.param_groups[0]["lr"] == lr_at(s, optim, spe, total)
     if name == "const-cooldown":
-        assert ref[29] == 1e-3 and ref[30] == 1e-3 and ref[40] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 ** 2)
+        assert ref[29] == 1e-3 and ref[30] == 1e-3 and ref[40] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5**2)
     if name == "cosine":  # the trainer's thin reference keeps its signature and values
         assert [cosine_lr(s, 1e-3, 7, total) for s in range(total)] == ref
         assert cosine_lr(total, 1e-3, 7, total) == 0.0 and cosine_lr(total + 5, 1e-3, 7, total) == 0.0
 
 
 def test_trainer_steps_follow_the_schedule(tiny_data, tmp_path):
-    t, metrics = run(tiny_data, tmp_path, "cd", "--epochs", "3", "--log-every-n-steps", "1", "--lr-scheduler",
-                     "const-cooldown", "--epochs-cooldown", "1", "--lr-cooldown-end", "1e-4")
+    t, metrics = run(
+        tiny_data,
+        tmp_path,
+        "cd",
+        "--epochs",
+        "3",
+        "--log-every-n-steps",
+        "1",
+        "--lr-scheduler",
+        "const-cooldown",
+        "--epochs-cooldown",
+        "1",
+        "--lr-cooldown-end",
+        "1e-4",
+    )
     ref = openclip_lrs("const-cooldown", STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH, t.cfg.optim)
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "cd" / "steps.jsonl")]
     assert lrs == ref  # one line per step, the step's lr
@@ -280,8 +396,10 @@ def test_trainer_steps_follow_the_schedule(tiny_data, tmp_path):
 
 # ------------------------------------------------------------------ CUDA defaults
 FLAGS = (
-    (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic"),
-    (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+    (torch.backends.cudnn, "benchmark"),
+    (torch.backends.cudnn, "deterministic"),
+    (torch.backends.cuda.matmul, "allow_tf32"),
+    (torch.backends.cudnn, "allow_tf32"),
 )
 
 

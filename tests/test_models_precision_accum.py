@@ -14,9 +14,32 @@ from dissect_fast.trainer import Trainer
 
 
 def make(tiny_data, logs, name, *extra, model="micro-vit", batch=16):
-    argv = ["--train-data", str(tiny_data / "train"), "--model", model, "--batch-size", str(batch),
-            "--epochs", "1", "--lr", "1e-3", "--warmup", "2", "--workers", "0", "--logs", str(logs),
-            "--name", name, "--no-progress", "--no-tensorboard", "--no-plots", "--device", "cpu", *extra]
+    argv = [
+        "--train-data",
+        str(tiny_data / "train"),
+        "--model",
+        model,
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--workers",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--no-progress",
+        "--no-tensorboard",
+        "--no-plots",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return Trainer(config_from_args(argv))
 
 
@@ -54,8 +77,21 @@ def test_precision_values_parse_and_map(tiny_data, capsys):
 def test_bf16_weights_train_and_evaluate_on_cpu(tiny_data, tmp_path):
     """--precision bf16 is open_clip's: weights in bf16 (LayerNorms float32), bf16 inputs, no autocast; it is no
     longer mapped to amp_bf16. A 1-epoch run with a scoring strategy trains and evaluates."""
-    t = make(tiny_data, tmp_path, "bf16", "--precision", "bf16", "--val-data", str(tiny_data / "val"),
-             "--select-strategy", "clipscore", "--select-rate", "0.5", "--train-num-samples", "64")
+    t = make(
+        tiny_data,
+        tmp_path,
+        "bf16",
+        "--precision",
+        "bf16",
+        "--val-data",
+        str(tiny_data / "val"),
+        "--select-strategy",
+        "clipscore",
+        "--select-rate",
+        "0.5",
+        "--train-num-samples",
+        "64",
+    )
     assert t.precision == "bf16" and not t.scaler.is_enabled()
     assert t.model.visual.conv1.weight.dtype == torch.bfloat16
     assert t.model.visual.ln_pre.weight.dtype == torch.float32
@@ -118,8 +154,17 @@ def test_pretrained_errors_name_the_flag(tiny_data, tmp_path, monkeypatch, capsy
 
 
 def test_lock_towers_freeze_and_optimizer_holds_trainable_only(tiny_data, tmp_path):
-    t = make(tiny_data, tmp_path, "lit", "--lock-image", "--lock-image-unlocked-groups", "1", "--lock-text",
-             "--lock-text-unlocked-layers", "1")
+    t = make(
+        tiny_data,
+        tmp_path,
+        "lit",
+        "--lock-image",
+        "--lock-image-unlocked-groups",
+        "1",
+        "--lock-text",
+        "--lock-text-unlocked-layers",
+        "1",
+    )
     named = dict(t.model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     # image: the last group (proj) trains; text: the last group (projection) and, without
@@ -206,8 +251,18 @@ def test_sigmoid_per_sample_loss_matches_hand_computation():
 def test_siglip_run_uses_sigmoid_loss_and_init(tiny_data, tmp_path):
     from open_clip.loss import SigLipLoss
 
-    t = make(tiny_data, tmp_path, "siglip", "--siglip", "--select-strategy", "big_loss", "--select-rate", "0.5",
-             "--train-num-samples", "64")
+    t = make(
+        tiny_data,
+        tmp_path,
+        "siglip",
+        "--siglip",
+        "--select-strategy",
+        "big_loss",
+        "--select-rate",
+        "0.5",
+        "--train-num-samples",
+        "64",
+    )
     assert isinstance(t.loss_fn, SigLipLoss) and t.tokenizer is None  # micro-vit tokenises with CLIP BPE
     scale, bias = t.model.logit_scale.detach(), t.model.logit_bias.detach()
     assert abs(float(scale) - math.log(10)) < 1e-6 and float(bias) == -10.0
@@ -278,8 +333,22 @@ def test_accumulation_is_exact(tiny_data, tmp_path, loss):
 def test_accumulation_with_dissect_warmup(tiny_data, tmp_path):
     """Selection per batch of 8 (k = 4), two batches per optimizer step: the history records every batch's
     scores in the warm-up, the schedule counts optimizer steps, every selected sample trains."""
-    t = make(tiny_data, tmp_path, "accwarm", "--accum-freq", "2", "--select-strategy", "dissect-warmup",
-             "--select-rate", "0.5", "--warmup-point", "1", "--epochs", "2", batch=8)
+    t = make(
+        tiny_data,
+        tmp_path,
+        "accwarm",
+        "--accum-freq",
+        "2",
+        "--select-strategy",
+        "dissect-warmup",
+        "--select-rate",
+        "0.5",
+        "--warmup-point",
+        "1",
+        "--epochs",
+        "2",
+        batch=8,
+    )
     assert t.steps_per_epoch == 15 and t.total_steps == 30
     metrics = t.fit()
     assert t.step == 30
@@ -292,9 +361,11 @@ def test_accumulation_with_dissect_warmup(tiny_data, tmp_path):
 
 def test_accum_freq_and_flag_errors(tiny_data, capsys):
     base = ["--train-data", str(tiny_data / "train"), "--model", "micro-vit"]
-    for extra, match in ((["--accum-freq", "0"], "--accum-freq must be >= 1"),
-                         (["--siglip", "--local-loss"], "drop --local-loss"),
-                         (["--lock-image-freeze-bn-stats"], "add --lock-image")):
+    for extra, match in (
+        (["--accum-freq", "0"], "--accum-freq must be >= 1"),
+        (["--siglip", "--local-loss"], "drop --local-loss"),
+        (["--lock-image-freeze-bn-stats"], "add --lock-image"),
+    ):
         with pytest.raises(SystemExit):
             config_from_args(base + extra)
         assert match in capsys.readouterr().err

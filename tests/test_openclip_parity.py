@@ -48,10 +48,12 @@ def test_table_agrees_with_our_parser():
 def test_check_unsupported_messages():
     ours = our_option_strings()
     assert check_unsupported(["--horovod"], ours) == (
-        "--horovod is an open_clip flag dissect_fast does not take: not supported: use torchrun or srun")
+        "--horovod is an open_clip flag dissect_fast does not take: not supported: use torchrun or srun"
+    )
     assert check_unsupported(["--model", "RN50", "--torchcompile"], ours) == (
         "--torchcompile is an open_clip flag dissect_fast does not take: use --compile "
-        "(torch.compile the training and scoring forwards)")
+        "(torch.compile the training and scoring forwards)"
+    )
     assert "CoCa is not supported" in check_unsupported(["--coca-caption-loss-weight=1.0"], ours)
     assert "dissect-fast shards" in check_unsupported(["--csv-img-key", "filepath"], ours)
     # known flags, values, unknown non-open_clip flags and anything after `--` are left to argparse
@@ -73,8 +75,10 @@ def test_planned_flags_count_as_taken_once_wired():
     assert "| `--torchcompile` | `--compile` |" in table and "| `--horovod` | no |" in table
 
 
-@pytest.mark.parametrize("typo,meant", [("ViT-B32", "ViT-B-32"), ("rn50", "RN50"), ("vit-b-16", "ViT-B-16"),
-                                        ("micro_rn", "micro-rn"), ("RN5O", "RN50")])
+@pytest.mark.parametrize(
+    "typo,meant",
+    [("ViT-B32", "ViT-B-32"), ("rn50", "RN50"), ("vit-b-16", "ViT-B-16"), ("micro_rn", "micro-rn"), ("RN5O", "RN50")],
+)
 def test_misspelled_model_suggests_the_name(typo, meant):
     from dissect_fast.model import model_name_for
 

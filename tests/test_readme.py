@@ -154,7 +154,8 @@ def test_variables_block_is_assignments_of_the_toy_variables():
     for b in RUNNABLE:
         used |= set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", b.text))
     assert used <= set(TOY) | {"SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_JOB_ID"}, (
-        f"blocks use variables the variables block does not set: {sorted(used - set(TOY))}")
+        f"blocks use variables the variables block does not set: {sorted(used - set(TOY))}"
+    )
 
 
 def test_torchrun_blocks_say_repository_root():
@@ -162,7 +163,8 @@ def test_torchrun_blocks_say_repository_root():
         if TORCHRUN_SCRIPT in b.text and not b.skip_reason:
             assert "repository root" in b.text, f"README.md:{b.line}: say `from the repository root` in the block"
             assert not re.search(r"\s--logs\s", b.text), (
-                f"README.md:{b.line}: torchrun rejects --logs after the script; use --logs-dir")
+                f"README.md:{b.line}: torchrun rejects --logs after the script; use --logs-dir"
+            )
 
 
 def test_bench_blocks_name_existing_benchmarks():
@@ -224,17 +226,28 @@ def toy_env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("readme")
     values = {k: v.format(root=root) for k, v in TOY.items()}
-    make_synthetic(values["DATA"], num_train=TOY_TRAIN, num_val=TOY_VAL, noise=0.4, image_size=32, seed=0,
-                   samples_per_shard=TOY_PER_SHARD, progress=False)
+    make_synthetic(
+        values["DATA"],
+        num_train=TOY_TRAIN,
+        num_val=TOY_VAL,
+        noise=0.4,
+        image_size=32,
+        seed=0,
+        samples_per_shard=TOY_PER_SHARD,
+        progress=False,
+    )
     _write_pixparse_shards(Path(values["WDS"]))
     _write_csv(Path(values["CSV"]).parent)
     work = root / "work"
     work.mkdir()
     venv_bin = ROOT / ".venv" / "bin"
     bin_dir = venv_bin if venv_bin.is_dir() else Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TORCHELASTIC_", "DISSECT_FAST_TEST_", "PET_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TORCHELASTIC_", "DISSECT_FAST_TEST_", "PET_"))
+        and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(values)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_OFFLINE"] = "1"
@@ -252,11 +265,19 @@ def test_readme_block_runs(block: Block, toy_env):
     root_logs_before = (ROOT / "logs").exists()
     t0 = time.monotonic()
     try:
-        r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block.text], cwd=cwd, env=toy_env["env"],
-                           capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+        r = subprocess.run(
+            ["bash", "-c", "set -euo pipefail\n" + block.text],
+            cwd=cwd,
+            env=toy_env["env"],
+            capture_output=True,
+            text=True,
+            timeout=BLOCK_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"README.md:{block.line} ({block.first_line!r}) ran past {BLOCK_TIMEOUT_S} s; "
-                    f"output tail:\n{(e.stdout or b'')[-3000:]!r}")
+        pytest.fail(
+            f"README.md:{block.line} ({block.first_line!r}) ran past {BLOCK_TIMEOUT_S} s; "
+            f"output tail:\n{(e.stdout or b'')[-3000:]!r}"
+        )
     elapsed = time.monotonic() - t0
     print(f"README.md:{block.line} {block.first_line!r}: exit {r.returncode} in {elapsed:.1f} s (cwd {cwd})")
     if r.returncode != 0:
@@ -284,4 +305,5 @@ def test_blocks_left_their_run_folders(toy_env, request):
             assert (run / "checkpoints" / "latest.pt").is_file(), f"README.md:{b.line}: no checkpoint in {run}"
             if "--record" in cmd:
                 assert sorted(p.name for p in (run / "select_record").glob("record_*.npz")), (
-                    f"README.md:{b.line}: --record wrote no select_record/record_N.npz in {run}")
+                    f"README.md:{b.line}: --record wrote no select_record/record_N.npz in {run}"
+                )

@@ -37,10 +37,35 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 300
 #: skip reasons the loaders count (``data/<reason>`` in metrics.jsonl)
-BAD_REASONS = ("missing_field", "bad_id", "id_out_of_range", "duplicate_id", "bad_caption", "bad_tokens",
-               "corrupt_image", "tiny_image", "truncated_tar", "not_a_tar")
-TRAIN_COMMON = ["--model", "micro-rn", "--lr", "1e-3", "--warmup", "2", "--workers", "0", "--device", "cpu",
-                "--no-plots", "--no-tensorboard", "--no-progress", "--seed", "0"]
+BAD_REASONS = (
+    "missing_field",
+    "bad_id",
+    "id_out_of_range",
+    "duplicate_id",
+    "bad_caption",
+    "bad_tokens",
+    "corrupt_image",
+    "tiny_image",
+    "truncated_tar",
+    "not_a_tar",
+)
+TRAIN_COMMON = [
+    "--model",
+    "micro-rn",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "2",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--no-plots",
+    "--no-tensorboard",
+    "--no-progress",
+    "--seed",
+    "0",
+]
 
 PIX_N, PIX_PER_SHARD = 240, 80  # 3 pixparse shards
 I2D_SHARDS, I2D_PER_SHARD = 3, 40  # + 1 truncated shard
@@ -48,8 +73,9 @@ I2D_SHARDS, I2D_PER_SHARD = 3, 40  # + 1 truncated shard
 
 # ----------------------------------------------------------------------------- helpers
 def _run(argv: list, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [str(a) for a in argv], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def dissect_fast(*args) -> subprocess.CompletedProcess:
@@ -62,7 +88,7 @@ def train(*args) -> subprocess.CompletedProcess:
 
 
 def tail(p: subprocess.CompletedProcess, n: int = 2500) -> str:
-    return f"exit {p.returncode}\n--- stderr (tail) ---\n{p.stderr[-n:]}\n--- stdout (tail) ---\n{p.stdout[-n // 2:]}"
+    return f"exit {p.returncode}\n--- stderr (tail) ---\n{p.stderr[-n:]}\n--- stdout (tail) ---\n{p.stdout[-n // 2 :]}"
 
 
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -84,7 +110,7 @@ def last_json_object(text: str) -> dict:
     for i in range(end, -1, -1):
         depth += {"}": 1, "{": -1}.get(text[i], 0)
         if depth == 0:
-            return json.loads(text[i:end + 1])
+            return json.loads(text[i : end + 1])
     raise AssertionError(f"unbalanced JSON in the output:\n{text[-2000:]}")
 
 
@@ -133,8 +159,14 @@ def pix_index(pix) -> dict:
 def i2d(tmp_path_factory) -> ShardSet:
     """img2dataset shards 00000..00002.tar (40 samples each, every awkward kind planted once) and a
     fourth, 00003.tar, cut mid-member: indexed in place by ``dissect-fast index``."""
-    s = img2dataset_shards(tmp_path_factory.mktemp("img2dataset"), I2D_SHARDS, I2D_PER_SHARD, image_size=64,
-                           seed=1, awkward=Awkward.every_kind())
+    s = img2dataset_shards(
+        tmp_path_factory.mktemp("img2dataset"),
+        I2D_SHARDS,
+        I2D_PER_SHARD,
+        image_size=64,
+        seed=1,
+        awkward=Awkward.every_kind(),
+    )
     return s
 
 
@@ -147,8 +179,14 @@ def i2d_index(i2d) -> dict:
 @pytest.fixture(scope="module")
 def i2d_raw(tmp_path_factory) -> ShardSet:
     """The same img2dataset set (same seed), never indexed: no index.json, no .idx files."""
-    return img2dataset_shards(tmp_path_factory.mktemp("img2dataset_raw"), I2D_SHARDS, I2D_PER_SHARD, image_size=64,
-                              seed=1, awkward=Awkward.every_kind())
+    return img2dataset_shards(
+        tmp_path_factory.mktemp("img2dataset_raw"),
+        I2D_SHARDS,
+        I2D_PER_SHARD,
+        image_size=64,
+        seed=1,
+        awkward=Awkward.every_kind(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +197,45 @@ def csv_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("openclip_csv")
     cs = openclip_csv(root, 96, image_size=64, seed=2, missing_images=1)
     out = root / "shards"
-    shards = dissect_fast("shards", "--csv", cs.csv, "--csv-img-key", "filepath", "--csv-caption-key", "title",
-                          "--images", cs.images, "--out", out, "--samples-per-shard", "40")
+    shards = dissect_fast(
+        "shards",
+        "--csv",
+        cs.csv,
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--images",
+        cs.images,
+        "--out",
+        out,
+        "--samples-per-shard",
+        "40",
+    )
     logs = root / "logs"
     run = None
     if shards.returncode == 0:
-        run = train("--train-data", out / "train", "--batch-size", "32", "--epochs", "1", "--logs", logs,
-                    "--name", "csv", *TRAIN_COMMON)
-    return {"csv": cs, "out": out, "shards": shards, "run": run, "logs": logs,
-            "ckpt": logs / "csv" / "checkpoints" / "latest.pt"}
+        run = train(
+            "--train-data",
+            out / "train",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--logs",
+            logs,
+            "--name",
+            "csv",
+            *TRAIN_COMMON,
+        )
+    return {
+        "csv": cs,
+        "out": out,
+        "shards": shards,
+        "run": run,
+        "logs": logs,
+        "ckpt": logs / "csv" / "checkpoints" / "latest.pt",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +312,30 @@ def _check_pix_run(logs: Path, name: str, epochs: int, trained_per_epoch: int) -
 def test_train_pixparse_torch_every_sample_seen(pix, pix_index, tmp_path):
     """The reference recipe (DISSect warm-up then selection) on id-less public shards, torch loader."""
     record = ["--record"] if has_train_flag("--record") else []
-    ok(train("--train-data", pix.pattern, "--data-backend", "torch", "--batch-size", "40", "--epochs", "2",
-             "--select-strategy", "dissect-warmup", "--warmup-point", "1", "--select-rate", "0.5",
-             "--logs", tmp_path, "--name", "torch", *record, *TRAIN_COMMON))
+    ok(
+        train(
+            "--train-data",
+            pix.pattern,
+            "--data-backend",
+            "torch",
+            "--batch-size",
+            "40",
+            "--epochs",
+            "2",
+            "--select-strategy",
+            "dissect-warmup",
+            "--warmup-point",
+            "1",
+            "--select-rate",
+            "0.5",
+            "--logs",
+            tmp_path,
+            "--name",
+            "torch",
+            *record,
+            *TRAIN_COMMON,
+        )
+    )
     _check_pix_run(tmp_path, "torch", epochs=2, trained_per_epoch=120)
 
 
@@ -258,9 +347,28 @@ def test_train_pixparse_other_backends_every_sample_seen(pix, pix_index, tmp_pat
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     record = ["--record"] if has_train_flag("--record") else []
-    ok(train("--train-data", pix.pattern, "--data-backend", backend, "--batch-size", "40", "--epochs", "1",
-             "--select-strategy", "dissect-momentum", "--select-rate", "0.5",
-             "--logs", tmp_path, "--name", backend, *record, *TRAIN_COMMON))
+    ok(
+        train(
+            "--train-data",
+            pix.pattern,
+            "--data-backend",
+            backend,
+            "--batch-size",
+            "40",
+            "--epochs",
+            "1",
+            "--select-strategy",
+            "dissect-momentum",
+            "--select-rate",
+            "0.5",
+            "--logs",
+            tmp_path,
+            "--name",
+            backend,
+            *record,
+            *TRAIN_COMMON,
+        )
+    )
     _check_pix_run(tmp_path, backend, epochs=1, trained_per_epoch=120)
 
 
@@ -285,9 +393,29 @@ def test_train_img2dataset_counts_each_planted_fault(i2d, i2d_index, tmp_path, b
     """The same planted faults, the same counts, whichever loader reads them (DALI: from the index pass)."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    p = train("--train-data", i2d.root, "--data-backend", backend, "--device", "cpu", "--batch-size", "40",
-              "--epochs", "1", "--select-strategy", "dissect-momentum", "--select-rate", "0.5",
-              "--max-bad-fraction", "0.5", "--logs", tmp_path, "--name", "i2d", *TRAIN_COMMON)
+    p = train(
+        "--train-data",
+        i2d.root,
+        "--data-backend",
+        backend,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "40",
+        "--epochs",
+        "1",
+        "--select-strategy",
+        "dissect-momentum",
+        "--select-rate",
+        "0.5",
+        "--max-bad-fraction",
+        "0.5",
+        "--logs",
+        tmp_path,
+        "--name",
+        "i2d",
+        *TRAIN_COMMON,
+    )
     ok(p)
     (m,) = metrics_of(tmp_path, "i2d")
     assert m["step"] == i2d.good // 40
@@ -318,22 +446,69 @@ def test_eval_reads_img2dataset_shards(request, ckpt, indexed):
 # ----------------------------------------------------------------------------- e. embed -> select-subset -> --subset
 def test_offline_subset_workflow_on_idless_shards(pix, pix_index, ckpt, tmp_path):
     emb = tmp_path / "emb"
-    p = ok(dissect_fast("embed", "--checkpoint", ckpt, "--data", pix.root, "--out", emb, "--batch-size", "80",
-                        "--workers", "0", "--device", "cpu"))
+    p = ok(
+        dissect_fast(
+            "embed",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            pix.root,
+            "--out",
+            emb,
+            "--batch-size",
+            "80",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        )
+    )
     ids = np.load(emb / "ids.npy")
     assert np.array_equal(np.sort(ids), np.arange(PIX_N)), (
-        f"ids.npy: {ids.size} rows, {np.unique(ids).size} distinct ids (want 0..{PIX_N - 1})\n{tail(p)}")
+        f"ids.npy: {ids.size} rows, {np.unique(ids).size} distinct ids (want 0..{PIX_N - 1})\n{tail(p)}"
+    )
 
     subset = tmp_path / "subset.npy"
-    ok(dissect_fast("select-subset", "--embeddings", emb, "--method", "clipscore", "--fraction", "0.5",
-                    "--out", subset, "--device", "cpu"))
+    ok(
+        dissect_fast(
+            "select-subset",
+            "--embeddings",
+            emb,
+            "--method",
+            "clipscore",
+            "--fraction",
+            "0.5",
+            "--out",
+            subset,
+            "--device",
+            "cpu",
+        )
+    )
     chosen = np.load(subset)
     assert chosen.size == PIX_N // 2 and np.unique(chosen).size == chosen.size
     assert pix_index["id_min"] <= chosen.min() and chosen.max() <= pix_index["id_max"]
 
     record = ["--record"] if has_train_flag("--record") else []
-    p = ok(train("--train-data", pix.root, "--subset", subset, "--data-backend", "torch", "--batch-size", "40",
-                 "--epochs", "1", "--logs", tmp_path, "--name", "subset", *record, *TRAIN_COMMON))
+    p = ok(
+        train(
+            "--train-data",
+            pix.root,
+            "--subset",
+            subset,
+            "--data-backend",
+            "torch",
+            "--batch-size",
+            "40",
+            "--epochs",
+            "1",
+            "--logs",
+            tmp_path,
+            "--name",
+            "subset",
+            *record,
+            *TRAIN_COMMON,
+        )
+    )
     (m,) = metrics_of(tmp_path, "subset")
     assert m["step"] == chosen.size // 40
     assert m["data/not_in_subset"] == PIX_N - chosen.size, m
@@ -346,18 +521,65 @@ def test_offline_subset_workflow_on_idless_shards(pix, pix_index, ckpt, tmp_path
 def test_offline_subset_workflow_on_awkward_img2dataset_shards(i2d, i2d_index, ckpt, tmp_path):
     """embed skips the planted faults (counted), keeps the index's ids, and the subset trains."""
     emb = tmp_path / "emb"
-    p = ok(dissect_fast("embed", "--checkpoint", ckpt, "--data", i2d.root, "--out", emb, "--batch-size", "64",
-                        "--workers", "0", "--device", "cpu"))
+    p = ok(
+        dissect_fast(
+            "embed",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            i2d.root,
+            "--out",
+            emb,
+            "--batch-size",
+            "64",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        )
+    )
     ids = np.load(emb / "ids.npy")
     assert ids.size == i2d.good == i2d_index["num_samples"] and np.unique(ids).size == ids.size
     assert f"skipped {i2d.bad_total} unreadable" in p.stdout, tail(p)
     subset = tmp_path / "subset.npy"
-    ok(dissect_fast("select-subset", "--embeddings", emb, "--method", "random", "--fraction", "0.5",
-                    "--out", subset, "--device", "cpu"))
+    ok(
+        dissect_fast(
+            "select-subset",
+            "--embeddings",
+            emb,
+            "--method",
+            "random",
+            "--fraction",
+            "0.5",
+            "--out",
+            subset,
+            "--device",
+            "cpu",
+        )
+    )
     chosen = np.load(subset)
     assert set(chosen.tolist()) <= set(ids.tolist())
-    ok(train("--train-data", i2d.root, "--subset", subset, "--data-backend", "torch", "--batch-size", "20",
-             "--epochs", "1", "--max-bad-fraction", "0.5", "--logs", tmp_path, "--name", "i2d-subset", *TRAIN_COMMON))
+    ok(
+        train(
+            "--train-data",
+            i2d.root,
+            "--subset",
+            subset,
+            "--data-backend",
+            "torch",
+            "--batch-size",
+            "20",
+            "--epochs",
+            "1",
+            "--max-bad-fraction",
+            "0.5",
+            "--logs",
+            tmp_path,
+            "--name",
+            "i2d-subset",
+            *TRAIN_COMMON,
+        )
+    )
     (m,) = metrics_of(tmp_path, "i2d-subset")
     # samples outside the subset are skipped before their image is decoded: a planted bad image outside the
     # subset is counted not_in_subset, not bad; every sample is still counted exactly once
@@ -386,8 +608,21 @@ def test_pipe_url(pix, pix_index, tmp_path):
     need the index for their ids: without ``--data-index`` the run is refused at once with the command to
     run (never "shards do not exist", never a traceback); with it, every sample is trained on."""
     spec = f"pipe:cat {pix.pattern}"
-    args = ("--data-backend", "torch", "--batch-size", "40", "--epochs", "1", "--select-strategy",
-            "dissect-momentum", "--select-rate", "0.5", "--logs", tmp_path, *TRAIN_COMMON)
+    args = (
+        "--data-backend",
+        "torch",
+        "--batch-size",
+        "40",
+        "--epochs",
+        "1",
+        "--select-strategy",
+        "dissect-momentum",
+        "--select-rate",
+        "0.5",
+        "--logs",
+        tmp_path,
+        *TRAIN_COMMON,
+    )
     p = train("--train-data", spec, "--train-num-samples", str(PIX_N), "--name", "refused", *args)
     err = p.stderr.strip()
     assert p.returncode == 2 and "Traceback" not in err, tail(p)

@@ -479,6 +479,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_pat
 
 # --------------------------------------------------------------------------------- bad config
 def test_bad_configuration_fails_before_any_model_or_data_work(tiny_data, tmp_path, reference, monkeypatch, capsys):
+    from dissect_fast import train_data as train_data_mod
     from dissect_fast import trainer as trainer_mod
     from dissect_fast.train import main
 
@@ -486,7 +487,7 @@ def test_bad_configuration_fails_before_any_model_or_data_work(tiny_data, tmp_pa
         raise AssertionError("model or loader built before the configuration was checked")
 
     monkeypatch.setattr(trainer_mod, "create_model", forbidden)
-    monkeypatch.setattr(trainer_mod, "ShardDataset", forbidden)
+    monkeypatch.setattr(train_data_mod, "ShardDataset", forbidden)
     ref_dir, _ = reference
     ck = ckpt_io.load_checkpoint(str(ref_dir / "epoch_1.pt"))
     ck["strategy"]["history"]["values"] = ck["strategy"]["history"]["values"][:100]

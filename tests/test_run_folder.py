@@ -21,8 +21,23 @@ def argv(tiny_data, logs, name, *extra):
 def recorded(tiny_data, tmp_path_factory):
     """One two-epoch dissect-warmup run with --record under a nested --name."""
     logs = tmp_path_factory.mktemp("logs")
-    train_main(argv(tiny_data, logs, "ablation/sample_05", "--epochs", "2", "--select", "--warmup-point", "1",
-                    "--select-rate", "0.5", "--record", "--val-data", str(tiny_data / "val")))
+    train_main(
+        argv(
+            tiny_data,
+            logs,
+            "ablation/sample_05",
+            "--epochs",
+            "2",
+            "--select",
+            "--warmup-point",
+            "1",
+            "--select-rate",
+            "0.5",
+            "--record",
+            "--val-data",
+            str(tiny_data / "val"),
+        )
+    )
     return logs, logs / "ablation" / "sample_05"
 
 
@@ -91,8 +106,10 @@ def test_retrieval_plot_with_val_every(tmp_path, monkeypatch):
     drawn = []
     orig = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append((a, k)) or orig(ax, *a, **k))
-    metrics = [{"epoch": e, **({"val/image_to_text_R@1": 10.0 * e, "val/text_to_image_R@1": 5.0 * e}
-                               if e % 2 == 0 else {})} for e in range(1, 5)]  # --val-every 2
+    metrics = [
+        {"epoch": e, **({"val/image_to_text_R@1": 10.0 * e, "val/text_to_image_R@1": 5.0 * e} if e % 2 == 0 else {})}
+        for e in range(1, 5)
+    ]  # --val-every 2
     plot_history(metrics, str(tmp_path))
     assert (tmp_path / "retrieval_r1.png").is_file()
     assert [(list(a[0]), list(a[1])) for a, _ in drawn] == [([2, 4], [20.0, 40.0]), ([2, 4], [10.0, 20.0])]
@@ -102,8 +119,10 @@ def test_eval_errors_are_one_line(tiny_data, recorded, tmp_path, capsys):
     _, run = recorded
     for args, msg in (
         (["--checkpoint", str(tmp_path / "missing.pt"), "--val-data", str(tiny_data / "val")], "no such file"),
-        (["--checkpoint", str(run / "checkpoints" / "latest.pt"), "--val-data", str(tmp_path / "nowhere")],
-         "--val-data"),
+        (
+            ["--checkpoint", str(run / "checkpoints" / "latest.pt"), "--val-data", str(tmp_path / "nowhere")],
+            "--val-data",
+        ),
     ):
         with pytest.raises(SystemExit) as e:
             cli_main(["eval", *args])

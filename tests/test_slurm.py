@@ -33,16 +33,29 @@ def free_port() -> int:
 
 def slurm_env(rank: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("SLURM_")}
-    env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    env.update(
+        SLURM_PROCID=str(rank),
+        SLURM_NTASKS="2",
+        SLURM_LOCALID=str(rank),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        **extra,
+    )
     return env
 
 
 def test_two_srun_tasks_form_a_group():
     port = str(free_port())
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD], env=slurm_env(r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD],
+            env=slurm_env(r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         for r in range(2)
     ]
     outs = []
@@ -93,10 +106,13 @@ def test_launcher_precedence(monkeypatch):
 
 def test_lone_task_times_out_with_a_hint():
     """python run directly in a batch script with --ntasks 2: the missing peer is named, not a bare timeout."""
-    code = ("from dissect_fast.distributed import LaunchError, init_distributed\n"
-            "try:\n    init_distributed('cpu', 0.05)\nexcept LaunchError as e:\n    print(e)\n")
+    code = (
+        "from dissect_fast.distributed import LaunchError, init_distributed\n"
+        "try:\n    init_distributed('cpu', 0.05)\nexcept LaunchError as e:\n    print(e)\n"
+    )
     env = slurm_env(0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    r = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120,
-                       cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert "SLURM task 0 of 2: no process group at 127.0.0.1" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "launch it with srun" in r.stdout

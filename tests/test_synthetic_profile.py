@@ -15,9 +15,30 @@ from dissect_fast.trainer import Trainer
 
 
 def synthetic_argv(logs, name, *extra):
-    return ["--data-backend", "synthetic", "--model", "micro-rn", "--batch-size", "16", "--train-num-samples", "64",
-            "--epochs", "2", "--warmup", "2", "--logs", str(logs), "--name", name, "--no-progress", "--no-tensorboard",
-            "--no-plots", "--device", "cpu", *extra]
+    return [
+        "--data-backend",
+        "synthetic",
+        "--model",
+        "micro-rn",
+        "--batch-size",
+        "16",
+        "--train-num-samples",
+        "64",
+        "--epochs",
+        "2",
+        "--warmup",
+        "2",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--no-progress",
+        "--no-tensorboard",
+        "--no-plots",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def train(logs, name, *extra, spy=None):
@@ -109,8 +130,24 @@ def test_synthetic_flag_checks(tmp_path, capsys):
 
 
 def test_synthetic_default_epoch_is_100_batches(tmp_path):
-    cfg = config_from_args(["--data-backend", "synthetic", "--model", "micro-rn", "--batch-size", "2", "--epochs", "1",
-                            "--logs", str(tmp_path), "--name", "d", "--device", "cpu"])
+    cfg = config_from_args(
+        [
+            "--data-backend",
+            "synthetic",
+            "--model",
+            "micro-rn",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--logs",
+            str(tmp_path),
+            "--name",
+            "d",
+            "--device",
+            "cpu",
+        ]
+    )
     t = Trainer(cfg)
     assert t.num_samples == t.num_ids == 200 and t.steps_per_epoch == 100
     assert len(t.train_loader) == 100
@@ -125,8 +162,19 @@ def _trace_events(run_dir):
 
 def test_profile_steps_writes_trace_top_ops_and_phases(tmp_path):
     markers = []
-    t, _ = train(tmp_path, "prof", "--select-strategy", "clipscore", "--select-rate", "0.5", "--epochs", "1",
-                 "--profile-steps", "1:3", spy=markers)
+    t, _ = train(
+        tmp_path,
+        "prof",
+        "--select-strategy",
+        "clipscore",
+        "--select-rate",
+        "0.5",
+        "--epochs",
+        "1",
+        "--profile-steps",
+        "1:3",
+        spy=markers,
+    )
     # the window's steps ran with the range marker; the others with no marker at all
     assert [type(m).__name__ for m in markers] == ["NoneType", "RangeMarker", "RangeMarker", "NoneType"]
     assert t.timer is None
@@ -199,12 +247,33 @@ def test_phase_totals_attributes_device_work_by_launch():
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#0", "ts": 0, "dur": 100, "tid": 1},
         {"ph": "X", "cat": "user_annotation", "name": "score", "ts": 0, "dur": 10, "tid": 1},
         {"ph": "X", "cat": "user_annotation", "name": "train", "ts": 10, "dur": 50, "tid": 1},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2, "dur": 1, "tid": 1,
-         "args": {"correlation": 7}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 40, "dur": 1, "tid": 2,
-         "args": {"correlation": 8}},
-        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 70, "dur": 1, "tid": 1,
-         "args": {"correlation": 9}},  # outside every phase range
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaLaunchKernel",
+            "ts": 2,
+            "dur": 1,
+            "tid": 1,
+            "args": {"correlation": 7},
+        },
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaLaunchKernel",
+            "ts": 40,
+            "dur": 1,
+            "tid": 2,
+            "args": {"correlation": 8},
+        },
+        {
+            "ph": "X",
+            "cat": "cuda_driver",
+            "name": "cuLaunchKernel",
+            "ts": 70,
+            "dur": 1,
+            "tid": 1,
+            "args": {"correlation": 9},
+        },  # outside every phase range
         {"ph": "X", "cat": "kernel", "name": "k1", "ts": 30, "dur": 4000, "args": {"correlation": 7}},
         {"ph": "X", "cat": "kernel", "name": "k2", "ts": 80, "dur": 2000, "args": {"correlation": 8}},
         {"ph": "X", "cat": "gpu_memcpy", "name": "m", "ts": 90, "dur": 500, "args": {"correlation": 8}},

@@ -12,17 +12,47 @@ from dissect_fast.config import config_from_args
 from dissect_fast.trainer import Trainer
 
 METRIC_KEYS = {
-    "epoch", "step", "samples_seen", "wall_s", "train_loss",
-    "val/image_to_text_R@1", "val/image_to_text_R@5", "val/text_to_image_R@1", "val/text_to_image_R@5",
+    "epoch",
+    "step",
+    "samples_seen",
+    "wall_s",
+    "train_loss",
+    "val/image_to_text_R@1",
+    "val/image_to_text_R@5",
+    "val/text_to_image_R@1",
+    "val/text_to_image_R@5",
     "select/clean_fraction",
 }
 
 
 def run(tiny_data, logs, name, *extra):
-    argv = ["--train-data", str(tiny_data / "train"), "--val-data", str(tiny_data / "val"),
-            "--model", "micro-vit", "--batch-size", "40", "--epochs", "2", "--lr", "1e-3", "--warmup", "2",
-            "--workers", "0", "--logs", str(logs), "--name", name, "--no-progress", "--no-tensorboard",
-            "--device", "cpu", *extra]
+    argv = [
+        "--train-data",
+        str(tiny_data / "train"),
+        "--val-data",
+        str(tiny_data / "val"),
+        "--model",
+        "micro-vit",
+        "--batch-size",
+        "40",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--workers",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--no-progress",
+        "--no-tensorboard",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     cfg = config_from_args(argv)
     t = Trainer(cfg)
     return t, t.fit()
@@ -43,8 +73,15 @@ STRATEGY_ARGS = {
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_ARGS))
 def test_every_strategy_end_to_end(tiny_data, tmp_path, strategy):
-    t, metrics = run(tiny_data, tmp_path, strategy, "--select-strategy", strategy, *STRATEGY_ARGS[strategy],
-                     *(["--no-plots"] if strategy != "dissect-warmup" else []))
+    t, metrics = run(
+        tiny_data,
+        tmp_path,
+        strategy,
+        "--select-strategy",
+        strategy,
+        *STRATEGY_ARGS[strategy],
+        *(["--no-plots"] if strategy != "dissect-warmup" else []),
+    )
     lines = [json.loads(x) for x in open(tmp_path / strategy / "metrics.jsonl")]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
@@ -104,8 +141,20 @@ def test_dali_backend_trains_on_cpu(tiny_data, tmp_path):
     """--data-backend dali runs the same DALI graph on the CPU (device_id=None): the trainer does not
     know which loader it has, and every training sample is seen once per epoch."""
     pytest.importorskip("nvidia.dali")
-    t, metrics = run(tiny_data, tmp_path, "dali", "--data-backend", "dali", "--select-strategy", "dissect-momentum",
-                     "--select-rate", "0.5", "--no-plots", "--epochs", "1")
+    t, metrics = run(
+        tiny_data,
+        tmp_path,
+        "dali",
+        "--data-backend",
+        "dali",
+        "--select-strategy",
+        "dissect-momentum",
+        "--select-rate",
+        "0.5",
+        "--no-plots",
+        "--epochs",
+        "1",
+    )
     assert t.data_backend == "dali"
     assert metrics[-1]["select/trained_samples"] == t.steps_per_epoch * 20
     assert "val/image_to_text_R@1" in metrics[-1]
@@ -123,8 +172,22 @@ def test_short_epochs_record_every_warmup_epoch(tiny_data, tmp_path):
     last warm-up score from whichever warm-up epoch read it (the reference scores every warm-up epoch)."""
     import numpy as np
 
-    t, _ = run(tiny_data, tmp_path, "short", "--select-strategy", "dissect-warmup", "--select-rate", "0.5",
-               "--warmup-point", "2", "--epochs", "3", "--train-num-samples", "80", "--record")
+    t, _ = run(
+        tiny_data,
+        tmp_path,
+        "short",
+        "--select-strategy",
+        "dissect-warmup",
+        "--select-rate",
+        "0.5",
+        "--warmup-point",
+        "2",
+        "--epochs",
+        "3",
+        "--train-num-samples",
+        "80",
+        "--record",
+    )
     assert t.partial_epochs and t.strategy.record_every_warmup_epoch
     recs = [np.load(tmp_path / "short" / "select_record" / f"record_{e}.npz") for e in (1, 2)]
     scored = [set(r["id"][~np.isnan(r["score"])].tolist()) for r in recs]

@@ -89,10 +89,33 @@ def test_zeroshot_metrics_during_training(tiny_data, tmp_path):
         (folder / f"class_{c}").mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (32, 32), colour).save(folder / f"class_{c}" / f"{i}.jpg")
-    cfg = config_from_args(["--train-data", str(tiny_data / "train"), "--model", "micro-rn", "--batch-size", "40",
-                            "--epochs", "2", "--workers", "0", "--logs", str(tmp_path), "--name", "zs",
-                            "--no-progress", "--no-tensorboard", "--no-plots", "--zeroshot-data", str(folder),
-                            "--zeroshot-frequency", "1", "--precision", "bf16"])
+    cfg = config_from_args(
+        [
+            "--train-data",
+            str(tiny_data / "train"),
+            "--model",
+            "micro-rn",
+            "--batch-size",
+            "40",
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--logs",
+            str(tmp_path),
+            "--name",
+            "zs",
+            "--no-progress",
+            "--no-tensorboard",
+            "--no-plots",
+            "--zeroshot-data",
+            str(folder),
+            "--zeroshot-frequency",
+            "1",
+            "--precision",
+            "bf16",
+        ]
+    )
     Trainer(cfg).fit()
     lines = [json.loads(x) for x in open(tmp_path / "zs" / "metrics.jsonl")]
     assert len(lines) == 2 and all(0 <= m["zeroshot-val-top1"] <= 100 for m in lines)

@@ -36,8 +36,10 @@ def _read_rows(csv_path: str, img_key: str | None, cap_key: str | None, sep: str
         cap_key = cap_key or next((k for k in CAPTION_KEYS if k in fields), CAPTION_KEYS[0])
         for k, flag in ((img_key, "--csv-img-key"), (cap_key, "--csv-caption-key")):
             if k not in fields:
-                raise ValueError(f"{flag} {k!r}: no such column in {csv_path} (columns: {fields}; separator "
-                                 f"{delim!r}, set by --csv-separator)")
+                raise ValueError(
+                    f"{flag} {k!r}: no such column in {csv_path} (columns: {fields}; separator "
+                    f"{delim!r}, set by --csv-separator)"
+                )
         return [(row[img_key] or "", row[cap_key] or "") for row in reader]
 
 

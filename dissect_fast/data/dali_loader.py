@@ -132,8 +132,13 @@ class Preprocess:
         for t in steps:
             name = type(t).__name__
             if isinstance(t, T.RandomResizedCrop):
-                kw.update(image_size=tuple(t.size), mode="crop", scale=tuple(t.scale), ratio=tuple(t.ratio),
-                          interpolation=_interp_name(t.interpolation))
+                kw.update(
+                    image_size=tuple(t.size),
+                    mode="crop",
+                    scale=tuple(t.scale),
+                    ratio=tuple(t.ratio),
+                    interpolation=_interp_name(t.interpolation),
+                )
             elif isinstance(t, T.Resize):
                 size = t.size if isinstance(t.size, int) else list(t.size)
                 if isinstance(size, list) and len(size) == 1:
@@ -155,7 +160,8 @@ class Preprocess:
         if unsupported or "mode" not in kw:
             raise ValueError(
                 f"--data-backend dali cannot reproduce this image transform ({unsupported or 'no resize'}); it "
-                f"supports RandomResizedCrop, Resize(+CenterCrop) and Normalize: use --data-backend torch")
+                f"supports RandomResizedCrop, Resize(+CenterCrop) and Normalize: use --data-backend torch"
+            )
         return cls(**kw)
 
 
@@ -165,11 +171,25 @@ def _interp_name(mode) -> str:
 
 
 # ----------------------------------------------------------------------------- the DALI graph
-def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int, preprocess: Preprocess,
-                   train: bool, caption: str = "tok", id_field: bool = True, source_info: bool = False,
-                   device_id: int | None = None, num_threads: int = 4, seed: int = 0, shard_id: int = 0,
-                   num_shards: int = 1, shuffle_buffer: int = 2000, hw_decoder_load: float = 0.65,
-                   prefetch: int = 2):
+def build_pipeline(
+    paths: list[str],
+    index_paths: list[str],
+    *,
+    batch_size: int,
+    preprocess: Preprocess,
+    train: bool,
+    caption: str = "tok",
+    id_field: bool = True,
+    source_info: bool = False,
+    device_id: int | None = None,
+    num_threads: int = 4,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    shuffle_buffer: int = 2000,
+    hw_decoder_load: float = 0.65,
+    prefetch: int = 2,
+):
     """The DALI pipeline: outputs ``images`` (float32 CHW, normalised), ``tokens`` (int32 [B, n] or the
     caption bytes when ``caption="txt"``), then ``ids`` (int64 [B, 1]) and/or ``source_info`` (uint8)."""
     from nvidia.dali import fn, types  # optional dependency (the gpu extra): imported only when used
@@ -177,8 +197,9 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
     from nvidia.dali.pipeline import Pipeline
 
     gpu = device_id is not None
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=prefetch)
+    pipe = Pipeline(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=prefetch
+    )
     ext = ["img", caption] + (["id"] if id_field else [])
     dtypes = [types.UINT8, types.INT32 if caption == "tok" else types.UINT8] + ([types.INT64] if id_field else [])
     p = preprocess
@@ -186,9 +207,18 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
     interp = types.INTERP_CUBIC if p.interpolation == "bicubic" else types.INTERP_LINEAR
     with pipe:
         outs = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=ext, dtypes=dtypes, missing_component_behavior="error",
-            random_shuffle=train and shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer),
-            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=False, name="reader",
+            paths=paths,
+            index_paths=index_paths,
+            ext=ext,
+            dtypes=dtypes,
+            missing_component_behavior="error",
+            random_shuffle=train and shuffle_buffer > 1,
+            initial_fill=max(1, shuffle_buffer),
+            shard_id=shard_id,
+            num_shards=num_shards,
+            stick_to_shard=True,
+            pad_last_batch=False,
+            name="reader",
         )
         enc = outs[0]
         dev = "mixed" if gpu else "cpu"
@@ -197,8 +227,9 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
             dec_kw["hw_decoder_load"] = hw_decoder_load
         if p.mode == "crop":
             # one fused op: nvJPEG decodes only the random crop window (RandomResizedCrop's sampling)
-            images = fn.decoders.image_random_crop(enc, random_area=list(p.scale), random_aspect_ratio=list(p.ratio),
-                                                   num_attempts=10, **dec_kw)
+            images = fn.decoders.image_random_crop(
+                enc, random_area=list(p.scale), random_aspect_ratio=list(p.ratio), num_attempts=10, **dec_kw
+            )
             images = fn.resize(images, resize_x=W, resize_y=H, interp_type=interp, antialias=True)
         elif p.mode == "squash":
             images = fn.decoders.image(enc, jpeg_fancy_upsampling=True, **dec_kw)
@@ -211,15 +242,24 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
             h, w = shape[0], shape[1]
             short = dmath.min(h, w)
             nh, nw = h * H // short, w * H // short
-            images = fn.resize(images, resize_x=fn.cast(nw, dtype=types.FLOAT),
-                               resize_y=fn.cast(nh, dtype=types.FLOAT), interp_type=interp, antialias=True)
+            images = fn.resize(
+                images,
+                resize_x=fn.cast(nw, dtype=types.FLOAT),
+                resize_y=fn.cast(nh, dtype=types.FLOAT),
+                interp_type=interp,
+                antialias=True,
+            )
             dy, dx = nh - H, nw - W
             ay = dy // 2 + (dy % 2) * ((dy // 2) % 2)
             ax = dx // 2 + (dx % 2) * ((dx // 2) % 2)
-            images = fn.slice(images, start=fn.cast(fn.stack(ay, ax), dtype=types.INT32), shape=[H, W],
-                              axis_names="HW")
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[255.0 * m for m in p.mean], std=[255.0 * s for s in p.std])
+            images = fn.slice(images, start=fn.cast(fn.stack(ay, ax), dtype=types.INT32), shape=[H, W], axis_names="HW")
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255.0 * m for m in p.mean],
+            std=[255.0 * s for s in p.std],
+        )
         text = fn.pad(outs[1], fill_value=0)  # stored lengths may differ between shards
         result = [images, text.gpu() if gpu and caption == "tok" else text]
         if id_field:
@@ -333,15 +373,34 @@ class DaliLoader:
             with it (stored ``tok`` ids, CLIP BPE, are not read); None: stored ``tok`` ids, else CLIP BPE.
     """
 
-    def __init__(self, shards: list[str], batch_size: int, context_length: int, preprocess: Preprocess, *,
-                 train: bool, device: torch.device | str, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 workers: int = 4, shuffle_buffer: int = 2000, index: DatasetIndex | None = None,
-                 subset_mask: np.ndarray | None = None, num_ids: int | None = None, drop_last: bool | None = None,
-                 verify: str = "header", hw_decoder_load: float = 0.65, prefetch: int = 2, tokenizer=None) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        batch_size: int,
+        context_length: int,
+        preprocess: Preprocess,
+        *,
+        train: bool,
+        device: torch.device | str,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 4,
+        shuffle_buffer: int = 2000,
+        index: DatasetIndex | None = None,
+        subset_mask: np.ndarray | None = None,
+        num_ids: int | None = None,
+        drop_last: bool | None = None,
+        verify: str = "header",
+        hw_decoder_load: float = 0.65,
+        prefetch: int = 2,
+        tokenizer=None,
+    ) -> None:
         reason = dali_unavailable_reason()
         if reason:
-            raise ImportError(f"--data-backend dali: {reason} (pip install nvidia-dali-cuda130, or use "
-                              f"--data-backend torch)")
+            raise ImportError(
+                f"--data-backend dali: {reason} (pip install nvidia-dali-cuda130, or use --data-backend torch)"
+            )
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"DaliLoader: bad batch_size {batch_size} / rank {rank} of {world_size}")
         self.device = torch.device(device)
@@ -360,8 +419,10 @@ class DaliLoader:
         self.shards, self.caption, self.id_field = self._prepare(list(shards), index, verify)
         self.num_samples = sum(s.count for s in self.shards)
         if self.caption == "txt":
-            log.warning("DaliLoader: shards have no pre-tokenised `tok` field: captions are tokenised on the CPU in a "
-                        "background thread, which may bound throughput (re-write the shards with tokens)")
+            log.warning(
+                "DaliLoader: shards have no pre-tokenised `tok` field: captions are tokenised on the CPU in a "
+                "background thread, which may bound throughput (re-write the shards with tokens)"
+            )
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self, paths, index, verify):
@@ -382,19 +443,27 @@ class DaliLoader:
                 built += 1
             metas.append(m)
         if built:
-            log.warning("DaliLoader: built .idx files for %d shard(s) (verify=%s); run `dissect-fast index` once to "
-                        "check images fully and skip this", built, verify)
+            log.warning(
+                "DaliLoader: built .idx files for %d shard(s) (verify=%s); run `dissect-fast index` once to "
+                "check images fully and skip this",
+                built,
+                verify,
+            )
         live = [m for m in metas if m.samples > 0]
         if not live:
             raise ValueError(f"DaliLoader: no readable samples in {len(paths)} shard(s)")
         has_tok = all(m.has_tok for m in live) and not self._own_tokenizer
         caption = "tok" if has_tok else "txt" if all(m.has_txt for m in live) else None
         if caption is None and self._own_tokenizer:
-            raise ValueError("DaliLoader: the model's tokenizer is not CLIP BPE, so captions are read from `txt`, "
-                             "which some shards lack: re-write them with captions, or use a CLIP BPE model")
+            raise ValueError(
+                "DaliLoader: the model's tokenizer is not CLIP BPE, so captions are read from `txt`, "
+                "which some shards lack: re-write them with captions, or use a CLIP BPE model"
+            )
         if caption is None:
-            raise ValueError("DaliLoader: some shards have only `tok`, others only `txt` captions: re-index or "
-                             "re-write them consistently, or use --data-backend torch")
+            raise ValueError(
+                "DaliLoader: some shards have only `tok`, others only `txt` captions: re-index or "
+                "re-write them consistently, or use --data-backend torch"
+            )
         id_field = all(m.has_id_field for m in live)
         return [self._shard(p, m, id_field) for p, m in zip(paths, metas)], caption, id_field
 
@@ -479,15 +548,31 @@ class DaliLoader:
         gpu = self.device.type == "cuda"
         seed = (self.seed * 1_000_003 + self.epoch * 7919 + self.rank * 104_729) % (2**31 - 1)
         pipe = build_pipeline(
-            [s.path for s in order], [s.idx for s in order], batch_size=self.batch_size,
-            preprocess=self.preprocess, train=self.train, caption=self.caption, id_field=self.id_field,
-            source_info=source, device_id=self.device.index if gpu else None, num_threads=self.threads, seed=seed,
-            shard_id=self.rank, num_shards=self.world_size, shuffle_buffer=self.shuffle_buffer,
-            hw_decoder_load=self.hw_decoder_load, prefetch=self.prefetch,
+            [s.path for s in order],
+            [s.idx for s in order],
+            batch_size=self.batch_size,
+            preprocess=self.preprocess,
+            train=self.train,
+            caption=self.caption,
+            id_field=self.id_field,
+            source_info=source,
+            device_id=self.device.index if gpu else None,
+            num_threads=self.threads,
+            seed=seed,
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            shuffle_buffer=self.shuffle_buffer,
+            hw_decoder_load=self.hw_decoder_load,
+            prefetch=self.prefetch,
         )
         names = ["images", "text"] + (["ids"] if self.id_field else []) + (["source"] if source else [])
         it = DALIGenericIterator(
-            pipe, names, reader_name="reader", auto_reset=False, last_batch_padded=False, prepare_first_batch=False,
+            pipe,
+            names,
+            reader_name="reader",
+            auto_reset=False,
+            last_batch_padded=False,
+            prepare_first_batch=False,
             last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
         )
         size = pipe.reader_meta("reader")["epoch_size"]
@@ -558,9 +643,18 @@ class DaliLoader:
         self.stats["bad_samples"] += lost
         mine = self._rank_shards(order)
         todo = [s for s in mine if s.verify != "decode"]
-        log.error("rank %d epoch %d: DALI failed after %d samples (%s); the rest of this rank's epoch (%d samples) "
-                  "is skipped. Re-checking %d of its %d shard(s) by decoding; run `dissect-fast index --verify decode` "
-                  "on the data to avoid this", self.rank, self.epoch, yielded, what, lost, len(todo), len(mine))
+        log.error(
+            "rank %d epoch %d: DALI failed after %d samples (%s); the rest of this rank's epoch (%d samples) "
+            "is skipped. Re-checking %d of its %d shard(s) by decoding; run `dissect-fast index --verify decode` "
+            "on the data to avoid this",
+            self.rank,
+            self.epoch,
+            yielded,
+            what,
+            lost,
+            len(todo),
+            len(mine),
+        )
         if not todo:
             return
         with ThreadPoolExecutor(self.threads) as pool:  # PIL decodes without the GIL
@@ -572,8 +666,12 @@ class DaliLoader:
             write_idx(scan, out)
             new = self._shard(sh.path, load_shard_meta(sh.path, [out]), self.id_field)
             if new.count != sh.count:
-                log.warning("rank %d: %s: %d sample(s) fail to decode, left out from now on", self.rank,
-                            os.path.basename(sh.path), sh.count - new.count)
+                log.warning(
+                    "rank %d: %s: %d sample(s) fail to decode, left out from now on",
+                    self.rank,
+                    os.path.basename(sh.path),
+                    sh.count - new.count,
+                )
             sh.__dict__.update(new.__dict__)
         self.num_samples = sum(s.count for s in self.shards)
 
@@ -595,5 +693,12 @@ class DaliLoader:
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
 
 
-__all__ = ["DaliLoader", "Preprocess", "SourceIds", "build_pipeline", "dali_unavailable_reason", "fit_tokens_batch",
-           "idx_paths"]
+__all__ = [
+    "DaliLoader",
+    "Preprocess",
+    "SourceIds",
+    "build_pipeline",
+    "dali_unavailable_reason",
+    "fit_tokens_batch",
+    "idx_paths",
+]

@@ -96,11 +96,18 @@ def _scan_groups(path: str, verify: str, stats: Counter) -> list[_Group]:
         except BadSample:
             txt_ok = False
         clean = s.get("clean")
-        groups.append(_Group(
-            position=s["__position__"], members=s["__members__"], reason=reason, stored_id=sid, has_id="id" in s,
-            tok_len=len(s["tok"]) if "tok" in s else None, txt_ok=txt_ok,
-            clean=clean[0] if clean is not None and len(clean) == 1 else None,
-        ))
+        groups.append(
+            _Group(
+                position=s["__position__"],
+                members=s["__members__"],
+                reason=reason,
+                stored_id=sid,
+                has_id="id" in s,
+                tok_len=len(s["tok"]) if "tok" in s else None,
+                txt_ok=txt_ok,
+                clean=clean[0] if clean is not None and len(clean) == 1 else None,
+            )
+        )
     return groups
 
 
@@ -215,8 +222,9 @@ def write_idx(scan: ShardScan, out_dir: str | None = None) -> tuple[str, str]:
     return idx_path, meta_path
 
 
-def build_shard_index(shard: str, out_dir: str | None = None, verify: str = "none",
-                      first_id: int | None = None) -> ShardScan:
+def build_shard_index(
+    shard: str, out_dir: str | None = None, verify: str = "none", first_id: int | None = None
+) -> ShardScan:
     """Scan one shard and write its .idx + sidecar (used by ShardWriter.finish and the DALI loader)."""
     scan = scan_shard(shard, verify)
     if scan.ids is None:
@@ -257,8 +265,19 @@ def load_shard_meta(shard: str, search_dirs: list[str | None] = (None,)) -> Shar
             continue
         if m.get("format") != META_FORMAT or m.get("tar_size") != size or m.get("shard") != os.path.basename(shard):
             continue
-        return ShardMeta(idx_path, m["samples"], m["groups"], m["skipped"], m["has_id_field"], m["first_id"],
-                         m["has_tok"], m["has_txt"], m["tok_len"], m.get("positions"), m.get("verify", "none"))
+        return ShardMeta(
+            idx_path,
+            m["samples"],
+            m["groups"],
+            m["skipped"],
+            m["has_id_field"],
+            m["first_id"],
+            m["has_tok"],
+            m["has_txt"],
+            m["tok_len"],
+            m.get("positions"),
+            m.get("verify", "none"),
+        )
     return None
 
 
@@ -267,8 +286,9 @@ def _scan_for_pool(args: tuple[str, str]) -> ShardScan:
     return scan_shard(*args)
 
 
-def index_shards(shards: list[str], out_dir: str, verify: str = "decode", workers: int = 0,
-                 progress: bool = True) -> DatasetIndex:
+def index_shards(
+    shards: list[str], out_dir: str, verify: str = "decode", workers: int = 0, progress: bool = True
+) -> DatasetIndex:
     """Index shards made elsewhere: .idx + sidecar per shard and ``index.json`` (+ ``clean.npy``) in ``out_dir``."""
     if not shards:
         raise ValueError("no shards given")
@@ -278,8 +298,10 @@ def index_shards(shards: list[str], out_dir: str, verify: str = "decode", worker
     stems = Counter(shard_stem(s) for s in shards)
     dup = [s for s, c in stems.items() if c > 1]
     if dup:
-        raise ValueError(f"shards share file names ({dup[:3]}): their .idx files would collide in {out_dir}; "
-                         f"index each directory separately")
+        raise ValueError(
+            f"shards share file names ({dup[:3]}): their .idx files would collide in {out_dir}; "
+            f"index each directory separately"
+        )
     os.makedirs(out_dir, exist_ok=True)
     workers = workers or min(len(shards), os.cpu_count() or 1)
     jobs = [(s, verify) for s in shards]
@@ -306,8 +328,10 @@ def index_shards(shards: list[str], out_dir: str, verify: str = "decode", worker
         raise ValueError(f"no readable samples in {len(shards)} shard(s)")
     uniq = np.unique(all_ids)
     if uniq.size != all_ids.size:
-        raise ValueError(f"{all_ids.size - uniq.size} duplicate sample ids across the shards: the history buffer "
-                         f"needs unique ids (rewrite the shards' id fields, or remove them to get assigned ids)")
+        raise ValueError(
+            f"{all_ids.size - uniq.size} duplicate sample ids across the shards: the history buffer "
+            f"needs unique ids (rewrite the shards' id fields, or remove them to get assigned ids)"
+        )
     for s in scans:
         write_idx(s, out_dir)
 
@@ -345,9 +369,16 @@ def index_shards(shards: list[str], out_dir: str, verify: str = "decode", worker
     )
     idx.save(out_dir)
     n_assigned = sum(1 for s in scans if s.ids is None)
-    log.info("indexed %d shard(s): %d samples, ids %d..%d%s, skipped %s -> %s", len(scans), idx.num_samples,
-             idx.id_min, idx.id_max, f", ids assigned in {n_assigned} shard(s)" if n_assigned else "",
-             dict(skipped) or "none", os.path.join(out_dir, INDEX_NAME))
+    log.info(
+        "indexed %d shard(s): %d samples, ids %d..%d%s, skipped %s -> %s",
+        len(scans),
+        idx.num_samples,
+        idx.id_min,
+        idx.id_max,
+        f", ids assigned in {n_assigned} shard(s)" if n_assigned else "",
+        dict(skipped) or "none",
+        os.path.join(out_dir, INDEX_NAME),
+    )
     return idx
 
 
@@ -356,15 +387,19 @@ def main_index(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dissect-fast index",
         description="Write DALI .idx files and the dataset index (index.json) for webdataset shards made "
-                    "elsewhere (img2dataset output, public CC3M/CC12M releases). Unreadable samples are left out "
-                    "of the .idx and counted; samples without an id field get first_id + position.",
+        "elsewhere (img2dataset output, public CC3M/CC12M releases). Unreadable samples are left out "
+        "of the .idx and counted; samples without an id field get first_id + position.",
     )
     p.add_argument("shards", nargs="+", help="shard files, directories, brace patterns or globs")
-    p.add_argument("--out", default=None, help="where index.json and the .idx files go (default: the first "
-                                               "shard's directory)")
-    p.add_argument("--verify", choices=VERIFY_LEVELS, default="decode",
-                   help="image check: decode (PIL at 1/8 scale, catches corrupt and truncated data), header "
-                        "(markers only), none")
+    p.add_argument(
+        "--out", default=None, help="where index.json and the .idx files go (default: the first shard's directory)"
+    )
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_LEVELS,
+        default="decode",
+        help="image check: decode (PIL at 1/8 scale, catches corrupt and truncated data), header (markers only), none",
+    )
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -380,8 +415,10 @@ def main_index(argv: list[str] | None = None) -> int:
         p.error(str(e))
     assigned = sum(1 for s in idx.shards if s.first_id is not None)
     bad = {k: v for k, v in idx.skipped.items() if k != "bad_samples"}
-    print(f"indexed {len(idx.shards)} shard(s): {idx.num_samples} good samples, ids {idx.id_min}..{idx.id_max}"
-          + (f" (assigned in {assigned} shard(s) without an id field)" if assigned else "")
-          + f"; skipped {idx.skipped.get('bad_samples', 0)} bad {json.dumps(bad) if bad else ''}"
-          + f" -> {os.path.join(out, INDEX_NAME)}")
+    print(
+        f"indexed {len(idx.shards)} shard(s): {idx.num_samples} good samples, ids {idx.id_min}..{idx.id_max}"
+        + (f" (assigned in {assigned} shard(s) without an id field)" if assigned else "")
+        + f"; skipped {idx.skipped.get('bad_samples', 0)} bad {json.dumps(bad) if bad else ''}"
+        + f" -> {os.path.join(out, INDEX_NAME)}"
+    )
     return 0

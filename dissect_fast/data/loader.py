@@ -119,8 +119,12 @@ class ShardDataset(IterableDataset):
 
     def _source(self):
         if self.resampled:
-            return wds.ResampledShards(self.shards, seed=self.seed * 1_000_003 + self.epoch, deterministic=True,
-                                       worker_seed=functools.partial(_worker_seed, self.rank))
+            return wds.ResampledShards(
+                self.shards,
+                seed=self.seed * 1_000_003 + self.epoch,
+                deterministic=True,
+                worker_seed=functools.partial(_worker_seed, self.rank),
+            )
         return [self._shard_order, wds.split_by_worker]
 
     def _groups(self, stats: Counter):
@@ -136,8 +140,9 @@ class ShardDataset(IterableDataset):
                         yield s
                     empty = 0 if n else empty + 1
                     if empty >= limit:
-                        raise RuntimeError(f"no sample in the last {empty} shards read (e.g. {src['url']}): check "
-                                           f"--train-data")
+                        raise RuntimeError(
+                            f"no sample in the last {empty} shards read (e.g. {src['url']}): check --train-data"
+                        )
                 finally:
                     try:
                         src["stream"].close()
@@ -310,12 +315,28 @@ class TorchLoader:
             self.stats["dropped_tail"] += sum(p[2].shape[0] for p in pending)
 
 
-def eval_loader(shards: list[str], index, batch_size: int, transform, context_length: int, workers: int,
-                device: torch.device, need_ids: bool = False, tokenizer=None) -> TorchLoader:
+def eval_loader(
+    shards: list[str],
+    index,
+    batch_size: int,
+    transform,
+    context_length: int,
+    workers: int,
+    device: torch.device,
+    need_ids: bool = False,
+    tokenizer=None,
+) -> TorchLoader:
     """An in-order loader over every sample (evaluation, ``embed``): ids from the index where the shards have
     none; without one such samples get id -1 (retrieval metrics need no ids), or are bad with ``need_ids``.
     ``tokenizer``: as ShardDataset's (the model's own when it is not CLIP BPE)."""
-    ds = ShardDataset(shards, batch_size, transform, context_length, train=False,
-                      first_ids=index.first_ids() if index is not None else None, need_ids=need_ids,
-                      tokenizer=tokenizer)
+    ds = ShardDataset(
+        shards,
+        batch_size,
+        transform,
+        context_length,
+        train=False,
+        first_ids=index.first_ids() if index is not None else None,
+        need_ids=need_ids,
+        tokenizer=tokenizer,
+    )
     return TorchLoader(ds, workers, device, drop_last=False)

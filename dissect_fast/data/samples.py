@@ -71,9 +71,11 @@ class MissingIdsError(ValueError):
 
 
 def missing_ids_message(shard: str) -> str:
-    return (f"{shard}: its samples have no `id` field and no dataset index gives them ids (shards from pixparse, "
-            f"img2dataset, ...): run `dissect-fast index SHARDS --out DIR` once, then pass the shards as before "
-            f"(index.json is found beside local shards; for pipe:/http URLs add --data-index DIR)")
+    return (
+        f"{shard}: its samples have no `id` field and no dataset index gives them ids (shards from pixparse, "
+        f"img2dataset, ...): run `dissect-fast index SHARDS --out DIR` once, then pass the shards as before "
+        f"(index.json is found beside local shards; for pipe:/http URLs add --data-index DIR)"
+    )
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,9 @@ def find_index(shards: list[str], explicit: str | None = None) -> DatasetIndex |
         idx = DatasetIndex.load(explicit)
         cov = idx.covering(shards)
         if cov is None:
-            raise ValueError(f"--data-index {explicit}: does not list every shard given (re-run `dissect-fast index` "
-                             f"on all of them)")
+            raise ValueError(
+                f"--data-index {explicit}: does not list every shard given (re-run `dissect-fast index` on all of them)"
+            )
         return cov
     dirs = {os.path.dirname(os.path.abspath(p)) for p in shards if not is_url(p)}
     for d in sorted(dirs):
@@ -160,7 +161,9 @@ def find_index(shards: list[str], explicit: str | None = None) -> DatasetIndex |
     return None
 
 
-def resolve_data(spec: str, flag: str = "--train-data", index: str | None = None) -> tuple[list[str], DatasetIndex | None]:
+def resolve_data(
+    spec: str, flag: str = "--train-data", index: str | None = None
+) -> tuple[list[str], DatasetIndex | None]:
     """Shards and, when there is one, the dataset index for a data flag; a clear error if nothing matches."""
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, INDEX_NAME)) and not index:
         idx = DatasetIndex.load(spec)
@@ -168,8 +171,10 @@ def resolve_data(spec: str, flag: str = "--train-data", index: str | None = None
     else:
         paths = expand_shards(spec)
         if not paths:
-            raise FileNotFoundError(f"{flag} {spec!r}: no shards found (expected a directory, a brace pattern, a "
-                                    f"glob, a `::`-joined list or a webdataset URL such as pipe:...)")
+            raise FileNotFoundError(
+                f"{flag} {spec!r}: no shards found (expected a directory, a brace pattern, a "
+                f"glob, a `::`-joined list or a webdataset URL such as pipe:...)"
+            )
         idx = find_index(paths, index)
     if not paths:
         raise FileNotFoundError(f"{flag} {spec!r}: its index lists no shards")

@@ -29,8 +29,13 @@ COLOURS = {
     "pink": (245, 120, 180),
 }
 SIZES = ["small", "large"]
-POSITIONS = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
-             "bottom right": (0.72, 0.72), "center": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.5, 0.5),
+}
 COUNTS = ["one", "two", "three"]
 BACKGROUNDS = {"dark": (25, 25, 35), "light": (225, 225, 215)}
 TEMPLATES = [
@@ -93,8 +98,15 @@ def caption(attrs: dict, rng: np.random.Generator) -> str:
     t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
     plural = attrs["count"] != "one"
     shapes = attrs["shape"] + ("es" if attrs["shape"] == "cross" and plural else "s" if plural else "")
-    return t.format(count=attrs["count"], size=attrs["size"], colour=attrs["colour"], shapes=shapes,
-                    pos=attrs["pos"], bg=attrs["bg"], be="are" if plural else "is")
+    return t.format(
+        count=attrs["count"],
+        size=attrs["size"],
+        colour=attrs["colour"],
+        shapes=shapes,
+        pos=attrs["pos"],
+        bg=attrs["bg"],
+        be="are" if plural else "is",
+    )
 
 
 def sample_attrs(rng: np.random.Generator) -> dict:
@@ -127,8 +139,17 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def write_split(out_dir: str, n: int, first_id: int, noise: float, image_size: int, seed: int,
-                samples_per_shard: int, context_length: int = DEFAULT_CONTEXT_LENGTH, progress: bool = True):
+def write_split(
+    out_dir: str,
+    n: int,
+    first_id: int,
+    noise: float,
+    image_size: int,
+    seed: int,
+    samples_per_shard: int,
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+    progress: bool = True,
+):
     rng = np.random.default_rng(seed)
     attrs = [sample_attrs(rng) for _ in range(n)]
     caps = [caption(a, rng) for a in attrs]
@@ -147,8 +168,16 @@ def write_split(out_dir: str, n: int, first_id: int, noise: float, image_size: i
     return w.finish(context_length)
 
 
-def make_synthetic(out: str, num_train: int, num_val: int, noise: float = 0.4, image_size: int = 32,
-                   seed: int = 0, samples_per_shard: int = 1000, progress: bool = True):
+def make_synthetic(
+    out: str,
+    num_train: int,
+    num_val: int,
+    noise: float = 0.4,
+    image_size: int = 32,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+):
     """Write ``out/train`` and ``out/val`` shard directories; returns their indexes."""
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"--noise must be in [0, 1), got {noise}")
@@ -158,10 +187,19 @@ def make_synthetic(out: str, num_train: int, num_val: int, noise: float = 0.4, i
         raise ValueError(f"--image-size must be >= 8, got {image_size}")
     import os
 
-    train = write_split(os.path.join(out, "train"), num_train, 0, noise, image_size, seed, samples_per_shard,
-                        progress=progress)
+    train = write_split(
+        os.path.join(out, "train"), num_train, 0, noise, image_size, seed, samples_per_shard, progress=progress
+    )
     val = None
     if num_val:
-        val = write_split(os.path.join(out, "val"), num_val, 0, 0.0, image_size, seed + 1_000_003,
-                          samples_per_shard, progress=progress)
+        val = write_split(
+            os.path.join(out, "val"),
+            num_val,
+            0,
+            0.0,
+            image_size,
+            seed + 1_000_003,
+            samples_per_shard,
+            progress=progress,
+        )
     return train, val

@@ -29,16 +29,19 @@ def model_image_size(model: torch.nn.Module, transform=None) -> tuple[int, int]:
     if size is None:
         size = next((t.size for t in getattr(transform, "transforms", []) if getattr(t, "size", None)), None)
     if size is None:
-        raise ValueError("--data-backend synthetic: cannot tell the model's image size (no model.visual.image_size "
-                         "and no sized step in its preprocess); use --data-backend torch with real shards")
+        raise ValueError(
+            "--data-backend synthetic: cannot tell the model's image size (no model.visual.image_size "
+            "and no sized step in its preprocess); use --data-backend torch with real shards"
+        )
     if isinstance(size, int):
         return size, size
     size = tuple(int(s) for s in size)
     return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
-def random_tokens(rows: int, context_length: int, vocab_size: int, generator: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
+def random_tokens(
+    rows: int, context_length: int, vocab_size: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """[rows, context_length] int64 like open_clip's tokenizer: SOT, ids in [1, SOT), EOT, then zeros."""
     if context_length < 2:
         raise ValueError(f"synthetic tokens need a context length >= 2 (SOT and EOT), got {context_length}")
@@ -66,13 +69,27 @@ class SyntheticLoader:
         pool_batches: distinct batches drawn once and cycled (fewer when they would exceed ``max_pool_bytes``).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, image_size: tuple[int, int], context_length: int,
-                 device: torch.device, *, vocab_size: int = 49408, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 pool_batches: int = 4, max_pool_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        image_size: tuple[int, int],
+        context_length: int,
+        device: torch.device,
+        *,
+        vocab_size: int = 49408,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pool_batches: int = 4,
+        max_pool_bytes: int = 2 << 30,
+    ) -> None:
         self.steps = num_samples // (batch_size * world_size)
         if self.steps < 1:
-            raise ValueError(f"--train-num-samples {num_samples} makes no full batch of --batch-size {batch_size} "
-                             f"x {world_size} rank(s): raise it, or lower the batch size")
+            raise ValueError(
+                f"--train-num-samples {num_samples} makes no full batch of --batch-size {batch_size} "
+                f"x {world_size} rank(s): raise it, or lower the batch size"
+            )
         self.num_samples, self.batch_size, self.device = num_samples, batch_size, device
         self.seed, self.rank, self.world_size = seed, rank, world_size
         h, w = image_size
@@ -82,7 +99,8 @@ class SyntheticLoader:
         g.manual_seed(seed * 1_000_003 + rank)
         self.images = torch.randn((self.pool, batch_size, 3, h, w), generator=g, device=device)
         self.tokens = random_tokens(self.pool * batch_size, context_length, vocab_size, g, device).view(
-            self.pool, batch_size, context_length)
+            self.pool, batch_size, context_length
+        )
         self.epoch = 0
         self.stats: Counter = Counter()
 

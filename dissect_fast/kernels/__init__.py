@@ -16,6 +16,6 @@ _SRC = os.path.join(_ROOT, "kernels")
 if os.path.isfile(os.path.join(_ROOT, "setup.py")) and os.path.isdir(_SRC) and _SRC not in __path__:
     __path__.append(_SRC)
 
-from .fused_select import fused_select, fused_select_reference  # after __path__ is set
+from .fused_select import fused_select, fused_select_reference  # noqa: E402 -- after __path__ is set
 
 __all__ = ["fused_select", "fused_select_reference"]

@@ -34,8 +34,9 @@ def main_embed(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="dissect_fast or open_clip checkpoint of the reference model")
     p.add_argument("--model", default=None, help="open_clip model name (default: the one named in the checkpoint)")
     p.add_argument("--data", required=True, help="shards: directory, brace pattern or glob")
-    p.add_argument("--data-index", default=None, help="dataset index of --data when it is not beside the shards "
-                                                     "(e.g. pipe: URLs)")
+    p.add_argument(
+        "--data-index", default=None, help="dataset index of --data when it is not beside the shards (e.g. pipe: URLs)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2)

@@ -56,12 +56,8 @@ class float32_window:
 
 
 class HistoryBuffer:
-    """Per-sample score history indexed by global sample id.
-
-    ``local_updates`` is True in a single process: the fused selection op updates the buffer in
-    place. With several ranks the op only reads it, and ``update`` applies the all-gathered
-    (id, score) pairs of every rank so that all replicas stay identical.
-    """
+    """Per-sample score history indexed by global sample id. Its owner, the strategy, decides who writes it:
+    the fused selection op in place (single process) or ``update`` with every rank's (id, score) pairs."""
 
     def __init__(self, num_ids: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
         if num_ids < 1:
@@ -69,7 +65,6 @@ class HistoryBuffer:
         if dtype not in HISTORY_DTYPES.values():
             raise ValueError(f"history buffer dtype must be float32 or bfloat16, got {dtype}")
         self.values = torch.full((num_ids,), float("nan"), dtype=dtype, device=device)
-        self.local_updates = True
 
     def __len__(self) -> int:
         return self.values.numel()

@@ -7,11 +7,13 @@ no host synchronisation and no Python loop over samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from dissect_fast.kernels.fused_select import fused_select
 from dissect_fast.selection.history import HISTORY_DTYPES, HistoryBuffer, float32_window
 
 #: name -> reference-code alias (METHOD.md table)
@@ -27,9 +29,16 @@ STRATEGIES: dict[str, str | None] = {
     "warmup-clipscore": None,  # this project's score-level variant (not in the reference code)
 }
 _ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
-_ALIASES.update({"none": "full", "dissect_momentum": "dissect-momentum", "dissect_warmup": "dissect-warmup",
-                 "dissect_gain": "dissect-gain", "warmup_clipscore": "warmup-clipscore",
-                 "ours": "dissect-warmup"})  # the reference code's default --select-strategy name
+_ALIASES.update(
+    {
+        "none": "full",
+        "dissect_momentum": "dissect-momentum",
+        "dissect_warmup": "dissect-warmup",
+        "dissect_gain": "dissect-gain",
+        "warmup_clipscore": "warmup-clipscore",
+        "ours": "dissect-warmup",
+    }
+)  # the reference code's default --select-strategy name
 
 
 def resolve_strategy(name: str) -> str:
@@ -91,8 +100,11 @@ class Selection:
     """What a step trains on, and what it measured (for diagnostics)."""
 
     index: torch.Tensor | None  #: batch positions to train on; None = the whole batch
-    score: torch.Tensor | None = None  #: CLIPScore of every batch sample, when a scoring pass ran
-    delta: torch.Tensor | None = None  #: the DISSect differential, when the strategy has one
+    score: torch.Tensor | None = None  #: CLIPScore of every sample of ``scored_ids``
+    delta: torch.Tensor | None = None  #: the DISSect differential of every batch sample, when the strategy has one
+    #: the ids ``score`` belongs to: the whole batch after a scoring pass, the trained ids when the training
+    #: forward scored them (``Strategy.update``); None while nothing was scored
+    scored_ids: torch.Tensor | None = None
 
 
 def score_and_select(
@@ -111,12 +123,17 @@ def score_and_select(
 
     Delegates to ``dissect_fast.kernels.fused_select`` (Triton on CUDA, torch reference elsewhere).
     """
-    from dissect_fast.kernels.fused_select import fused_select
-
     if history is not None and history.dtype != torch.float32:  # --history-dtype bf16: the op works in float32
         win = float32_window(history, ids)
         out = fused_select(
-            image_features, text_features, win.positions, win.values, k, momentum=momentum, scale=scale, key=key,
+            image_features,
+            text_features,
+            win.positions,
+            win.values,
+            k,
+            momentum=momentum,
+            scale=scale,
+            key=key,
             backend=backend,
         )
         if momentum is not None:
@@ -127,18 +144,41 @@ def score_and_select(
     )
 
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Strategy:
-    """Per-step selection policy. Subclasses set the class attributes and implement ``select``."""
+    """Per-step selection policy and the owner of its history buffer. Subclasses set the class attributes and
+    implement ``select``.
+
+    One batch: ``select`` (scoring pass features -> what to train), then ``update`` once the trained sub-batch's
+    features are known: it fills in the scores when no scoring pass ran and brings the history up to date.
+    Single process (no ``gather``): the fused selection op updates the buffer in place during ``select``.
+    Several ranks (``gather`` = all-gather-and-concatenate over the ranks): ``select`` only reads the buffer and
+    ``update`` applies every rank's (id, score) pairs, so all replicas stay identical.
+    """
 
     name = "full"
     history_momentum: float | None = None
 
-    def __init__(self, k: int, batch_size: int, num_ids: int, device: torch.device, cfg) -> None:
+    def __init__(
+        self, k: int, batch_size: int, num_ids: int, device: torch.device, cfg, gather: Gather | None = None
+    ) -> None:
         self.k, self.batch_size, self.cfg = k, batch_size, cfg
         dtype = HISTORY_DTYPES[getattr(cfg, "history_dtype", "fp32")]
         self.history = HistoryBuffer(num_ids, device, dtype) if self.uses_history else None
+        self.gather = gather
 
     uses_history = False
+
+    @property
+    def local_updates(self) -> bool:
+        """Whether the selection op updates the history in place (single process)."""
+        return self.gather is None
+
+    def _inplace_momentum(self, epoch: int) -> float | None:
+        """The momentum the selection op applies in place: this epoch's update in a single process, else None."""
+        return self.history_updates(epoch) if self.local_updates else None
 
     def _score_select(self, *args, **kw):
         """`score_and_select` with this run's selection backend (--select-backend)."""
@@ -159,9 +199,19 @@ class Strategy:
         return None
 
     def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
-        """Called with the training forward's detached features when no scoring pass ran: returns
-        their CLIPScores (diagnostics); strategies that record from training features do it here."""
+        """The CLIPScores of the trained ``ids`` from the training forward's detached features (no scoring pass
+        ran); strategies that record from training features update the history here in a single process."""
         return clip_scores(*feats, scale)
+
+    def update(self, epoch: int, sel: Selection, trained_ids: torch.Tensor, train_feats, scale) -> Selection:
+        """After the training forward: ``sel`` with ``score``/``scored_ids`` set (from ``train_feats`` when no
+        scoring pass ran) and the history brought up to date on every rank. No host synchronisation."""
+        if sel.score is None:
+            sel.score, sel.scored_ids = self.observe(epoch, trained_ids, train_feats, scale), trained_ids
+        m = self.history_updates(epoch)
+        if self.gather is not None and m is not None and self.history is not None:
+            self.history.update(self.gather(sel.scored_ids), self.gather(sel.score.float()), m)
+        return sel
 
     def state_dict(self) -> dict:
         return {"history": self.history.state_dict()} if self.history is not None else {}
@@ -197,7 +247,7 @@ class ClipScore(Strategy):
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
         index, score, _ = self._score_select(*feats, ids, None, self.k, momentum=None, key="score", scale=scale)
-        return Selection(index=index, score=score)
+        return Selection(index=index, score=score, scored_ids=ids)
 
 
 class _LossBased(Strategy):
@@ -217,7 +267,9 @@ class _LossBased(Strategy):
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
         loss = self.per_sample_loss(feats, logit_scale)
-        return Selection(index=topk_positions(self.sign * loss, self.k), score=clip_scores(*feats, scale))
+        return Selection(
+            index=topk_positions(self.sign * loss, self.k), score=clip_scores(*feats, scale), scored_ids=ids
+        )
 
 
 class SmallLoss(_LossBased):
@@ -243,11 +295,10 @@ class DissectMomentum(Strategy):
         return self.cfg.momentum
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
-        m = self.history_updates(epoch) if self.history.local_updates else None
         index, score, delta = self._score_select(
-            *feats, ids, self.history.values, self.k, momentum=m, key="delta", scale=scale
+            *feats, ids, self.history.values, self.k, momentum=self._inplace_momentum(epoch), key="delta", scale=scale
         )
-        return Selection(index=index, score=score, delta=delta)
+        return Selection(index=index, score=score, delta=delta, scored_ids=ids)
 
 
 class DissectWarmup(Strategy):
@@ -283,30 +334,30 @@ class DissectWarmup(Strategy):
         return 0.0 if self._records(epoch) else None
 
     def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
-        m = self.history_updates(epoch)
-        if m is None or not self.history.local_updates:
+        m = self._inplace_momentum(epoch)
+        if m is None:
             return clip_scores(*feats, scale)
         _, score, _ = self._score_select(*feats, ids, self.history.values, 0, momentum=m, key="delta", scale=scale)
         return score
 
     def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
         if self.in_warmup(epoch):
-            m = self.history_updates(epoch)
-            score = delta = None
+            score = delta = scored = None
             if feats is not None:
                 _, score, delta = self._score_select(
                     *feats,
                     ids,
                     self.history.values,
                     0,
-                    momentum=m if self.history.local_updates else None,
+                    momentum=self._inplace_momentum(epoch),
                     key="delta",
                     scale=scale,
                 )
+                scored = ids
             if self.trains_full_batch(epoch):
-                return Selection(index=None, score=score, delta=delta)
+                return Selection(index=None, score=score, delta=delta, scored_ids=scored)
             perm = torch.randperm(ids.shape[0], device=ids.device, generator=generator)
-            return Selection(index=perm[: self.k], score=score, delta=delta)
+            return Selection(index=perm[: self.k], score=score, delta=delta, scored_ids=scored)
         return self.select_after_warmup(ids, feats, scale)
 
     def select_after_warmup(self, ids, feats, scale) -> Selection:
@@ -314,7 +365,7 @@ class DissectWarmup(Strategy):
         index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=None, key="delta", scale=scale
         )
-        return Selection(index=index, score=score, delta=delta)
+        return Selection(index=index, score=score, delta=delta, scored_ids=ids)
 
 
 class DissectGain(DissectWarmup):
@@ -338,7 +389,7 @@ class DissectGain(DissectWarmup):
         _, score, delta = self._score_select(
             *feats, ids, self.history.values, 0, momentum=None, key="delta", scale=scale
         )
-        return Selection(index=topk_positions(-delta, self.k), score=score, delta=delta)
+        return Selection(index=topk_positions(-delta, self.k), score=score, delta=delta, scored_ids=ids)
 
 
 class WarmupClipScore(DissectWarmup):
@@ -361,12 +412,12 @@ class WarmupClipScore(DissectWarmup):
         index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=None, key="score", scale=scale
         )
-        return Selection(index=index, score=score, delta=delta)
+        return Selection(index=index, score=score, delta=delta, scored_ids=ids)
 
 
 _CLASSES = {
-    c.name: c for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup, DissectGain,
-                        WarmupClipScore)
+    c.name: c
+    for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup, DissectGain, WarmupClipScore)
 }
 #: strategies with a warm-up phase and a frozen snapshot (--warmup-point, --warmup-train apply)
 WARMUP_STRATEGIES = tuple(n for n, c in _CLASSES.items() if issubclass(c, DissectWarmup))
@@ -374,6 +425,6 @@ WARMUP_STRATEGIES = tuple(n for n, c in _CLASSES.items() if issubclass(c, Dissec
 HISTORY_STRATEGIES = tuple(n for n, c in _CLASSES.items() if c.uses_history)
 
 
-def make_strategy(cfg, batch_size: int, num_ids: int, device: torch.device) -> Strategy:
-    """Build the strategy named by a SelectConfig."""
-    return _CLASSES[cfg.strategy](cfg.k(batch_size), batch_size, num_ids, device, cfg)
+def make_strategy(cfg, batch_size: int, num_ids: int, device: torch.device, gather: Gather | None = None) -> Strategy:
+    """Build the strategy named by a SelectConfig; ``gather``: the ranks' all-gather (several ranks), see Strategy."""
+    return _CLASSES[cfg.strategy](cfg.k(batch_size), batch_size, num_ids, device, cfg, gather)

@@ -1,0 +1,251 @@
+"""A run's data: the training shards and their index, the id range, --subset, the epoch size, the loader
+backend, the loaders, and the batches each step of an epoch reads. Everything the user can get wrong about the
+data fails in the constructor, before any model work."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import torch
+
+from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
+from dissect_fast.data.shards import check_ids_known, is_url, resolve_data
+from dissect_fast.data.synthetic_loader import (
+    DEFAULT_BATCHES,
+    SyntheticLoader,
+    model_image_size,
+)
+from dissect_fast.distributed import DistInfo
+from dissect_fast.selection.strategies import HISTORY_STRATEGIES
+
+log = logging.getLogger("dissect_fast")
+
+
+class TrainData:
+    """Shards, index and epoch geometry of a run (``build_loaders`` adds the loaders once the model exists)."""
+
+    def __init__(self, cfg, dist: DistInfo, device: torch.device, tokenizer, model_name: str) -> None:
+        self.cfg, self.dist, self.device, self.tokenizer = cfg, dist, device, tokenizer
+        d, accum = cfg.data, cfg.optim.accum_freq
+        self.synthetic = d.data_backend == "synthetic"
+        if self.synthetic:
+            self.train_shards, self.index = [], None
+            if d.train_data:
+                log.warning("--data-backend synthetic: --train-data %s is not read", d.train_data)
+        else:
+            self.train_shards, self.index = resolve_data(d.train_data, "--train-data", d.data_index)
+            if d.dataset_resampled and d.train_num_samples is None and self.index is None:
+                raise ValueError(
+                    "--dataset-resampled needs a known epoch size: give --train-num-samples, or shards "
+                    "with a dataset index (run `dissect-fast index` on them)"
+                )
+            check_ids_known(self.train_shards, self.index, "--train-data")
+            if tokenizer is not None and self.index is not None and self.index.has_tokens:
+                log.warning(
+                    "model %s does not use CLIP BPE: the shards' stored `tok` ids are ignored and captions "
+                    "are tokenised from `txt` with its own tokenizer",
+                    model_name,
+                )
+        self.val_shards, self.val_index = resolve_data(d.val_data, "--val-data") if d.val_data else (None, None)
+        self.num_ids = self._num_ids()
+        self.subset_mask, self.num_samples = self._subset_and_count()
+        available = self.index.num_samples if self.index is not None else None
+        if self.subset_mask is not None:
+            available = int(self.subset_mask.sum())
+        #: an epoch is --train-num-samples samples, less than one pass over the data (or a resampled stream)
+        self.partial_epochs = d.dataset_resampled or (
+            d.train_num_samples is not None and available is not None and self.num_samples < available
+        )
+        #: optimizer steps per epoch (the LR schedule counts these); each reads --accum-freq batches
+        self.accum = accum
+        self.steps_per_epoch = self.num_samples // (d.batch_size * dist.world_size * accum)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.num_samples} training samples make no full batch of --batch-size {d.batch_size} "
+                f"x {dist.world_size} rank(s) x --accum-freq {accum}: lower the batch size or --accum-freq"
+            )
+        self.backend = self._backend()
+        self.train_loader = self.val_loader = None
+
+    def clean_flags(self) -> np.ndarray | None:
+        return self.index.clean_flags() if self.index is not None else None
+
+    def _num_ids(self) -> int:
+        d = self.cfg.data
+        if self.synthetic:  # the ids are a permutation of [0, N) every epoch
+            return d.train_num_samples or DEFAULT_BATCHES * d.batch_size * self.dist.world_size
+        if self.index is not None:
+            return self.index.num_ids
+        if self.cfg.select.strategy in HISTORY_STRATEGIES or d.subset is not None:
+            raise ValueError(
+                f"--train-data {d.train_data}: no dataset index (index.json) beside the shards; "
+                f"the history buffer needs the id range: run `dissect-fast index` on them"
+            )
+        return d.train_num_samples or 1
+
+    def _subset_and_count(self) -> tuple[np.ndarray | None, int]:
+        d = self.cfg.data
+        if self.synthetic:
+            return None, self.num_ids
+        n = d.train_num_samples or (self.index.num_samples if self.index is not None else None)
+        if n is None:
+            raise ValueError("--train-num-samples is needed: the shards have no dataset index (index.json)")
+        if d.subset is None:
+            return None, n
+        ids = np.load(d.subset)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"--subset {d.subset}: expected a 1-D integer array of sample ids")
+        if ids.size == 0:
+            raise ValueError(f"--subset {d.subset}: the subset is empty")
+        if ids.min() < 0 or ids.max() >= self.num_ids:
+            raise ValueError(f"--subset {d.subset}: ids outside [0, {self.num_ids}) of the training data")
+        mask = np.zeros(self.num_ids, dtype=bool)
+        mask[ids] = True
+        if mask.sum() != ids.size:
+            raise ValueError(f"--subset {d.subset}: duplicate ids")
+        return mask, min(n, int(ids.size))
+
+    def _backend(self) -> str:
+        """``auto``: DALI when the device is CUDA and DALI imports (and the shards are local files read once per
+        epoch); the torch loader otherwise."""
+        want = self.cfg.data.data_backend
+        if want == "synthetic":
+            return want
+        urls = any(is_url(s) for s in self.train_shards)
+        if want == "dali" and (urls or self.cfg.data.dataset_resampled):
+            raise ValueError(
+                "--data-backend dali reads local shard files in passes: use --data-backend torch for "
+                "webdataset URLs (pipe:, http://, ...) and --dataset-resampled"
+            )
+        if want == "torch" or urls or self.cfg.data.dataset_resampled:
+            return "torch"
+        from dissect_fast.data.dali_loader import dali_unavailable_reason
+
+        reason = dali_unavailable_reason()
+        if want == "dali":
+            if reason:
+                raise ValueError(
+                    f"--data-backend dali: {reason}; install nvidia-dali-cuda130 or use --data-backend torch"
+                )
+            return "dali"
+        if self.device.type != "cuda" or reason:
+            return "torch"
+        return "dali"
+
+    def build_loaders(self, model, pre_train, pre_val, context_length: int) -> None:
+        """The training loader and, with --val-data, the validation loader (the model fixes image size,
+        preprocessing and context length)."""
+        self.context_length = context_length
+        self.train_loader = self._loader(self.train_shards, pre_train, True, model)
+        self.val_loader = self._loader(self.val_shards, pre_val, False, model) if self.val_shards else None
+
+    def _loader(self, shards, transform, train: bool, model):
+        d, seed = self.cfg.data, self.cfg.run.seed
+        if train and self.backend == "synthetic":
+            return SyntheticLoader(
+                self.num_samples,
+                d.batch_size,
+                model_image_size(model, transform),
+                self.context_length,
+                self.device,
+                vocab_size=getattr(model, "vocab_size", 49408),
+                seed=seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
+        if self.backend == "dali":
+            from dissect_fast.data.dali_loader import DaliLoader, Preprocess
+
+            return DaliLoader(
+                shards,
+                d.batch_size,
+                self.context_length,
+                Preprocess.from_transform(transform),
+                train=train,
+                device=self.device,
+                seed=seed,
+                rank=self.dist.rank if train else 0,
+                world_size=self.dist.world_size if train else 1,
+                workers=max(2, d.workers),
+                index=self.index if train else self.val_index,
+                subset_mask=self.subset_mask if train else None,
+                num_ids=self.num_ids if train else None,
+                tokenizer=self.tokenizer,
+            )
+        if not train:
+            return eval_loader(
+                shards,
+                self.val_index,
+                d.batch_size,
+                transform,
+                self.context_length,
+                d.workers,
+                self.device,
+                tokenizer=self.tokenizer,
+            )
+        ds = ShardDataset(
+            shards,
+            d.batch_size,
+            transform,
+            self.context_length,
+            train=True,
+            seed=seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            subset_mask=self.subset_mask,
+            num_ids=self.num_ids,
+            first_ids=self.index.first_ids() if self.index is not None else None,
+            resampled=d.dataset_resampled,
+            tokenizer=self.tokenizer,
+        )
+        return TorchLoader(ds, d.workers, self.device, drop_last=True)
+
+    def epoch_batches(self):
+        """What each of the epoch's ``steps_per_epoch`` steps trains on: a batch, or with --accum-freq N the
+        (images, tokens, ids) of N batches, each a tuple of N tensors."""
+        batches = self._loader_batches()
+        if self.accum == 1:
+            yield from batches
+            return
+        while group := list(itertools.islice(batches, self.accum)):
+            yield tuple(zip(*group))
+
+    def _loader_batches(self):
+        """Exactly ``steps_per_epoch`` x --accum-freq batches on every rank (DDP needs equal step counts): a rank
+        whose shards run dry early (uneven shard counts) starts another pass over them, logged."""
+        loader, n, wanted = self.train_loader, 0, self.steps_per_epoch * self.accum
+        while n < wanted:
+            got = 0
+            it = iter(loader)
+            for batch in it:
+                yield batch
+                got += 1
+                n += 1
+                if n >= wanted:
+                    if self.partial_epochs:  # the rest of the pass is not read (nor decoded)
+                        if hasattr(loader, "close"):
+                            loader.close()
+                        return
+                    for _ in it:  # drain the tail (less than a batch per worker) so the last skip counts arrive
+                        loader.stats["dropped_tail"] += self.cfg.data.batch_size
+                    return
+            if got == 0:
+                raise RuntimeError(
+                    f"rank {self.dist.rank}: the training loader yielded no batch (too few shards "
+                    f"for {self.dist.world_size} rank(s) x workers, or every sample unreadable)"
+                )
+            log.warning(
+                "rank %d: shards ran out after %d of %d batches; repeating them (give every rank the same "
+                "number of samples, e.g. shards divisible by ranks)",
+                self.dist.rank,
+                n,
+                wanted,
+            )
+
+    def close(self) -> None:
+        """Stop the loaders' workers."""
+        for loader in (self.train_loader, self.val_loader):
+            if hasattr(loader, "close"):
+                loader.close()
