@@ -328,23 +328,12 @@ def prepare_python(site: Path, wheel_dir: Path) -> tuple[dict, dict, dict]:
 
 def git_commit() -> str:
     """HEAD (+dirty), else $GPU_CHECK_COMMIT (a working tree copied without .git), else unknown."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-        )
-        if head.returncode == 0 and head.stdout.strip():
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            ).stdout.strip()
-            return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("GPU_CHECK_COMMIT", "unknown")
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train  # imports torch: only when a phase's JSON is written, not at the parent's start
+
+    commit = bench_train.git_commit()
+    return os.environ.get("GPU_CHECK_COMMIT", "unknown") if commit.startswith("unknown") else commit
 
 
 def tree_digest() -> str:

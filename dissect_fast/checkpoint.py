@@ -27,6 +27,8 @@ import shutil
 import numpy as np
 import torch
 
+from dissect_fast.ioutil import fsync_dir
+
 log = logging.getLogger("dissect_fast")
 SIDECAR = ".sha256"
 
@@ -79,19 +81,6 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -120,7 +109,7 @@ def _write_atomic(path: str, write, before_replace=None) -> None:
                 f"point --logs at a bigger disk; the previous checkpoint is intact",
             ) from e
         raise
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _is_enospc(e: BaseException | None) -> bool:
@@ -182,7 +171,7 @@ def link_checkpoint(src: str, dst: str) -> None:
         with open(src + SIDECAR, "rb") as f:
             data = f.read()
         _write_atomic(dst + SIDECAR, lambda f: f.write(data))
-    _fsync_dir(os.path.dirname(dst))
+    fsync_dir(os.path.dirname(dst))
 
 
 def read_sidecar(path: str) -> dict | None:
@@ -262,7 +251,7 @@ def remove_checkpoint(path: str) -> None:
     """Delete a checkpoint, then its sidecar (a kill in between leaves an orphan sidecar, which nothing reads)."""
     _remove(path)
     _remove(path + SIDECAR)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def remove_stale_temporaries(ckpt_dir: str) -> list[str]:
