@@ -1,4 +1,4 @@
-"""``dissect-fast`` subcommands: synth, shards, train, eval, demo, embed, select-subset, bench."""
+"""``dissect-fast`` subcommands: synth, shards, train, index, noise, eval, demo, embed, select-subset, bench."""
 
 from __future__ import annotations
 
@@ -136,6 +136,12 @@ def _index(argv: list[str]) -> int:
     return main_index(argv) or 0
 
 
+def _noise(argv: list[str]) -> int:
+    from dissect_fast.data.noise import main_noise
+
+    return main_noise(argv) or 0
+
+
 def _bench(argv: list[str]) -> int:
     import importlib.util
 
@@ -156,6 +162,7 @@ COMMANDS = {
     "shards": (_shards, "write shards from a CSV of captions and a folder of images"),
     "train": (_train, "train (same flags as python -m dissect_fast.train)"),
     "index": (_index, "dataset index (+ DALI .idx files) for shards made elsewhere"),
+    "noise": (_noise, "give a share of the pairs of any shards or CSV another caption, with clean flags"),
     "eval": (_eval, "retrieval metrics of a checkpoint on validation shards"),
     "demo": (_demo, "the embedded demo: full data vs DISSect vs baselines on noisy synthetic data"),
     "embed": (_embed, "embeddings of every sample with a reference model (offline selection)"),

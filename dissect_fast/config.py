@@ -257,6 +257,12 @@ class ModelConfig:
         "size, <= image size)",
     )
     score_patch_dropout: float = opt(0.0, "ViT only: share of patch tokens dropped at random in the scoring pass")
+    score_precision: str = opt(
+        "auto",
+        "the scoring forward's precision: auto = the training's --precision (bf16 autocast under amp_bf16); "
+        "fp32 = no autocast, as the reference scores; bf16 = bf16 autocast (fp32 and bf16 need float32 weights)",
+        choices=("auto", "fp32", "bf16"),
+    )
     score_cudagraphs: bool = opt(
         False, "with --compile on CUDA: compile the scoring pass with CUDA graphs (reduce-overhead)"
     )
@@ -389,6 +395,15 @@ class SelectConfig:
         "random",
         "dissect-warmup: what the warm-up epochs train on (random k-subset or the full batch)",
         choices=("random", "full"),
+    )
+    warmup_record: str = opt(
+        "last",
+        "dissect-warmup: which warm-up epochs record w. last = only epoch W-1 is scored (no scoring pass "
+        "before it); samples it does not score (dropped batch tails) get w = 0, and the run logs their share "
+        "(select/warmup_unscored_fraction). every = score and record every warm-up epoch, as the reference "
+        "does: a sample missed in epoch W-1 keeps its earlier warm-up score (costs a scoring pass per "
+        "warm-up step with --warmup-train random). Shorter-than-data epochs always record every epoch",
+        choices=("last", "every"),
     )
     backend: str = opt(
         "auto",

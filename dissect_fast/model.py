@@ -77,6 +77,20 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def scoring_precision(score_precision: str, precision: str) -> str:
+    """The precision mode the scoring forward runs in (--score-precision): ``auto`` = the training's (--precision);
+    ``fp32`` = no autocast, float32 (the reference scores outside autocast); ``bf16`` = bf16 autocast. ValueError
+    (naming the flags) when the weights are not float32, which fp32 / bf16-autocast scoring would need."""
+    if score_precision == "auto":
+        return precision
+    if weight_dtype(precision) is not None:
+        raise ValueError(
+            f"--score-precision {score_precision} needs float32 weights, but --precision {precision} stores "
+            f"them in {weight_dtype(precision)}: use --precision amp_bf16, amp or fp32, or --score-precision auto"
+        )
+    return "fp32" if score_precision == "fp32" else "amp_bf16"
+
+
 def model_name_for(model: str, model_config: str | None) -> str:
     """The open_clip name to build: a --model-config JSON is registered under its file stem; an unknown name is a
     ValueError that suggests the closest open_clip names."""
@@ -552,6 +566,7 @@ class Forwards:
         score_resolution: int | None = None,
         score_patch_dropout: float = 0.0,
         score_cudagraphs: bool = False,
+        score_precision: str = "auto",
     ) -> None:
         self.model, self.precision, self.device = model, precision, device
         self.input_dtype = input_dtype(precision)  #: bf16/fp16 weights take images in their dtype
@@ -563,7 +578,13 @@ class Forwards:
         self._ddp = train_module if ddp else None
         self._train = torch.compile(train_module) if compile else train_module
         self.scoring = ScoringPass(
-            model, precision, device, compile, score_resolution, score_patch_dropout, score_cudagraphs
+            model,
+            scoring_precision(score_precision, precision),
+            device,
+            compile,
+            score_resolution,
+            score_patch_dropout,
+            score_cudagraphs,
         )
 
     def train(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:

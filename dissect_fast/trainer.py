@@ -60,6 +60,7 @@ from dissect_fast.model import (
     resolve_device,
     resolve_precision,
     resolve_pretrained,
+    scoring_precision,
     set_grad_checkpointing,
     text_tokenizer,
     uses_grad_scaler,
@@ -114,6 +115,7 @@ class Trainer:
             check_wandb_installed()
         self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
         check_scoring_options(self.model_name, cfg.model.score_resolution, cfg.model.score_patch_dropout)
+        scoring_precision(cfg.model.score_precision, self.precision)  # ValueError naming the flags
         self.pretrained = resolve_pretrained(cfg.model.pretrained, self.model_name) if cfg.model.pretrained else None
         #: the model's own tokenizer when it is not CLIP BPE (SigLIP, HF text towers); None: CLIP BPE (stored `tok`)
         self.tokenizer = text_tokenizer(self.model_name)
@@ -148,6 +150,7 @@ class Trainer:
             score_resolution=cfg.model.score_resolution,
             score_patch_dropout=cfg.model.score_patch_dropout,
             score_cudagraphs=cfg.model.score_cudagraphs,
+            score_precision=cfg.model.score_precision,
         )
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
         #: open_clip's --lr-scheduler: scheduler(global step) sets the optimizer's lr and returns it
@@ -497,6 +500,13 @@ class Trainer:
     def _max_steps_done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
+    def _pool_size(self) -> int:
+        """Training samples an epoch may draw from: the subset, else the indexed data, else the epoch size."""
+        d = self.data
+        if d.subset_mask is not None:
+            return int(d.subset_mask.sum())
+        return d.index.num_samples if getattr(d, "index", None) is not None else self.num_samples
+
     def _epoch_metrics(self, epoch: int, loss_sum: torch.Tensor, wall: float, t_start: float) -> dict:
         """The epoch's training metrics; the bad-data policy stops the run here (TooManyBadSamples)."""
         cfg, n, stats = self.cfg, self.epoch_step, dict(self.train_loader.stats)
@@ -513,6 +523,13 @@ class Trainer:
             "data/bad_samples": int(stats.get("bad_samples", 0)),
         }
         metrics.update(self.diag.summary())
+        metrics.update(self.strategy.epoch_metrics(epoch, self._pool_size()))
+        if "select/warmup_unscored_fraction" in metrics:
+            log.info(
+                "warm-up point: %.2f%% of the training samples have no warm-up score (w = 0 from now on; "
+                "--warmup-record every scores every warm-up epoch, as the reference does)",
+                100 * metrics["select/warmup_unscored_fraction"],
+            )
         metrics.update(
             {
                 f"data/{k}": int(v)

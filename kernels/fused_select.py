@@ -5,8 +5,9 @@ One training step of online selection needs, for a batch of B pairs with feature
     score_i = max(0, scale * cos(f_i, g_i))                      (CLIPScore, float32)
     delta_i = h[id_i] - score_i, or 0 when h[id_i] is NaN         (NaN = never scored)
     h[id_i] <- score_i if NaN else momentum * h[id_i] + (1 - momentum) * score_i
-    index   = batch positions of the k largest keys (key = delta or score), in descending
-              order of the key; ties go to the smaller position.
+    index   = batch positions of the k largest keys, in descending order of the key; ties go
+              to the smaller position. key = delta, or score: then the raw scale * cos(f_i, g_i)
+              before the clamp (the reference's clipscore ranking; same order where positive)
 
 In plain torch that is ~15 kernels: two casts, three products and reductions (each a
 [B, D] float32 temporary written to and read back from HBM), a gather, isnan/where, the
@@ -114,7 +115,9 @@ def fused_select_reference(
             history.index_copy_(0, ids, torch.where(seen, blend, score))
     else:
         delta = torch.zeros_like(score)
-    keys = _canonical_key(score if key == "score" else delta)
+    # key "score" ranks the raw scaled cosine (the reference's clipscore ranking): the clamp would make every
+    # negative pair tie at 0, and the tie rule would then pick the first batch positions
+    keys = _canonical_key(x if key == "score" else delta)
     # A stable descending sort keeps equal keys in position order: ties -> smaller position.
     index = torch.sort(keys, descending=True, stable=True).indices[:k]
     return index, score, delta
@@ -364,7 +367,7 @@ if HAS_TRITON:
                 tl.store(hist_ptr + idx, tl.where(seen, blend, score), mask=rmask)
         tl.store(score_ptr + rows, score, mask=rmask)
         tl.store(delta_ptr + rows, delta, mask=rmask)
-        k32 = _order_key(tl.where(key_is_score != 0, score, delta))
+        k32 = _order_key(tl.where(key_is_score != 0, x, delta))  # score key: raw scale * cos (see reference)
         tl.store(work32_ptr + rows, k32, mask=rmask)
         if TOPK:  # else the launcher ranks the order keys (large batches)
             if hist0 != 0:
@@ -637,8 +640,9 @@ def fused_select(
         (momentum=0.0 records the score). May be None with key="score" (delta is then 0).
     k: 0 <= k <= B. scale: multiplies the cosine (100 = CLIPScore).
     normalized: rows are already unit-norm, skip the norms.
-    key: "delta" (DISSect: h - s) or "score" (CLIPScore top-k; history then optional,
-        and if given it is read and updated exactly as with key="delta").
+    key: "delta" (DISSect: h - s) or "score" (CLIPScore top-k, ranked by the unclamped
+        scale * cos so negative pairs do not tie at 0; history then optional, and if given it is
+        read and updated exactly as with key="delta").
     backend: "auto" (Triton on CUDA, torch otherwise), "triton", "torch".
     Ties go to the smaller batch position; NaN keys (non-finite features) rank first.
     """

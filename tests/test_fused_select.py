@@ -137,7 +137,9 @@ def check_case(
     if use_history and not torch.allclose(h_ker, h_ref, equal_nan=True, **tol):
         errors.append(f"{where}: history max err {(h_ker - h_ref).abs().nan_to_num(1e9).max().item():.3g}")
     own = stable_topk(s_ker if key == "score" else d_ker, k)
-    if not torch.equal(i_ker, own):
+    # key "score" ranks the raw scale * cos: the op's own (clamped) scores fix the order only above 0
+    n_own = k if key == "delta" else min(k, int(((s_ker > 0) | s_ker.isnan()).sum()))
+    if not torch.equal(i_ker[:n_own], own[:n_own]):
         errors.append(f"{where}: index != stable top-k of the op's own keys: {i_ker[:8].tolist()} {own[:8].tolist()}")
     if integer and not torch.equal(i_ker, i_ref):
         errors.append(f"{where}: index != reference: {i_ker[:8].tolist()} {i_ref[:8].tolist()}")
@@ -297,6 +299,16 @@ def test_reference_hand_computed_score_key_and_no_update():
     assert delta.tolist() == [25.0, 35.0, 25.0, 0.0, 0.0, -5.0]  # computed, history untouched
     index, _, delta = fused_select(f, g, None, None, 2, normalized=True, key="score", backend="torch")
     assert index.tolist() == [4, 0] and delta.tolist() == [0.0] * 6
+
+
+def test_score_key_ranks_negative_pairs_by_raw_cosine_not_position():
+    """The clipscore key is the unclamped 100 * cos (METHOD.md): negative pairs keep their order instead of tying
+    at the clamped score 0 (which would make the top-k "the first batch positions")."""
+    f = torch.tensor([[-0.9, 0.0], [-0.1, 0.0], [-0.5, 0.0], [0.2, 0.0], [-0.3, 0.0]])
+    g = torch.tensor([[1.0, 0.0]] * 5)
+    index, score, _ = fused_select(f, g, None, None, 3, normalized=True, key="score", backend="torch")
+    assert index.tolist() == [3, 1, 4]  # 20, -10, -30 (the clamped scores tie 1, 4 with 0 and 2)
+    assert score.tolist() == [0.0, 0.0, 0.0, pytest.approx(20.0), 0.0]  # the reported score stays clamped
 
 
 def test_reference_momentum_zero_records_score_and_k_zero():

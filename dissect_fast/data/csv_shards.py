@@ -23,15 +23,16 @@ IMG_KEYS = ("filepath", "file", "image", "img", "path")  #: open_clip's default 
 CAPTION_KEYS = ("title", "caption", "text")
 
 
-def _read_rows(csv_path: str, img_key: str | None, cap_key: str | None, sep: str | None) -> list[tuple[str, str]]:
-    """(image path, caption) rows. Separator: ``sep``, else a tab when the header line has one (open_clip's
-    default), else a comma. A key left as None is the first of the usual column names the header has."""
+def read_table(csv_path: str, img_key: str | None, cap_key: str | None, sep: str | None):
+    """(columns, separator, rows as dicts, image key, caption key). Separator: ``sep``, else a tab when the header
+    line has one (open_clip's default), else a comma. A key left as None is the first of the usual column names
+    the header has; a missing column is a ValueError naming its flag."""
     with open(csv_path, newline="", encoding="utf-8") as f:
         header = f.readline()
         f.seek(0)
         delim = sep or ("\t" if "\t" in header else ",")
         reader = csv.DictReader(f, delimiter=delim)
-        fields = reader.fieldnames or []
+        fields = list(reader.fieldnames or [])
         img_key = img_key or next((k for k in IMG_KEYS if k in fields), IMG_KEYS[0])
         cap_key = cap_key or next((k for k in CAPTION_KEYS if k in fields), CAPTION_KEYS[0])
         for k, flag in ((img_key, "--csv-img-key"), (cap_key, "--csv-caption-key")):
@@ -40,10 +41,16 @@ def _read_rows(csv_path: str, img_key: str | None, cap_key: str | None, sep: str
                     f"{flag} {k!r}: no such column in {csv_path} (columns: {fields}; separator "
                     f"{delim!r}, set by --csv-separator)"
                 )
-        return [(row[img_key] or "", row[cap_key] or "") for row in reader]
+        return fields, delim, list(reader), img_key, cap_key
 
 
-def _load_jpeg(path: str) -> bytes:
+def _read_rows(csv_path: str, img_key: str | None, cap_key: str | None, sep: str | None) -> list[tuple[str, str]]:
+    """(image path, caption) rows (``read_table``'s rules)."""
+    _, _, rows, img_key, cap_key = read_table(csv_path, img_key, cap_key, sep)
+    return [(row[img_key] or "", row[cap_key] or "") for row in rows]
+
+
+def load_jpeg(path: str) -> bytes:
     """The image as JPEG bytes: JPEG files pass through after a decode check; other formats are re-encoded."""
     with open(path, "rb") as f:
         data = f.read()
@@ -98,7 +105,7 @@ def csv_to_shards(
             skipped["missing_image"] += 1
             continue
         try:
-            good.append((_load_jpeg(path), cap))
+            good.append((load_jpeg(path), cap))
         except Exception:  # PIL raises many types on corrupt data
             skipped["corrupt_image"] += 1
     if not good:

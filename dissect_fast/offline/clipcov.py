@@ -61,6 +61,10 @@ So "factorized" changes the objective and saves the O(n_c^2 D) gains only on the
 path; it is not a speed-up where blocks fit (the GEMM there is the fast part). Memory is
 O(N) for labels and greedy sequences plus one group (<= ``block_bytes``, plus the gathered
 embeddings of that group while they are normalised).
+
+Option: the reference notebook's score (``score="notebook"``, ``clipcov_notebook``;
+docs/clipcov-notebook.md): ``r_i + 2 e_i + ls_i / 2 - (tic_i + itc_i)``, re-scored per class in
+rounds of 200 picks. The paper's F above stays the default.
 """
 
 from __future__ import annotations
@@ -80,12 +84,15 @@ log = logging.getLogger(__name__)
 
 APPROX = ("exact", "factorized")
 ALGORITHMS = ("merge", "lazy", "plain")
+SCORES = ("paper", "notebook")
 
 
 @dataclass
 class ClipCovConfig:
-    """How CLIPCov runs; the objective only depends on ``approx`` (and the class split cap)."""
+    """How CLIPCov runs; the objective depends on ``score``, ``approx`` (and the class split cap)."""
 
+    score: str = "paper"  #: paper (F above, the default) | notebook (clip_core.ipynb's score; see clipcov_notebook)
+    notebook_round: int = 200  #: notebook score: a class is re-scored when (its picks + 1) % notebook_round == 0
     approx: str = "exact"  #: exact (clamped A+) | factorized (no clamp: sums factorise; see module doc)
     device: str = "cpu"  #: cpu | cuda | cuda:N; where the blocks and the greedy run
     algorithm: str = "merge"  #: merge (batched per-class greedy, scalable) | lazy | plain (global references)
@@ -109,6 +116,20 @@ class ClipCovConfig:
             raise ValueError(
                 f"need tile >= 16, slack >= 1, extra_picks >= 0, got {self.tile}, {self.slack}, {self.extra_picks}"
             )
+        if self.score not in SCORES:
+            raise ValueError(f"score (--clipcov-score) must be one of {SCORES}, got {self.score!r}")
+        if isinstance(self.notebook_round, bool) or not isinstance(self.notebook_round, int) or self.notebook_round < 1:
+            raise ValueError(f"notebook_round (--notebook-round) must be an integer >= 1, got {self.notebook_round!r}")
+        if self.score == "notebook" and self.approx != "exact":
+            raise ValueError(
+                "--clipcov-score notebook uses the clamped similarities A+ (the notebook's THRESHOLD = 0): "
+                "drop --approx factorized, or use --clipcov-score paper"
+            )
+        if self.score == "notebook" and self.algorithm != "merge":
+            raise ValueError(
+                f"--greedy {self.algorithm} is a reference greedy of the paper objective; --clipcov-score notebook "
+                "runs the notebook's own round-based greedy: drop --greedy (or use --clipcov-score paper)"
+            )
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -131,9 +152,9 @@ class ClipCovConfig:
 class ClipCovResult:
     """Positions (rows of the embeddings) chosen by CLIPCov and how the run went."""
 
-    positions: np.ndarray  #: int64 [m], in global greedy order (non-increasing gain)
-    gains: np.ndarray  #: float64 [m], marginal gain of each pick when it was picked
-    objective: float  #: F(S) = sum of the gains (F(empty) = 0)
+    positions: np.ndarray  #: int64 [m], in pick order (paper: non-increasing gain)
+    gains: np.ndarray  #: float64 [m], marginal gain of each pick when it was picked (notebook: its score then)
+    objective: float  #: F(S) = sum of the gains (F(empty) = 0); notebook: the sum of the pick-time scores
     stats: dict = field(default_factory=dict)  #: rounds, classes rerun, modes, seconds
 
 
@@ -208,6 +229,13 @@ def _streamed_r_sum(f: torch.Tensor, g: torch.Tensor, tile: int) -> torch.Tensor
 
 def _group_u_and_rows(grp: _Group, approx: str, mode: str, tile: int):
     """Gains u [G, n] (-inf on padding) and a function p [G] -> P[p, :] / n_c  [G, n]."""
+    r, e, row = _group_r_e_rows(grp, approx, mode, tile)
+    u = (r + 2 * e).masked_fill(~grp.valid, -math.inf)
+    return u, row
+
+
+def _group_r_e_rows(grp: _Group, approx: str, mode: str, tile: int):
+    """r [G, n], e [G, n] (garbage on padding) and a function p [G] -> P[p, :] / n_c  [G, n]."""
     f, g, inv_n = grp.f, grp.g, (1.0 / grp.sizes)[:, None]
     e = (f * g).sum(-1)
     if mode == "dense":
@@ -233,8 +261,7 @@ def _group_u_and_rows(grp: _Group, approx: str, mode: str, tile: int):
                 a_ip.clamp_min_(0), a_pi.clamp_min_(0)
             return (a_ip + a_pi) * inv_n
 
-    u = (r + 2 * e).masked_fill(~grp.valid, -math.inf)
-    return u, row
+    return r, e, row
 
 
 def _greedy_group(u: torch.Tensor, row, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,16 +482,188 @@ def clipcov_reference(
     return ClipCovResult(np.asarray(picked, dtype=np.int64), gains, float(gains.sum()), stats)
 
 
-def clipcov_select(
-    image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: int, cfg: ClipCovConfig | None = None
+# ---------------------------------------------------------------------------------------------
+# The reference notebook's score (clip_core.ipynb), an option: docs/clipcov-notebook.md
+# ---------------------------------------------------------------------------------------------
+def label_similarity(
+    text: np.ndarray,
+    class_text_emb: np.ndarray,
+    labels: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 1 << 14,
+) -> np.ndarray:
+    """ls_i = cos(g_i, t_{labels_i}): each caption against its own class name's embedding. float64 [N].
+
+    Streamed over the rows of ``text`` (a memmap is fine); ``class_text_emb`` [C, D] holds the
+    class-name text embeddings that ``labels`` index (the zero-shot classes).
+    """
+    t = normalized(np.asarray(class_text_emb), device, dtype)
+    n = len(labels)
+    out = np.empty(n, dtype=np.float64)
+    for a in range(0, n, chunk):
+        g = normalized(text[a : a + chunk], device, dtype)
+        lab = torch.from_numpy(np.asarray(labels[a : a + chunk], dtype=np.int64)).to(g.device)
+        out[a : a + chunk] = (g * t[lab]).sum(-1).double().cpu().numpy()
+    return out
+
+
+def _notebook_static_scores(image, text, labels, label_sim, cfg: ClipCovConfig):
+    """r_i and the notebook's initial score r_i + 2 e_i + ls_i / 2 - (tic_i + itc_i), float64 [N] each.
+
+    Classes are processed in the same padded groups as the paper objective (same r and e).
+    itc_i = cos(f_i, sum of the class's g), tic_i = cos(g_i, sum of the class's f): the class
+    centres, renormalised (zero padding adds nothing to the sums).
+    """
+    n_total, d = image.shape
+    order, starts = class_members(labels)
+    sizes = np.diff(starts)
+    classes = np.flatnonzero(sizes)
+    r_all = np.empty(n_total)
+    score = np.empty(n_total)
+    device = torch.device(cfg.device)
+    for mode, group in _plan_groups(sizes, classes, d, cfg, cfg.resolved_block_bytes()):
+        members = [order[starts[c] : starts[c + 1]] for c in group]
+        grp = _load_group(image, text, members, device, cfg.torch_dtype)
+        r, e, row = _group_r_e_rows(grp, "exact", mode, cfg.tile)
+        del row  # holds the dense block, if any: free it before the next group's
+        f_ctr, g_ctr = grp.f.sum(1), grp.g.sum(1)  # [G, D]
+        f_ctr = f_ctr / f_ctr.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        g_ctr = g_ctr / g_ctr.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        itc = torch.bmm(grp.f, g_ctr[:, :, None]).squeeze(-1)  # image to the text centre
+        tic = torch.bmm(grp.g, f_ctr[:, :, None]).squeeze(-1)  # text to the image centre
+        r, e, itc, tic = (x.double().cpu().numpy() for x in (r, e, itc, tic))
+        for j, idx in enumerate(members):
+            k = len(idx)
+            r_all[idx] = r[j, :k]
+            score[idx] = (r[j, :k] + 2 * e[j, :k] + label_sim[idx] / 2) - (tic[j, :k] + itc[j, :k])
+        del grp
+    return r_all, score
+
+
+def _cross_to_new(image, text, members: np.ndarray, new_local: np.ndarray, cfg: ClipCovConfig) -> np.ndarray:
+    """(1/n_c) sum_{j in new} (A+_ij + A+_ji) for every member i of one class: float64 [n_c].
+
+    Gathers the class's embeddings (O(n_c D)) and takes two [n_c, |new|] products; nothing n_c x n_c.
+    """
+    device = torch.device(cfg.device)
+    f = normalized(image[members], device, cfg.torch_dtype)
+    g = normalized(text[members], device, cfg.torch_dtype)
+    j = torch.from_numpy(new_local).to(device)
+    a = (f @ g[j].T).clamp_min_(0).sum(1) + (g @ f[j].T).clamp_min_(0).sum(1)
+    return (a / len(members)).double().cpu().numpy()
+
+
+def clipcov_notebook(
+    image: np.ndarray, text: np.ndarray, labels: np.ndarray, label_sim: np.ndarray, m: int, cfg: ClipCovConfig
 ) -> ClipCovResult:
-    """Pick m rows maximising F greedily; ``labels`` int64 [N] are the proxy classes (0..C-1)."""
+    """The reference notebook's (clip_core.ipynb) scoring and round-based greedy; m picks.
+
+    Per class c (n_c members), with A+, e_i and r_i as for the paper objective::
+
+        s_i = r_i + 2 e_i + ls_i / 2 - (tic_i + itc_i)
+
+    (``label_sim`` = ls_i, see ``label_similarity``; tic/itc: ``_notebook_static_scores``). Take
+    the unpicked sample of largest s (ties: the higher position, as a stable ascending sort read
+    from its end). When the class c of the pick reaches (picks of c + 1) % R == 0 (R =
+    ``notebook_round``: after R - 1 picks, then every R), every member i of c loses, in this order,
+
+        (1/n_c) sum_{j in N_c} (A+_ij + A+_ji)   (N_c: c's picks since its last re-scoring)
+        (1/n_c) sum_{j in S_c} r_j                (S_c: all of c's picks so far; again each round)
+        (1/(2 n_c)) sum_{j in N_c} ls_j
+
+    and N_c is emptied. Scores change only there, so "largest current score" is what the
+    notebook's re-sorted list gives. Each class keeps its unpicked members sorted (re-sorted at
+    its re-scorings); a heap of the classes' heads gives the global order. Work: the paper's
+    O(n_c^2 D) per class for r, O(n_c (R + log n_c) + n_c D) per re-scoring, O(log C) per pick.
+    """
+    t0 = time.perf_counter()
+    n_total = len(labels)
+    label_sim = np.asarray(label_sim, dtype=np.float64)
+    if label_sim.shape != (n_total,):
+        raise ValueError(f"label_sim must be [N={n_total}] (one ls_i per sample), got {list(label_sim.shape)}")
+    r, score = _notebook_static_scores(image, text, labels, label_sim, cfg)
+    t_static = time.perf_counter() - t0
+    order, starts = class_members(labels)
+    classes = np.flatnonzero(np.diff(starts))
+    R = cfg.notebook_round
+    picked = np.zeros(n_total, dtype=bool)
+    queue: dict[int, np.ndarray] = {}
+    head: dict[int, int] = {}
+    count: dict[int, int] = {}
+    selected: dict[int, list[int]] = {}
+    new: dict[int, list[int]] = {}
+    heap = []
+    for c in classes.tolist():
+        mem = order[starts[c] : starts[c + 1]]
+        queue[c] = mem[np.lexsort((-mem, -score[mem]))]
+        head[c], count[c], selected[c], new[c] = 0, 0, [], []
+        heap.append((-score[queue[c][0]], -int(queue[c][0]), c))
+    heapq.heapify(heap)
+    positions, gains, rescorings = [], [], 0
+    while len(positions) < m:
+        _, neg_p, c = heapq.heappop(heap)
+        p = -neg_p
+        positions.append(p), gains.append(score[p])
+        picked[p] = True
+        count[c] += 1
+        selected[c].append(p), new[c].append(p)
+        head[c] += 1
+        if (count[c] + 1) % R == 0:
+            mem = order[starts[c] : starts[c + 1]]  # ascending positions
+            n_c = len(mem)
+            score[mem] -= _cross_to_new(image, text, mem, np.searchsorted(mem, new[c]), cfg)
+            score[mem] -= np.sum(r[selected[c]]) / n_c
+            score[mem] -= (np.sum(label_sim[new[c]]) / 2) / n_c
+            new[c] = []
+            rest = mem[~picked[mem]]
+            queue[c], head[c] = rest[np.lexsort((-rest, -score[rest]))], 0
+            rescorings += 1
+        if head[c] < len(queue[c]):
+            q = int(queue[c][head[c]])
+            heapq.heappush(heap, (-score[q], -q, c))
+    gains = np.asarray(gains, dtype=np.float64)
+    stats = {
+        "score": "notebook",
+        "notebook_round": R,
+        "rescorings": rescorings,
+        "classes": len(classes),
+        "largest_class": int(np.diff(starts).max()),
+        "seconds": time.perf_counter() - t0,
+        "seconds_phases": {"static_scores": t_static, "greedy": time.perf_counter() - t0 - t_static},
+    }
+    return ClipCovResult(np.asarray(positions, dtype=np.int64), gains, float(gains.sum()), stats)
+
+
+def clipcov_select(
+    image: np.ndarray,
+    text: np.ndarray,
+    labels: np.ndarray,
+    m: int,
+    cfg: ClipCovConfig | None = None,
+    label_sim: np.ndarray | None = None,
+) -> ClipCovResult:
+    """Pick m rows maximising F greedily; ``labels`` int64 [N] are the proxy classes (0..C-1).
+
+    ``cfg.score == "notebook"``: the notebook's score instead (``clipcov_notebook``); it needs
+    ``label_sim`` [N], each caption's similarity to its class name (``label_similarity``).
+    """
     cfg = cfg or ClipCovConfig()
     n = len(labels)
     if image.shape != text.shape or image.shape[0] != n:
         raise ValueError(f"image {image.shape}, text {text.shape} and labels [{n}] disagree")
     if not 1 <= m <= n:
         raise ValueError(f"budget must be in [1, {n}], got {m}")
+    if cfg.score == "notebook":
+        if label_sim is None:
+            raise ValueError(
+                "--clipcov-score notebook needs each caption's similarity to its class name (label_sim): "
+                "give --class-names"
+            )
+        return clipcov_notebook(image, text, labels, label_sim, m, cfg)
+    if label_sim is not None:
+        raise ValueError("label_sim is only used by the notebook score (--clipcov-score notebook)")
     if cfg.algorithm == "merge":
         return clipcov_merge(image, text, labels, m, cfg)
     return clipcov_reference(image, text, labels, m, cfg.approx, lazy=cfg.algorithm == "lazy")

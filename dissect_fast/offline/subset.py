@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dissect_fast.offline.clipcov import ALGORITHMS, APPROX, ClipCovConfig, clipcov_select
+from dissect_fast.offline.clipcov import ALGORITHMS, APPROX, SCORES, ClipCovConfig, clipcov_select, label_similarity
 from dissect_fast.offline.embeddings_io import Embeddings, EmbeddingsError, load_embeddings
 from dissect_fast.offline.proxy import default_num_clusters, kmeans, normalized, split_large_classes, zero_shot_labels
 
@@ -44,7 +44,8 @@ class SubsetResult:
     class_sizes: np.ndarray | None = None  #: [C] members of each proxy class (None: no classes)
     class_counts: np.ndarray | None = None  #: [C] chosen members of each proxy class
     class_source: str | None = None  #: "class-names" | "kmeans-K" | None
-    objective: float | None = None  #: CLIPCov F(S) of the subset (clipcov only)
+    objective: float | None = None  #: CLIPCov F(S) of the subset (clipcov only; notebook: sum of pick-time scores)
+    clipcov_score: str | None = None  #: paper | notebook (clipcov only)
     seconds: dict = field(default_factory=dict)  #: wall time of each phase
     stats: dict = field(default_factory=dict)  #: algorithm details (clipcov: rounds, modes, ...)
 
@@ -71,7 +72,9 @@ class SubsetResult:
                 f"classes with none chosen: {int((counts[nz] == 0).sum())}; share chosen per class "
                 f"min {share.min():.2f} / median {np.median(share):.2f} / max {share.max():.2f}"
             )
-        if self.objective is not None:
+        if self.objective is not None and self.clipcov_score == "notebook":
+            lines.append(f"CLIPCov notebook score (clip_core.ipynb): sum at pick time = {self.objective:.4f}")
+        elif self.objective is not None:
             lines.append(f"CLIPCov objective F(S) = {self.objective:.4f}")
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
@@ -81,7 +84,13 @@ class SubsetResult:
             k: getattr(self, k)
             for k in ("method", "fraction", "n_total", "budget", "mean_clipscore_subset", "mean_clipscore_all")
         }
-        out.update(objective=self.objective, class_source=self.class_source, seconds=self.seconds, stats=self.stats)
+        out.update(
+            objective=self.objective,
+            clipcov_score=self.clipcov_score,
+            class_source=self.class_source,
+            seconds=self.seconds,
+            stats=self.stats,
+        )
         if self.class_counts is not None:
             out.update(class_sizes=self.class_sizes.tolist(), class_counts=self.class_counts.tolist())
         return out
@@ -133,6 +142,7 @@ def select_subset(
     class_names_emb: np.ndarray | None = None,
     clusters: int | None = None,
     approx: str = "exact",
+    clipcov_score: str = "paper",
     seed: int = 0,
     device: str = "cpu",
     config: ClipCovConfig | None = None,
@@ -142,16 +152,30 @@ def select_subset(
     Proxy classes (clipcov; for the others only when class names or clusters are given, for the
     per-class report): the zero-shot class of each image among ``class_names_emb`` [C, D], else
     k-means with ``clusters`` (default ``min(1000, max(1, N // 1000))``) on the text embeddings.
-    ``config`` overrides the CLIPCov settings (its approx and device win over the arguments).
+    ``config`` overrides the CLIPCov settings (its approx, score and device win over the arguments).
+    ``clipcov_score="notebook"``: the reference notebook's score (docs/clipcov-notebook.md); it needs
+    ``class_names_emb`` (its label-similarity term compares each caption with its class name).
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
     if approx not in APPROX:
         raise ValueError(f"--approx must be one of {APPROX}, got {approx!r}")
+    if clipcov_score not in SCORES:
+        raise ValueError(f"--clipcov-score must be one of {SCORES}, got {clipcov_score!r}")
     if class_names_emb is not None and clusters is not None:
         raise ValueError("give either class-name embeddings (--class-names) or --clusters, not both")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} but CUDA is not available")
+    cfg = config or ClipCovConfig(approx=approx, device=device, score=clipcov_score)
+    if cfg.score == "notebook" and method != "clipcov":
+        raise ValueError(f"--clipcov-score notebook only applies to --method clipcov, not --method {method}")
+    if cfg.score == "notebook" and class_names_emb is None:
+        raise ValueError(
+            "--clipcov-score notebook needs --class-names: its label-similarity term compares each caption with "
+            "its class name's embedding, and k-means proxy classes (--clusters, or no --class-names) have no "
+            "names. Give --class-names EMB_DIR/class_names.npy (`dissect-fast embed --class-names names.txt`), "
+            "or use --clipcov-score paper"
+        )
     n = len(emb)
     m = budget_for(fraction, n)
     seconds: dict[str, float] = {}
@@ -174,9 +198,11 @@ def select_subset(
     elif method == "clipscore":
         pos = np.argsort(-cos, kind="stable")[:m]  # ties: the lower position wins
     else:
-        cfg = config or ClipCovConfig(approx=approx, device=device)
+        ls = None
+        if cfg.score == "notebook":  # before the split: a piece of a split class keeps its class name
+            ls = label_similarity(emb.text, class_names_emb, labels, device=cfg.device, dtype=cfg.torch_dtype)
         split, n_split = split_large_classes(labels, emb.text, cfg.max_class_size, device=cfg.device)
-        res = clipcov_select(emb.image, emb.text, split, m, cfg)
+        res = clipcov_select(emb.image, emb.text, split, m, cfg, label_sim=ls)
         pos, objective, stats = res.positions, res.objective, dict(res.stats, classes_split=n_split)
     seconds["select"] = time.perf_counter() - t
 
@@ -190,6 +216,7 @@ def select_subset(
         mean_clipscore_all=float(score.mean()),
         class_source=source,
         objective=objective,
+        clipcov_score=cfg.score if method == "clipcov" else None,
         seconds=seconds,
         stats=stats,
     )
@@ -234,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--approx", choices=APPROX, default="exact", help="clipcov: exact (clamped) or factorized")
     p.add_argument(
+        "--clipcov-score",
+        choices=SCORES,
+        default="paper",
+        help="clipcov: paper (the paper's objective, default) or notebook (the reference notebook "
+        "clip_core.ipynb's score r + 2e + ls/2 - (tic + itc), re-scored per class in rounds; needs --class-names; "
+        "see docs/clipcov-notebook.md)",
+    )
+    p.add_argument(
+        "--notebook-round",
+        type=int,
+        default=None,
+        help=f"--clipcov-score notebook: a class is re-scored when (its picks + 1) %% N == 0 "
+        f"(default {ClipCovConfig.notebook_round}, the notebook's)",
+    )
+    p.add_argument(
         "--max-class-size",
         type=int,
         default=ClipCovConfig.max_class_size,
@@ -261,8 +303,17 @@ def main_select_subset(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if a.notebook_round is not None and a.clipcov_score != "notebook":
+        parser.error("--notebook-round only applies to --clipcov-score notebook")
     try:
-        cfg = ClipCovConfig(approx=a.approx, device=device, max_class_size=a.max_class_size, algorithm=a.greedy)
+        cfg = ClipCovConfig(
+            approx=a.approx,
+            device=device,
+            max_class_size=a.max_class_size,
+            algorithm=a.greedy,
+            score=a.clipcov_score,
+            notebook_round=ClipCovConfig.notebook_round if a.notebook_round is None else a.notebook_round,
+        )
         names = load_class_names_emb(a.class_names) if a.class_names else None
         emb = load_embeddings(a.embeddings)
         res = select_subset(
@@ -272,6 +323,7 @@ def main_select_subset(argv: list[str] | None = None) -> int:
             class_names_emb=names,
             clusters=a.clusters,
             approx=a.approx,
+            clipcov_score=a.clipcov_score,
             seed=a.seed,
             device=device,
             config=cfg,
@@ -288,6 +340,8 @@ def main_select_subset(argv: list[str] | None = None) -> int:
         seed=a.seed,
         approx=a.approx,
         greedy=a.greedy,
+        clipcov_score=a.clipcov_score,
+        notebook_round=cfg.notebook_round if a.clipcov_score == "notebook" else None,
         embeddings_meta={k: emb.meta.get(k) for k in ("model", "checkpoint", "count")},
     )
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))

@@ -213,6 +213,10 @@ class Strategy:
             self.history.update(self.gather(sel.scored_ids), self.gather(sel.score.float()), m)
         return sel
 
+    def epoch_metrics(self, epoch: int, num_samples: int) -> dict:
+        """Strategy-specific metrics at the end of an epoch (one host read at most; most epochs: none)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"history": self.history.state_dict()} if self.history is not None else {}
 
@@ -312,11 +316,32 @@ class DissectWarmup(Strategy):
     #: not score every sample and the reference's rule (the last warm-up score of each sample) needs them all
     record_every_warmup_epoch = False
 
+    _frozen = False
+
+    def freeze_snapshot(self) -> None:
+        """After the warm-up: never-scored entries of w (NaN) become 0, the reference's starting value. Once per
+        process (O(N), idempotent: a resumed run repeats it harmlessly); identical on every rank."""
+        if not self._frozen:
+            v = self.history.values
+            v.masked_fill_(v.isnan(), 0.0)
+            self._frozen = True
+
     def in_warmup(self, epoch: int) -> bool:
         return epoch < self.cfg.warmup_point
 
     def _records(self, epoch: int) -> bool:
-        return self.in_warmup(epoch) and (self.record_every_warmup_epoch or epoch == self.cfg.warmup_point - 1)
+        every = self.record_every_warmup_epoch or getattr(self.cfg, "warmup_record", "last") == "every"
+        return self.in_warmup(epoch) and (every or epoch == self.cfg.warmup_point - 1)
+
+    def epoch_metrics(self, epoch: int, num_samples: int) -> dict:
+        """At the warm-up point (end of epoch W-1): the share of the training samples that have no warm-up score
+        w (they get w = 0 after the warm-up). With --warmup-record last (the default) these are the samples epoch
+        W-1 did not score (dropped batch tails); the reference scores every warm-up epoch, so it would give most
+        of them an older warm-up score instead: this share bounds the difference (METHOD.md)."""
+        if epoch != self.cfg.warmup_point - 1 or self.history is None:
+            return {}
+        scored = int((~torch.isnan(self.history.values)).sum())
+        return {"select/warmup_unscored_fraction": round(max(0, num_samples - scored) / max(1, num_samples), 6)}
 
     def needs_scoring(self, epoch: int) -> bool:
         # With whole-pass epochs only the last warm-up epoch's scores survive, so earlier random-subset
@@ -361,7 +386,11 @@ class DissectWarmup(Strategy):
         return self.select_after_warmup(ids, feats, scale)
 
     def select_after_warmup(self, ids, feats, scale) -> Selection:
-        """The published rule: the k largest delta = w[id] - s, w frozen. Variants override only this."""
+        """The published rule: the k largest delta = w[id] - s, w frozen. Variants override only this.
+
+        A sample with no warm-up score counts as w = 0 (key -s), as in the reference, whose warm-up dict starts
+        at 0 for every sample: such a sample is practically never selected."""
+        self.freeze_snapshot()
         index, score, delta = self._score_select(
             *feats, ids, self.history.values, self.k, momentum=None, key="delta", scale=scale
         )
