@@ -18,10 +18,11 @@ $(STAMP): setup.py requirements.txt
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/dissect-fast demo --out runs/demo
 
-# ruff check (rules in ruff.toml) and ruff format --check, before the tests
+# ruff check (rules in ruff.toml), ruff format --check and mypy (mypy.ini: the package and kernels/), before the tests
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
@@ -33,7 +34,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py --device cpu --tiny
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info .mypy_cache
 
 # ---------------------------------------------------------------------------------------- GPU session
 # The GPU machine is offline and lacks these (it has torch, triton, torchvision, numpy, pandas, pytest, regex,

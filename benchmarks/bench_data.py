@@ -19,9 +19,7 @@ import datetime
 import io
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,12 @@ from multiprocessing import Pool
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchkit  # noqa: E402
+
+#: versions recorded beside python, torch, open_clip and numpy
+MODULES = ("PIL", "nvidia.dali")
 
 TARGET_DALI_IMAGES_S = 8000
 TARGET_SPEEDUP = 3.0
@@ -135,57 +139,9 @@ def time_loader(make, device, warmup: int, batches: int) -> dict:
     }
 
 
-def versions() -> dict:
-    import open_clip
-    import PIL
-    import torch
-
-    v = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import nvidia.dali
-
-        v["dali"] = nvidia.dali.__version__
-    except ImportError:
-        v["dali"] = None
-    return v
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def commit(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def short_tag(device_name: str) -> str:
+    """A device's part of a result file name here: ``cpu``, or the GPU model's first word (``h100``)."""
+    return "cpu" if device_name.startswith("cpu") else device_name.replace("NVIDIA ", "").split()[0].lower()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,26 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"speed-up {speedup:.2f}x (CPU run: the GPU target does not apply)")
 
-    dev_tag = "cpu" if device.type == "cpu" else device_name(device).replace("NVIDIA ", "").split()[0].lower()
     result = {
-        "benchmark": "data_loader_throughput",
-        "device": device_name(device),
+        **benchkit.header("data_loader_throughput", "bench_data.py", device, argv, MODULES, a.commit),
         "device_type": device.type,
         "cpu_count": os.cpu_count(),
-        "versions": versions(),
-        "commit": commit(a.commit),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "quick": q,
         "timed_batches_cross_epochs": warmup + batches > per_epoch,
         "dataset": dataset,
         "rows": rows,
         "verdict": verdict,
     }
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"data-{dev_tag}-{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(a.out, f"data-{short_tag(result['device'])}-{datetime.date.today().isoformat()}.json")
+    benchkit.write_json(path, result)
     print(f"wrote {path}")
     if not a.data:
         shutil.rmtree(data, ignore_errors=True)

@@ -23,11 +23,15 @@ import argparse
 import json
 import logging
 import os
-import platform
+import sys
 import time
 import warnings
 
 import numpy as np
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchkit  # noqa: E402
 
 from dissect_fast.selection.strategies import STRATEGIES as _ALL
 from dissect_fast.selection.strategies import WARMUP_STRATEGIES
@@ -384,10 +388,7 @@ def load_json(path: str) -> dict | None:
 
 
 def write_json(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    benchkit.write_json(path, doc)
 
 
 # ---------------------------------------------------------------- summaries and plots
@@ -590,8 +591,6 @@ def main(argv: list[str] | None = None) -> int:
         if doc is None:
             p.error(f"--json {path}: no such file")
     else:
-        import torch
-
         runs = plan_runs(g)
         doc = load_json(path) or {}
         if doc.get("grid_name") not in (None, a.grid):
@@ -601,8 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grid_name": a.grid,
                 "settings": dict(g, rate=RATE, device=a.device),
                 "planned_runs": len(runs),
-                "torch": torch.__version__,
-                "platform": platform.platform(),
+                **benchkit.header("quality", "bench_quality.py", a.device, argv),
                 "note": "wall-clock is only comparable between runs with a similar load average (load_start/load_end "
                 "per run); compute_units (forward = 1, backward = 2 per sample) is the load-free cost",
             }

@@ -17,20 +17,20 @@ open_clip is importable. Results go to benchmarks/results/select-<device>-<date>
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
-import re
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from dissect_fast.kernels.fused_select import KernelConfig, _fused_select_triton, fused_select, fused_select_reference
 from triton.testing import do_bench, do_bench_cudagraph
 
-ROOT = Path(__file__).resolve().parents[1]
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchkit  # noqa: E402
+
 SELECT_RATE = 0.2
 TARGETS = {"speedup_eager": 3.0, "speedup_compiled": 1.5, "step_share": 0.01, "copy_fraction": 0.6}
 
@@ -45,14 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="also time kernel configs at B in {4096, 65536}, D = 512")
     p.add_argument("--no-train-step", action="store_true", help="skip the ViT-B-32 training step")
     return p.parse_args(argv)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def bench(fn) -> float:
@@ -192,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_select needs a CUDA device", file=sys.stderr)
         return 1
     name = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    date = datetime.date.today().isoformat()
-    out = args.out or ROOT / "benchmarks" / "results" / f"select-{slug}-{date}.json"
+    out = benchkit.result_path("select", name, args.out)
     if args.sizes:
         sizes = [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     elif args.quick:
@@ -202,21 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = [(B, D) for B in (1024, 4096, 16384, 65536) for D in (512, 768, 1024)]
     result = {
-        "benchmark": "fused_select",
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-        "date": date,
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        **benchkit.header("fused_select", "bench_select.py", "cuda", argv, modules=("triton",)),
         "select_rate": SELECT_RATE,
         "timing": "triton.testing.do_bench median (L2 flushed); *_graph_ms: do_bench_cudagraph median",
     }
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        benchkit.write_json(out, result)
 
     copy_gbps = copy_bandwidth_gbps()
     result["copy_bandwidth_gbps"] = round(copy_gbps, 1)

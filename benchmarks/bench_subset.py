@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # benchmarks/ is not a package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchkit  # noqa: E402
 
 from dissect_fast.offline import ClipCovConfig, Embeddings, select_subset
 
@@ -154,27 +156,14 @@ def worker(a: argparse.Namespace) -> dict:
     return row
 
 
-def provenance(device: str) -> dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, stderr=subprocess.DEVNULL).decode()
-        commit = commit.strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain"], cwd=ROOT).decode().strip() != ""
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):  # no git, or no commit yet
-        commit = "uncommitted"
-    dev = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.processor()
+def provenance(device: str, argv: list[str] | None = None, benchmark: str = "subset", script: str = "bench_subset.py"):
+    """``benchkit.header`` plus what a timing on a possibly shared CPU needs: cores, torch threads, the load."""
     return {
-        "device": device,
-        "device_name": dev or platform.machine(),
+        **benchkit.header(benchmark, script, device, argv),
+        "device_type": device,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_end": os.getloadavg(),  # the CPU may be shared: timings are only as quiet as this
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
-        "command": " ".join(
-            [os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else "python"] + sys.argv
-        ),
     }
 
 
@@ -258,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     dev = "cpu" if a.device == "cpu" else "gpu"
     out_path = Path(a.out or ROOT / "benchmarks" / "results" / f"subset-{dev}-{datetime.date.today()}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(dict(provenance(a.device), rows=rows), indent=1))
+    benchkit.write_json(out_path, dict(provenance(a.device, argv), rows=rows))
     print(f"wrote {out_path}")
 
 

@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_subset import provenance  # benchmarks/ is not a package
+import benchkit  # benchmarks/ is not a package
+from bench_subset import provenance
 
 
 def train(a, data: Path, logs: Path, name: str, epochs: int, select: dict, subset: Path | None = None) -> dict:
@@ -144,13 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"subset-quality-cpu-{datetime.date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(a, k) for k in vars(a) if k not in ("out", "only")}
-    res: dict = dict(provenance("cpu"), settings=settings, runs={}, offline={})
+    res: dict = dict(
+        provenance("cpu", argv, "subset_quality", "bench_subset_quality.py"), settings=settings, runs={}, offline={}
+    )
     res["load_avg_at_start"] = os.getloadavg()
 
     def save() -> None:
         res["load_average_at_end"] = os.getloadavg()
         res["table_md"] = table(res)
-        out.write_text(json.dumps(res, indent=1))
+        benchkit.write_json(out, res)
 
     t = time.perf_counter()
     if not (data / "train" / INDEX_NAME).is_file():

@@ -5,15 +5,31 @@
     dissect-fast bench train [same flags]
     python benchmarks/bench_train.py --report                           # README table + chart from results/
 
-Every configuration trains the same model on the same shards in this one process, one after the
-other: the trainer is built, runs ``--warmup-steps`` untimed steps (compilation, autotuning, loader
-start-up), then ``--steps`` timed steps. A step is exactly ``Trainer.train_step`` plus the wait for
-the next batch; a ``dissect_fast.timing.PhaseTimer`` attached to the trainer splits it into phases
-(data wait, scoring forward, selection, train forward + backward, optimizer, sync, other) with CUDA
-events on GPU and perf_counter on CPU. DISSect rows time the steady state after the warm-up point
-(``dissect-warmup``: scoring pass + delta top-k every step) with a history buffer filled with random
-scores. open_clip's own trainer runs as a subprocess on the same shards, model and batch; its
-per-step "Batch (t)" log lines (``--log-every-n-steps 1``) after the same warm-up give its step time.
+Every configuration trains the same model on the same shards in this one process, one after the other, through
+the loop users run: a ``Trainer`` built from a ``TrainConfig`` (``train_config``), then ``Trainer.fit`` limited to
+``--warmup-steps`` untimed steps (compilation, autotuning, loader start-up) plus ``--rounds`` x ``--steps`` timed
+steps (``Trainer.max_steps``). A step is one iteration of the fit's loop: the wait for the batch, the trainer's LR
+schedule, ``train_step`` and the loop's bookkeeping. A ``dissect_fast.timing.TimedSteps`` callback attaches a
+``PhaseTimer`` to the timed steps only and splits each into phases (data wait, scoring forward, selection, train
+forward + backward, optimizer, sync, other) with CUDA events on GPU and perf_counter on CPU; row numbers come from
+``benchkit.step_stats``. The fit starts in epoch 1 (``trainer.start_epoch = 1``), the epoch after the warm-up
+point of ``dissect-warmup --warmup-point 1``: DISSect rows time the steady state (scoring pass + delta top-k every
+step) with a history buffer filled with random scores. The epoch is one step longer than the fit
+(``--train-num-samples``), so no epoch end (evaluation, checkpoint) falls into the run, and the loop's one host
+sync (its log step) comes after the last timed step. With ``--rounds`` > 1 each configuration's fit runs in its
+own thread and waits for its turn before each timed block, so the blocks of all configurations interleave
+round-robin (a drift in machine load hits them alike); one thread runs at a time.
+
+Measured semantics since the benchmark drives ``fit`` (the stored ``results/train-cpu-2026-11-23.json``
+predates this: it called ``train_step`` in a loop of its own): the learning rate is the trainer's schedule (10
+warm-up steps, then cosine over the configured run) instead of a fixed cosine over 10,000 steps; the loop's
+per-step bookkeeping is inside the timed step (after the optimizer step: the non-finite loss mask, counters,
+callbacks, in ``other``; the LR scheduler, set before the scoring pass, in ``score``); ``final_loss`` is the
+fit's training loss (its mean over the run's steps), no longer the last step's; each row records its config
+fields (``settings``) instead of command-line flags (``flags``).
+
+open_clip's own trainer runs as a subprocess on the same shards, model and batch; its per-step "Batch (t)" log
+lines (``--log-every-n-steps 1``) after the same warm-up give its step time.
 
 Cheap scoring: rows ``dissect-r0.2-res{R}`` / ``-pd{P}`` score at resolution R / with patch dropout
 P. Their agreement with full-resolution scoring is measured in a separate, untimed run: a model
@@ -21,31 +37,35 @@ trained with full-resolution DISSect (``dissect-momentum``, so the history fills
 cached batches, every cheap scorer scoring the same batch with the same weights each step; the
 overlap |top-k(full) & top-k(cheap)| / k is reported for the CLIPScore key and for the DISSect
 delta key (steps where every sample in the batch has a history value).
-Results: benchmarks/results/train-<device>-<date>.json (rows + device, versions, commit, command).
+Results: benchmarks/results/train-<device>-<date>.json (``benchkit.header``: device, versions, commit, command,
+date; then the rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchkit  # noqa: E402
+
+ROOT = benchkit.ROOT
+RESULTS = benchkit.RESULTS
 README = ROOT / "benchmarks" / "README.md"
 CPU_TARGET = {"config": "dissect-r0.3", "max_ratio": 0.75}
 GPU_TARGETS = {"dissect-r0.2": 0.58, "cheapest_overlap>=0.9": 0.45, "full_vs_open_clip": 1.3, "data_share": 0.05}
@@ -151,23 +171,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def configurations(a: argparse.Namespace, device: torch.device) -> list[tuple[str, list[str]]]:
-    """(name, trainer flags) of every configuration, the full-data reference first."""
-    dissect = ["--select-strategy", "dissect-warmup", "--warmup-point", "1"]
-    rows = [("full", ["--select-strategy", "full"])]
-    rows += [(f"dissect-r{r}", [*dissect, "--select-rate", str(r)]) for r in (0.2, 0.3, 0.5)]
-    rows += [("random-r0.2", ["--select-strategy", "random", "--select-rate", "0.2"])]
-    rows += [("dissect-r0.2-torch-select", [*dissect, "--select-rate", "0.2", "--select-backend", "torch"])]
-    rows += [
-        (f"dissect-r0.2-res{R}", [*dissect, "--select-rate", "0.2", "--score-resolution", str(R)])
-        for R in a.score_resolutions
-    ]
-    rows += [
-        (f"dissect-r0.2-pd{P}", [*dissect, "--select-rate", "0.2", "--score-patch-dropout", str(P)])
-        for P in a.score_patch_dropouts
-    ]
+def configurations(a: argparse.Namespace, device: torch.device) -> list[tuple[str, dict]]:
+    """(name, settings) of every configuration, the full-data reference first. Settings: the fields of its
+    ``SelectConfig`` (``select``) and the ``ModelConfig`` fields it changes (``model``)."""
+
+    def dissect(rate: float = 0.2, backend: str = "auto", **model) -> dict:
+        select = {"strategy": "dissect-warmup", "warmup_point": 1, "rate": rate, "backend": backend}
+        return {"select": select, "model": model}
+
+    rows = [("full", {"select": {"strategy": "full"}, "model": {}})]
+    rows += [(f"dissect-r{r}", dissect(r)) for r in (0.2, 0.3, 0.5)]
+    rows += [("random-r0.2", {"select": {"strategy": "random", "rate": 0.2}, "model": {}})]
+    rows += [("dissect-r0.2-torch-select", dissect(backend="torch"))]
+    rows += [(f"dissect-r0.2-res{R}", dissect(score_resolution=R)) for R in a.score_resolutions]
+    rows += [(f"dissect-r0.2-pd{P}", dissect(score_patch_dropout=P)) for P in a.score_patch_dropouts]
     if device.type == "cuda" and a.compile:
-        rows += [("dissect-r0.2-cudagraphs", [*dissect, "--select-rate", "0.2", "--score-cudagraphs"])]
+        rows += [("dissect-r0.2-cudagraphs", dissect(score_cudagraphs=True))]
     if a.configs:
         keep = set(a.configs.split(",")) | {"full"}
         unknown = keep - {n for n, _ in rows} - {"open_clip"}
@@ -228,70 +247,41 @@ def prepare_data(a: argparse.Namespace) -> str:
     return root
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads)"
-    )
-
-
 # ----------------------------------------------------------------------------------------- one configuration
-def build_trainer(a, data: str, flags: list[str], logs: str, name: str, compile: bool | None = None):
-    from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+def train_config(
+    a, data: str, logs: str, name: str, settings: dict, compile: bool | None = None, steps: int | None = None
+):
+    """The TrainConfig of one configuration (``settings``: see ``configurations``). ``steps``: the run's length;
+    its epoch is then one step longer (``train_num_samples``), so a fit stopped after ``steps`` steps ends inside
+    the epoch (no evaluation, no checkpoint), and its one log step (a host sync) is its last step."""
+    from dissect_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SelectConfig, TrainConfig
 
-    argv = [
-        "--train-data",
-        data,
-        "--model",
-        a.model,
-        "--batch-size",
-        str(a.batch_size),
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-4",
-        "--warmup",
-        "10",
-        "--workers",
-        str(a.workers),
-        "--data-backend",
-        a.data_backend,
-        "--precision",
-        a.precision,
-        "--device",
-        a.device,
-        "--logs",
-        logs,
-        "--name",
-        name,
-        "--no-progress",
-        "--no-tensorboard",
-        "--no-plots",
-        *(["--compile"] if (a.compile if compile is None else compile) else []),
-        *flags,
-    ]
-    return Trainer(config_from_args(argv))
+    return TrainConfig(
+        data=DataConfig(
+            train_data=data,
+            train_num_samples=None if steps is None else (steps + 1) * a.batch_size,
+            batch_size=a.batch_size,
+            workers=a.workers,
+            data_backend=a.data_backend,
+        ),
+        model=ModelConfig(
+            model=a.model,
+            precision=a.precision,
+            device=a.device,
+            compile=a.compile if compile is None else compile,
+            **settings.get("model", {}),
+        ),
+        optim=OptimConfig(epochs=2, lr=1e-4, warmup=10),
+        select=SelectConfig(**settings["select"]),
+        run=RunConfig(
+            logs=logs,
+            name=name,
+            progress=False,
+            tensorboard=False,
+            plots=False,
+            log_every_n_steps=steps or RunConfig.log_every_n_steps,
+        ),
+    )
 
 
 def batches(trainer):
@@ -305,96 +295,89 @@ def batches(trainer):
             raise RuntimeError("the training loader yielded no batch: too few samples for the batch size")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class ConfigRun:
-    """One configuration: its own Trainer, warmed up on construction, timed in blocks of steps."""
+    """One configuration: its Trainer (epoch 1, a filled history, ``max_steps`` = warm-up + rounds x steps) and
+    the TimedSteps callback its fit runs with. ``fit()`` runs the whole fit here; with --rounds > 1, ``start()``
+    runs it in a thread up to the first timed block and ``next_block()`` lets it run one more block."""
 
-    def __init__(self, a, data: str, name: str, flags: list[str], logs: str) -> None:
-        self.a, self.name, self.flags = a, name, flags
-        t = self.trainer = build_trainer(a, data, flags, logs, name)
-        per_pass = t.num_samples // a.batch_size
-        self.restarts = a.warmup_steps + a.steps * a.rounds > per_pass
+    def __init__(self, a, data: str, name: str, settings: dict, logs: str, dataset_samples: int | None) -> None:
+        from dissect_fast.timing import TimedSteps
+        from dissect_fast.trainer import Trainer
+
+        self.a, self.name, self.settings, self.dataset_samples = a, name, settings, dataset_samples
+        n = a.warmup_steps + a.steps * a.rounds
+        self.restarts = dataset_samples is not None and n > dataset_samples // a.batch_size
         if self.restarts:
             print(
                 f"[bench_train] warning: {a.warmup_steps} + {a.rounds} x {a.steps} steps exceed one pass over "
-                f"the data ({per_pass} batches): loader restarts fall into timed steps; use more data",
+                f"the data ({dataset_samples // a.batch_size} batches): loader restarts fall into timed steps; "
+                f"use more data",
                 file=sys.stderr,
             )
+        t = self.trainer = Trainer(train_config(a, data, logs, name, settings, steps=n))
         if t.strategy.history is not None:  # a filled history: the delta top-k sees realistic keys
             g = torch.Generator(device=t.device).manual_seed(0)
             t.strategy.history.values.copy_(torch.rand(t.num_ids, device=t.device, generator=g) * 40)
-        t.model.train()
-        self.it = batches(t)
-        self.i = 0
-        self.step_s: list[float] = []
-        self.phases: list[dict] = []
-        self.wall = 0.0
-        for _ in range(a.warmup_steps):
-            self.loss = self._step()
-        sync(t.device)
+        t.start_epoch = 1  # dissect-warmup --warmup-point 1: epoch 1 is the steady state (scoring + delta top-k)
+        t.max_steps = n
+        self.timing = TimedSteps(a.warmup_steps, a.steps, a.rounds)
+        t.callbacks.append(self.timing)
+        self.metrics: list[dict] = []
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
 
-    def _step(self) -> torch.Tensor:
-        from dissect_fast.trainer import cosine_lr
+    def fit(self) -> None:
+        self.metrics = self.trainer.fit()
 
-        t = self.trainer
-        images, tokens, ids = next(self.it)
-        if t.timer is not None:
-            t.timer.mark("data")
-        lr = cosine_lr(self.i, t.cfg.optim.lr, t.cfg.optim.warmup, 10_000)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr
-        self.i += 1
-        # dissect-warmup with --warmup-point 1: epoch 1 is the steady state (scoring + delta top-k)
-        return t.train_step(1, images, tokens, ids)
+    # --rounds > 1: the fit in a thread of its own, waiting for its turn before each timed block
+    def start(self) -> None:
+        """Start the fit; return once it has warmed up and waits before its first timed block."""
+        self._go, self._parked = threading.Event(), threading.Event()
+        self.timing.before_block = self._wait_turn
+        self.thread = threading.Thread(target=self._run, name=f"fit-{self.name}", daemon=True)
+        self.thread.start()
+        self._wait_parked()
 
-    def timed(self, steps: int) -> None:
-        from dissect_fast.timing import PhaseTimer
+    def next_block(self) -> None:
+        """Let the fit run its next timed block (after the last: to its end); return when it waits again."""
+        self._parked.clear()
+        self._go.set()
+        self._wait_parked()
 
-        t = self.trainer
-        sync(t.device)
-        timer = t.timer = PhaseTimer(t.device)
-        w0 = time.perf_counter()
-        for _ in range(steps):
-            timer.step()
-            self.loss = self._step()
-        timer.step()
-        sync(t.device)
-        self.wall += time.perf_counter() - w0
-        t.timer = None
-        res = timer.collect()
-        self.step_s += res["step_s"]
-        self.phases += res["per_step_phases_s"]
+    def _run(self) -> None:
+        try:
+            self.fit()
+        except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+            self.error = e
+        finally:
+            self._parked.set()
+
+    def _wait_turn(self, t) -> None:  # in the fit's thread
+        self._parked.set()
+        self._go.wait()
+        self._go.clear()
+
+    def _wait_parked(self) -> None:
+        self._parked.wait()
+        if self.error is not None:
+            raise RuntimeError(f"{self.name}: the fit failed") from self.error
 
     def row(self) -> dict:
-        a, t = self.a, self.trainer
-        n = len(self.step_s)
-        step_s = statistics.median(self.step_s)
-        sums = {p: sum(ph[p] for ph in self.phases) for p in self.phases[0]}
-        n_epoch = a.epoch_samples or t.num_samples
-        loss = float(self.loss)
+        a, t, tm = self.a, self.trainer, self.timing
+        stats = benchkit.step_stats(tm.step_s, tm.phases, a.batch_size)
+        n_epoch = a.epoch_samples or self.dataset_samples or t.num_samples
+        loss = self.metrics[-1]["train_loss"] if self.metrics else float("nan")
         return {
             "config": self.name,
-            "flags": self.flags,
+            "settings": self.settings,
             "k": t.k,
             "batch_size": a.batch_size,
-            "steps": n,
             "rounds": a.rounds,
-            "median_step_ms": round(step_s * 1e3, 4),
-            "min_step_ms": round(min(self.step_s) * 1e3, 4),
-            "mean_step_ms": round(self.wall / n * 1e3, 4),
-            "samples_per_s": round(a.batch_size / step_s, 2),
+            **stats,
             "epoch_samples": n_epoch,
-            "epoch_s": round(step_s * math.ceil(n_epoch / a.batch_size), 3),
-            "wall_s": round(self.wall, 4),
-            "phases_ms_per_step": {
-                p: round(statistics.median(ph[p] for ph in self.phases) * 1e3, 4) for p in self.phases[0]
-            },  # per-phase medians
-            "phases_mean_ms_per_step": {p: round(v / n * 1e3, 4) for p, v in sums.items()},
-            "phases_sum_s": round(sum(sums.values()), 4),
+            "epoch_s": round(statistics.median(tm.step_s) * math.ceil(n_epoch / a.batch_size), 3),
+            "wall_s": round(tm.wall_s, 4),
+            "phases_sum_s": round(sum(sum(ph.values()) for ph in tm.phases), 4),
             "loader_restarts_in_timed_steps": self.restarts,
             "final_loss": round(loss, 4) if math.isfinite(loss) else None,
             "timing": "cuda events" if t.device.type == "cuda" else "perf_counter",
@@ -404,8 +387,9 @@ class ConfigRun:
         import gc
 
         cuda = self.trainer.device.type == "cuda"
-        self.it.close()
-        del self.trainer, self.it, self.loss
+        if self.thread is not None:
+            self.thread.join()
+        del self.trainer
         if self.a.rounds == 1:  # nothing else is alive: drop compiled graphs that still reference the model
             torch._dynamo.reset()
         gc.collect()
@@ -413,29 +397,34 @@ class ConfigRun:
             torch.cuda.empty_cache()
 
 
-def run_configs(a, data: str, configs: list[tuple[str, list[str]]], logs: str) -> list[dict]:
-    """Time every configuration; with --rounds > 1 all trainers stay alive and the timed blocks are
-    interleaved round-robin, so a drift in machine load hits every configuration alike."""
+def run_configs(a, data: str, configs: list[tuple[str, dict]], logs: str) -> list[dict]:
+    """Time every configuration; with --rounds > 1 all fits stay alive, each in its thread, and their timed blocks
+    are interleaved round-robin, so a drift in machine load hits every configuration alike."""
+    from dissect_fast.data.shards import resolve_data
+
+    index = resolve_data(data, "--train-data")[1]
+    dataset_samples = index.num_samples if index is not None else None
     rows = []
     if a.rounds == 1:
-        for name, flags in configs:
+        for name, settings in configs:
             print(f"[bench_train] {name} ...", flush=True)
             with contextlib.redirect_stdout(sys.stderr):
-                r = ConfigRun(a, data, name, flags, logs)
-                r.timed(a.steps)
+                r = ConfigRun(a, data, name, settings, logs, dataset_samples)
+                r.fit()
             rows.append(r.row())
             r.close()
             print(f"[bench_train] {name}: {rows[-1]['median_step_ms']:.2f} ms/step", flush=True)
         return rows
-    runs = []
-    for name, flags in configs:
-        print(f"[bench_train] {name}: build + warm-up ...", flush=True)
-        with contextlib.redirect_stdout(sys.stderr):
-            runs.append(ConfigRun(a, data, name, flags, logs))
-    for k in range(a.rounds):
-        print(f"[bench_train] round {k + 1}/{a.rounds}", flush=True)
-        for r in runs:
-            r.timed(a.steps)
+    runs, out = [], sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the trainers' output; the progress lines go to ``out``
+        for name, settings in configs:
+            print(f"[bench_train] {name}: build + warm-up ...", file=out, flush=True)
+            runs.append(ConfigRun(a, data, name, settings, logs, dataset_samples))
+            runs[-1].start()
+        for k in range(a.rounds):
+            print(f"[bench_train] round {k + 1}/{a.rounds}", file=out, flush=True)
+            for r in runs:
+                r.next_block()
     rows = [r.row() for r in runs]
     for r in runs:
         r.close()
@@ -443,15 +432,14 @@ def run_configs(a, data: str, configs: list[tuple[str, list[str]]], logs: str) -
 
 
 # ----------------------------------------------------------------------------------------- agreement
-def measure_overlap(a, data: str, logs: str) -> dict:
-    """Top-k agreement of every cheap scorer with full-resolution scoring (module docstring)."""
+def measure_overlap(t, a) -> dict:
+    """Top-k agreement of every cheap scorer with full-resolution scoring (module docstring). ``t``: a Trainer
+    with a history strategy (``dissect-momentum``: the history fills), built eagerly (untimed: compiling seven
+    scorers would only cost time; numerics match to bf16 rounding). Reads ``a.overlap_steps``, ``a.overlap_pool``,
+    ``a.score_resolutions`` and ``a.score_patch_dropouts``."""
     from dissect_fast.model import ScoringPass
     from dissect_fast.selection.strategies import clip_scores, topk_positions
 
-    # untimed, so eager: compiling seven scorers would only cost time (numerics match to bf16 rounding)
-    t = build_trainer(
-        a, data, ["--select-strategy", "dissect-momentum", "--select-rate", "0.2"], logs, "overlap", compile=False
-    )
     t.model.train()
     it = batches(t)
     pool = [next(it) for _ in range(a.overlap_pool)]
@@ -503,7 +491,6 @@ def measure_overlap(a, data: str, logs: str) -> dict:
             for n, v in sums.items()
         },
     }
-    del t
     return out
 
 
@@ -601,10 +588,8 @@ def summarise(rows: list[dict], overlap: dict | None) -> None:
         if "min_step_ms" in r:  # the least-disturbed step: a robust estimate on a shared, loaded CPU
             r["ratio_to_full_min"] = round(r["min_step_ms"] / full["min_step_ms"], 4)
         ph = r.get("phases_ms_per_step")
-        if ph:
-            r["data_share"] = round(ph["data"] / max(1e-12, sum(ph.values())), 4)
-            if base_score and r["config"].startswith("dissect-r0.2-") and ph["score"] > 0:
-                r["score_speedup"] = round(base_score / ph["score"], 3)
+        if ph and base_score and r["config"].startswith("dissect-r0.2-") and ph["score"] > 0:
+            r["score_speedup"] = round(base_score / ph["score"], 3)
         if overlap and r["config"] in overlap["overlap"]:
             r["topk_overlap"] = overlap["overlap"][r["config"]]
     peer = next((r for r in rows if r["config"] == "open_clip" and "samples_per_s" in r), None)
@@ -776,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from dissect_fast.model import resolve_device
+    from dissect_fast.trainer import Trainer
 
     logging.getLogger("dissect_fast").setLevel(logging.WARNING)
     device = resolve_device(a.device)
@@ -788,27 +774,18 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_overlap and (a.score_resolutions or a.score_patch_dropouts):
             print("[bench_train] top-k agreement of cheap scoring ...", flush=True)
             with contextlib.redirect_stdout(sys.stderr):
-                overlap = measure_overlap(a, data, logs)
+                settings = {"select": {"strategy": "dissect-momentum", "rate": 0.2}}
+                t = Trainer(train_config(a, data, logs, "overlap", settings, compile=False))
+                overlap = measure_overlap(t, a)
+                del t
         if not a.no_peer and (not a.configs or "open_clip" in a.configs.split(",")):
             print("[bench_train] open_clip trainer (peer) ...", flush=True)
             rows.append(run_peer(a, data, device, logs))
     finally:
         shutil.rmtree(logs, ignore_errors=True)
     summarise(rows, overlap)
-    import open_clip
-
     result = {
-        "benchmark": "train",
-        "device": device_name(device),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": git_commit(),
-        "command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
-            "cuda": torch.version.cuda,
-        },
+        **benchkit.header("train", "bench_train.py", device, argv),
         "model": a.model,
         "batch_size": a.batch_size,
         "steps": a.steps,
@@ -830,10 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["verdict"]:
         print(result["verdict"])
     if not a.no_save:
-        tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-        out = Path(a.out) if a.out else RESULTS / f"train-{tag}-{datetime.date.today().isoformat()}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        out = benchkit.write_json(benchkit.result_path("train", result["device"], a.out), result)
         print(f"wrote {out}")
     main.last_result = result  # for tests and callers that import the module
     return 0

@@ -22,7 +22,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_data import _sync, commit, device_name, make_shards, versions
+import benchkit
+from bench_data import MODULES, _sync, make_shards, short_tag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = [float(x) for x in losses]
     timed = a.steps - step_first
     result = {
-        "benchmark": "dali_training_smoke",
-        "device": device_name(device),
-        "versions": versions(),
-        "commit": commit(a.commit),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        **benchkit.header("dali_training_smoke", "dali_smoke.py", device, argv, MODULES, a.commit),
         "model": a.model,
         "precision": "amp_bf16",
         "batch_size": a.batch_size,
@@ -127,11 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "loader_stats_epoch0": stats0,
     }
     print(json.dumps(result, indent=1))
-    os.makedirs(a.out, exist_ok=True)
-    tag = device_name(device).replace("NVIDIA ", "").split()[0].lower()
-    path = os.path.join(a.out, f"dali-smoke-{tag}-{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(a.out, f"dali-smoke-{short_tag(result['device'])}-{datetime.date.today().isoformat()}.json")
+    benchkit.write_json(path, result)
     print(f"wrote {path}")
     return 0 if result["finite"] else 1
 

@@ -56,6 +56,13 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # benchmarks/ is not a package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchkit  # noqa: E402 (no torch: the parent process starts without it)
+from benchkit import write_json  # noqa: E402
+
+from dissect_fast.provenance import utc_now  # noqa: E402 (benchkit puts a plain checkout on the path)
+
 WHEEL_DIR = ROOT / ".whl"
 #: wheel (distribution) name, normalised -> the module it provides; a wheel is installed when its module is missing
 WHEEL_MODULES = {
@@ -209,16 +216,14 @@ import importlib, json, os, platform, sys
 info = {"python": platform.python_version(), "executable": sys.executable, "cpu_count": os.cpu_count(), "modules": {}}
 try:
     import torch
-    info["torch"] = torch.__version__
-    info["cuda"] = torch.version.cuda
+    from dissect_fast.provenance import device_name, versions
+    v = versions()
+    info["torch"], info["cuda"], info["device"] = v["torch"], v["cuda"], device_name()
     info["cuda_available"] = torch.cuda.is_available()
     if info["cuda_available"]:
         p = torch.cuda.get_device_properties(0)
-        info["device"] = torch.cuda.get_device_name(0)
         info["device_memory_gib"] = round(p.total_memory / 2**30, 1)
         info["device_count"] = torch.cuda.device_count()
-    else:
-        info["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 except Exception as e:
     info["torch"] = None
     info["torch_error"] = f"{type(e).__name__}: {e}"
@@ -328,11 +333,9 @@ def prepare_python(site: Path, wheel_dir: Path) -> tuple[dict, dict, dict]:
 
 def git_commit() -> str:
     """HEAD (+dirty), else $GPU_CHECK_COMMIT (a working tree copied without .git), else unknown."""
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_train  # imports torch: only when a phase's JSON is written, not at the parent's start
+    from dissect_fast.provenance import git_commit as head
 
-    commit = bench_train.git_commit()
+    commit = head()
     return os.environ.get("GPU_CHECK_COMMIT", "unknown") if commit.startswith("unknown") else commit
 
 
@@ -433,12 +436,6 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------- phases
 class Check:
     """One gpu_check run: plan, folders, environment, budget."""
@@ -449,7 +446,7 @@ class Check:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + a.budget_s
         self.commit, self.tree = git_commit(), tree_digest()
-        self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
+        self.date = utc_now()
         self.py = sys.executable
 
     def left(self) -> float:
@@ -469,7 +466,7 @@ class Check:
             "python": i.get("python"),
             "commit": self.commit,
             "tree_sha256": self.tree,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),  # noqa: UP017
+            "date": utc_now(),
             "dry_run": self.dry,
         }
 
@@ -954,23 +951,16 @@ def time_config(spec: dict, run: dict) -> dict:
     n = len(col["step_s"])
     lo, hi = (spec["skip"], n - 1) if n - 1 - spec["skip"] >= 1 else (0, n)
     steps, phases = col["step_s"][lo:hi], col["per_step_phases_s"][lo:hi]
-    med = statistics.median(steps)
-    ph_med = {p: round(statistics.median(s[p] for s in phases) * 1e3, 4) for p in phases[0]}
+    stats = benchkit.step_stats(steps, phases, spec["batch"])
+    med_ms = stats["median_step_ms"]
     row.update(
-        steps=len(steps),
-        median_step_ms=round(med * 1e3, 4),
-        min_step_ms=round(min(steps) * 1e3, 4),
-        mean_step_ms=round(statistics.fmean(steps) * 1e3, 4),
-        samples_per_s=round(spec["batch"] / med, 2),
+        **stats,
         epoch_samples=spec["batch"] * row["steps_per_epoch"],
-        epoch_s=round(med * row["steps_per_epoch"], 4),
+        epoch_s=round(med_ms / 1e3 * row["steps_per_epoch"], 4),
         epoch_wall_s=round(wall, 4),
         warmup_epoch_s=round(warm_s, 3),
-        phases_ms_per_step=ph_med,
-        phases_mean_ms_per_step={p: round(statistics.fmean(s[p] for s in phases) * 1e3, 4) for p in phases[0]},
-        data_share=round(ph_med["data"] / max(1e-12, sum(ph_med.values())), 4),
         data_share_mean=round(sum(s["data"] for s in phases) / max(1e-12, sum(steps)), 4),
-        select_share=round(ph_med["select"] / max(1e-12, med * 1e3), 4),
+        select_share=round(stats["phases_ms_per_step"]["select"] / max(1e-12, med_ms), 4),
         train_loss=metrics.get("train_loss"),
         timing="cuda events" if spec["device"] == "cuda" else "perf_counter",
     )
@@ -987,8 +977,12 @@ def measure_overlap(spec: dict, run: dict) -> dict:
         score_resolutions=run["resolutions"],
         score_patch_dropouts=run["patch_dropouts"],
     )
-    bench_train.build_trainer = lambda a, data, flags, logs, name, compile=None: make_trainer(spec, name, flags, False)
-    return bench_train.measure_overlap(a, None, spec["logs"])
+    t = make_trainer(spec, "overlap", ["--select-strategy", "dissect-momentum", "--select-rate", "0.2"], False)
+    try:
+        return bench_train.measure_overlap(t, a)
+    finally:
+        if hasattr(t.train_loader, "close"):
+            t.train_loader.close()
 
 
 def peer_cmd(spec: dict, run: dict, logs: Path) -> list[str]:

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 import torch
 
@@ -135,6 +136,7 @@ class MetricsLog(Callback):
         }
         if "clean_share" in read:  # the shards have clean flags: share of clean pairs trained in the window
             rec["clean_share"] = read["clean_share"]
+        assert self.step_log is not None  # set by on_fit_start
         self.step_log.log(rec, n_steps, t.steps_per_epoch, b, world)
 
     def on_epoch_end(self, t, epoch: int, metrics: dict) -> None:
@@ -200,7 +202,8 @@ class ProgressBar(Callback):
     """--progress: a tqdm bar per epoch with loss, samples/s and lr at log steps."""
 
     def __init__(self) -> None:
-        self.bar, self.t0, self.n0 = None, 0.0, 0
+        self.bar: Any = None  # the epoch's tqdm bar
+        self.t0, self.n0 = 0.0, 0
 
     def on_epoch_start(self, t, epoch: int) -> None:
         from tqdm import tqdm

@@ -1,11 +1,11 @@
 """Atomic, verified checkpoints that open_clip can load (``state_dict`` key) and that resume a run exactly.
 
-Writing: the state is serialised into ``<path>.tmp.<pid>`` while its SHA-256 is computed, fsynced,
-renamed over ``<path>`` (atomic on POSIX) and the directory fsynced; then a sidecar
+Writing (``ioutil.atomic_write``): the state is serialised into ``<path>.tmp.<pid>.<thread>`` while its
+SHA-256 is computed, fsynced, renamed over ``<path>`` (atomic on POSIX) and the directory fsynced; then a sidecar
 ``<path>.sha256`` (JSON: size, sha256, epoch, step) is written the same way. The old sidecar is
 removed *before* the rename, so a sidecar that exists always describes the file beside it: a
 mismatch means the file was damaged after it was written. A process killed at any point leaves
-the previous file whole (plus, at worst, a stale ``.tmp.<pid>`` file that the next run removes).
+the previous file whole (plus, at worst, a stale ``.tmp.*`` file that the next run removes).
 
 Reading: ``load_checkpoint`` checks size and hash against the sidecar when there is one, then
 ``torch.load``s; any failure is a ``CheckpointError``. ``find_resumable`` returns the newest
@@ -27,7 +27,7 @@ import shutil
 import numpy as np
 import torch
 
-from dissect_fast.ioutil import fsync_dir
+from dissect_fast.ioutil import atomic_write, fsync_dir
 
 log = logging.getLogger("dissect_fast")
 SIDECAR = ".sha256"
@@ -43,6 +43,7 @@ class DiskFullError(OSError):
 
 def rng_state() -> dict:
     st = np.random.get_state()
+    assert isinstance(st, tuple)  # legacy=True (the default): ("MT19937", keys, pos, ...)
     state = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2])},
@@ -89,19 +90,12 @@ def _remove(path: str) -> None:
 
 
 def _write_atomic(path: str, write, before_replace=None) -> None:
-    """``write(fileobj)`` into a temporary file, fsync, rename over ``path``, fsync the folder.
-    ENOSPC (or a quota) becomes DiskFullError; the temporary file is removed on any failure."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """``write(fileobj)`` through ``ioutil.atomic_write`` (temporary file, fsync, rename over ``path``, fsync
+    the folder). ENOSPC (or a quota) becomes DiskFullError; the temporary file is removed on any failure."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb", before_replace=before_replace) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
     except BaseException as e:
-        _remove(tmp)
         if _is_enospc(e):
             raise DiskFullError(
                 errno.ENOSPC,
@@ -109,7 +103,6 @@ def _write_atomic(path: str, write, before_replace=None) -> None:
                 f"point --logs at a bigger disk; the previous checkpoint is intact",
             ) from e
         raise
-    fsync_dir(os.path.dirname(path))
 
 
 def _is_enospc(e: BaseException | None) -> bool:
@@ -137,7 +130,7 @@ def save_checkpoint(state: dict, path: str) -> dict:
 
     def write(f):
         hw = _HashingWriter(f)
-        torch.save(state, hw)
+        torch.save(state, hw)  # type: ignore[arg-type]  # torch.save's hint says IO[bytes]; write/flush suffice
         meta.update(size=hw.size, sha256=hw.h.hexdigest())
 
     _write_atomic(path, write, before_replace=lambda: _remove(path + SIDECAR))

@@ -152,6 +152,7 @@ def _bench(argv: list[str]) -> int:
         print(f"dissect-fast bench: no benchmark {which!r} ({path} is missing; benchmarks ship with the repository)")
         return 2
     spec = importlib.util.spec_from_file_location(f"bench_{which}", path)
+    assert spec is not None and spec.loader is not None  # a .py file that exists
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main(rest) or 0

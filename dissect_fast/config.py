@@ -563,11 +563,13 @@ class RunConfig:
 def parse_profile_steps(value: str) -> tuple[int, int]:
     """``"A:B"`` -> (A, B), integers with 0 <= A < B; ConfigError naming --profile-steps otherwise."""
     start, sep, stop = str(value).partition(":")
+    a: int | None
+    b: int | None
     try:
         a, b = int(start), int(stop)
     except ValueError:
         a = b = None
-    if not sep or a is None or not 0 <= a < b:
+    if not sep or a is None or b is None or not 0 <= a < b:
         raise ConfigError(
             f"--profile-steps must be A:B, global step numbers with 0 <= A < B (e.g. 10:20 profiles "
             f"steps 10..19), got {value!r}"

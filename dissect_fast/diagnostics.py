@@ -11,6 +11,8 @@ import os
 import numpy as np
 import torch
 
+from dissect_fast.ioutil import atomic_write
+
 
 class EpochDiagnostics:
     """Trained-sample counters (always: two device scalars) and, only when needed, per-id arrays: last score,
@@ -49,6 +51,7 @@ class EpochDiagnostics:
             self.n_clean_trained += self.clean[trained_ids].sum()
         if not self.per_id:
             return
+        assert self.score is not None and self.delta is not None and self.trained is not None  # per_id: set
         if sel.score is not None:
             self.score[sel.scored_ids] = sel.score.float()
         if sel.delta is not None:
@@ -66,11 +69,12 @@ class EpochDiagnostics:
                 getattr(self, k).copy_(v.to(self.device))
 
     def summary(self) -> dict:
-        out = {"select/trained_samples": int(self.n_trained)}
+        out: dict[str, float] = {"select/trained_samples": int(self.n_trained)}
         if self.clean is None:
             return out
         out["select/clean_fraction"] = float(self.n_clean_trained) / max(1, int(self.n_trained))
         for name, v in (("score", self.score), ("delta", self.delta)):
+            assert v is not None  # clean flags imply per_id
             for label, mask in (("clean", self.clean), ("noisy", ~self.clean)):
                 vals = v[mask]
                 vals = vals[~torch.isnan(vals)]
@@ -79,6 +83,7 @@ class EpochDiagnostics:
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
+        assert self.score is not None and self.delta is not None and self.trained is not None  # per_id only
         a = {
             "score": self.score.cpu().numpy(),
             "delta": self.delta.cpu().numpy(),
@@ -97,6 +102,7 @@ def write_record(diag: EpochDiagnostics, dist, history, strategy: str, run_dir: 
     flags). Several ranks: the per-rank diagnostics are merged first (a collective on every rank); the main rank
     writes. Returns the path on the main rank."""
     d = diag
+    assert d.score is not None and d.delta is not None and d.trained is not None  # --record sets per_id
     score, delta, trained = d.score.clone(), d.delta.clone(), d.trained.clone()
     if dist.enabled:
         import torch.distributed as tdist
@@ -125,9 +131,8 @@ def write_record(diag: EpochDiagnostics, dist, history, strategy: str, run_dir: 
     out = os.path.join(run_dir, "select_record")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"record_{epoch + 1}.npz")
-    tmp = f"{path}.tmp.{os.getpid()}.npz"
-    np.savez(tmp, **rec)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb", fsync=False) as f:
+        np.savez(f, **rec)
     return path
 
 

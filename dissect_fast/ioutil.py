@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 __all__ = ["atomic_write", "fsync_dir", "write_json_atomic", "write_text_atomic"]
@@ -31,10 +31,18 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True, **open_kw: Any) -> Iterator[IO]:
-    """``with atomic_write(path, "wb") as f: ...``: ``f`` is a temporary file in ``path``'s folder (same file
-    system), renamed over ``path`` when the block ends cleanly and removed when it raises. ``fsync``: the file
-    before the rename and the folder after it."""
+def atomic_write(
+    path: str | os.PathLike,
+    mode: str = "w",
+    *,
+    fsync: bool = True,
+    before_replace: Callable[[], None] | None = None,
+    **open_kw: Any,
+) -> Iterator[IO]:
+    """``with atomic_write(path, "wb") as f: ...``: ``f`` is a temporary file (``PATH.tmp.PID.THREAD``) in
+    ``path``'s folder (same file system), renamed over ``path`` when the block ends cleanly and removed when it
+    raises. ``fsync``: the file before the rename and the folder after it. ``before_replace``: called once the
+    file is complete (and synced), just before the rename (e.g. to drop a sidecar that describes the old file)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     try:
@@ -43,6 +51,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

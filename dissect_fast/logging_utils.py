@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from dissect_fast.ioutil import atomic_write
+
 log = logging.getLogger("dissect_fast")
 
 STEPS_FILE = "steps.jsonl"
@@ -78,10 +80,8 @@ def truncate_steps(run_dir: str, step: int) -> None:
                     keep.append(line)
             except ValueError:  # a line cut short by a killed process
                 pass
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, fsync=False) as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 class StepWindow:
@@ -113,6 +113,7 @@ class StepWindow:
         vals = [loss.detach().float().reshape(()), logit_scale.detach().float().exp().reshape(())]
         counts = self._counts()
         if counts is not None:
+            assert self.counts is not None  # the window's start, read the same way
             vals += list((counts - self.counts).float())
             self.counts = counts
         host = torch.stack(vals).tolist()  # the one host sync of a log step

@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,7 @@ def read_state_dict(path: str) -> tuple[dict, str | None]:
     """(model weights, model name when the file records one) of a checkpoint: dissect_fast's (``state_dict`` +
     ``model_name``), open_clip's (``state_dict``, ``module.`` prefixes), a bare state dict or a .safetensors file;
     torch.compile / DDP prefixes stripped."""
+    ck: Any  # a .safetensors dict of tensors, or whatever torch.load finds (checked below)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # optional: .safetensors checkpoints only
 
@@ -256,7 +258,7 @@ def load_pretrained(model: torch.nn.Module, spec: str, model_name: str) -> None:
             f"--model {name}, or a checkpoint of {model_name}"
         )
     if getattr(model, "logit_bias", None) is not None and "logit_bias" not in sd and "logit_scale" in sd:
-        sd["logit_bias"] = torch.zeros_like(model.logit_bias)
+        sd["logit_bias"] = torch.zeros_like(model.logit_bias)  # type: ignore[arg-type]  # Module attr: Tensor | Module
     for key in ("logit_scale", "logit_bias"):  # scalar vs 1-element parameter across open_clip versions
         p = getattr(model, key, None)
         if p is not None and key in sd and sd[key].shape != p.shape and sd[key].numel() == p.numel():
@@ -281,7 +283,7 @@ def lock_towers(model: torch.nn.Module, cfg) -> None:
     on native towers too, which is the flag's meaning."""
     if cfg.lock_image:
         try:
-            model.lock_image_tower(
+            model.lock_image_tower(  # type: ignore[operator]  # open_clip method; Module attr: Tensor | Module
                 unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn_stats
             )
         except AssertionError:
@@ -292,11 +294,13 @@ def lock_towers(model: torch.nn.Module, cfg) -> None:
     if cfg.lock_text:
         text = getattr(model, "text", None)
         if type(text).__name__ == "HFTextEncoder":
-            model.lock_text_tower(
+            model.lock_text_tower(  # type: ignore[operator]  # as above
                 unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm
             )
             return
-        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
+        model.lock_text_tower(  # type: ignore[operator]  # as above
+            unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True
+        )
         if not cfg.lock_text_freeze_layer_norm:
             owner = text if text is not None else model
             for part in (getattr(owner, "transformer", None), getattr(owner, "ln_final", None)):
@@ -309,7 +313,7 @@ def lock_towers(model: torch.nn.Module, cfg) -> None:
 def set_grad_checkpointing(model: torch.nn.Module) -> None:
     """--grad-checkpointing: open_clip's ``set_grad_checkpointing`` (activations of the transformer blocks are
     recomputed in the backward). open_clip's ResNet image tower has none: only its text tower is checkpointed."""
-    model.set_grad_checkpointing(True)
+    model.set_grad_checkpointing(True)  # type: ignore[operator]  # open_clip method; Module attr: Tensor | Module
     if type(getattr(model, "visual", None)).__name__ == "ModifiedResNet":
         log.warning(
             "--grad-checkpointing: open_clip's ResNet image tower has no activation checkpointing; only the "
@@ -354,7 +358,8 @@ def text_tokenizer(model_name: str):
 
 def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
     """open_clip's rule: no weight decay on gains, biases, embeddings' scales and logit scale."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -443,7 +448,7 @@ class ScoringModule(torch.nn.Module):
         self.model = model
         self.patch_dropout = float(patch_dropout)
         self.resolution = resolution
-        visual = getattr(model, "visual", None)
+        visual: Any = getattr(model, "visual", None)
         custom = resolution is not None or self.patch_dropout > 0
         if custom:
             from open_clip.transformer import VisionTransformer
@@ -454,7 +459,7 @@ class ScoringModule(torch.nn.Module):
                     f"{type(visual).__name__}: leave both out for this model"
                 )
         self.custom = custom
-        self.grid = None
+        self.grid: tuple[int, int] | None = None
         if resolution is not None:
             patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
             if resolution % patch or resolution > visual.image_size[0]:
@@ -465,7 +470,7 @@ class ScoringModule(torch.nn.Module):
                 self.grid = (resolution // patch, resolution // patch)
 
     def _pos_embed(self) -> torch.Tensor:
-        v = self.model.visual
+        v: Any = self.model.visual  # open_clip's VisionTransformer (untyped)
         pos = v.positional_embedding
         if self.grid is None:
             return pos
@@ -476,8 +481,9 @@ class ScoringModule(torch.nn.Module):
         return torch.cat([pos[:1], img], dim=0)
 
     def _image(self, images: torch.Tensor) -> torch.Tensor:
-        v = self.model.visual
+        v: Any = self.model.visual  # open_clip's VisionTransformer (untyped)
         if self.grid is not None:
+            assert self.resolution is not None  # the grid is set from it
             images = F.interpolate(
                 images.float(),
                 size=(self.resolution, self.resolution),
@@ -505,7 +511,7 @@ class ScoringModule(torch.nn.Module):
         if not self.custom:
             out = self.model(images, tokens)
             return out["image_features"], out["text_features"]
-        return self._image(images), self.model.encode_text(tokens, normalize=True)
+        return self._image(images), self.model.encode_text(tokens, normalize=True)  # type: ignore[operator]
 
 
 class ScoringPass:
@@ -599,7 +605,7 @@ class Forwards:
     def no_sync(self):
         """Context for a backward whose gradients are accumulated, not yet all-reduced (DDP's ``no_sync``; nothing
         in a single process): --accum-freq all-reduces once per optimizer step."""
-        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()  # type: ignore[operator]
 
 
 def model_from_checkpoint(path: str, name: str | None, device: torch.device):

@@ -145,6 +145,7 @@ class StepProfiler:
         if step >= self.stop:
             return self._end()
         if epoch_end:
+            assert self.marker is not None  # set with self._prof
             self.marker.close()
         return current
 
@@ -164,6 +165,7 @@ class StepProfiler:
 
     def _end(self) -> PhaseMarker | None:
         marker, prof = self.marker, self._prof
+        assert marker is not None and prof is not None  # the window is open
         marker.close()
         if self.cuda:
             torch.cuda.synchronize(self.device)  # the window's last kernels finish inside the trace
@@ -185,6 +187,7 @@ class StepProfiler:
         os.makedirs(self.out_dir, exist_ok=True)
         self.trace = os.path.join(self.out_dir, f"rank{self.rank}.pt.trace.json")
         prof.export_chrome_trace(self.trace)
+        assert self.profiled is not None  # set by _end
         first, end = self.profiled
         if self.summary:
             avg = prof.key_averages()
@@ -219,6 +222,7 @@ class StepProfiler:
                 self.stop,
             )
             return
+        assert self.profiled is not None  # set with the trace
         first, end = self.profiled
         log.info(
             "profile of steps %d..%d: %s (per-phase totals: %s, top ops: %s)",

@@ -130,7 +130,7 @@ class NonFiniteGuard:
             if grad_norm is not None:
                 finite = finite & torch.isfinite(grad_norm)
             if self.exact:
-                self.optimizer.found_inf = (~finite).float()
+                self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]  # read by torch's step()
             else:
                 for g in self.optimizer.param_groups:
                     for p in g["params"]:

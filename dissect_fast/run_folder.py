@@ -8,8 +8,6 @@ import json
 import logging
 import logging.handlers
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -25,34 +23,11 @@ from dissect_fast.distributed import (
     elastic_run_id,
     find_elastic_run,
 )
+from dissect_fast.ioutil import atomic_write, write_json_atomic
+from dissect_fast.provenance import provenance
 
 log = logging.getLogger("dissect_fast")
 _LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-
-
-def provenance(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    import open_clip
-
-    return {
-        "commit": commit or "unknown",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "host": platform.node(),
-        "argv": sys.argv,
-    }
 
 
 def setup_logging(run_dir: str | None, is_main: bool, buffer: bool = False) -> None:
@@ -122,9 +97,10 @@ def make_run_dir(run_dir: str, dist: DistInfo) -> None:
     """Make the run folder (nested for a --name with slashes) and start RUN/out.log."""
     if dist.is_main:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        if elastic_run_id() is not None:  # lets a restarted torchrun job without --name find this folder
+        run_id = elastic_run_id()
+        if run_id is not None:  # lets a restarted torchrun job without --name find this folder
             with open(os.path.join(run_dir, ELASTIC_ID_FILE), "w") as f:
-                f.write(elastic_run_id())
+                f.write(run_id)
         attach_run_log(run_dir)
     barrier(dist)
 
@@ -133,16 +109,12 @@ def write_run_start(run_dir: str, cfg, device: torch.device) -> None:
     """RUN/config.json (the resolved config) and RUN/provenance.json, both also logged first (main rank)."""
     save_config(cfg, os.path.join(run_dir, "config.json"))
     prov = provenance(device)
-    with open(os.path.join(run_dir, "provenance.json"), "w") as f:
-        json.dump(prov, f, indent=1)
+    write_json_atomic(os.path.join(run_dir, "provenance.json"), prov, fsync=False, indent=1)
     log.info("provenance: %s", json.dumps(prov))
     log.info("config: %s", json.dumps(cfg.to_dict()))
 
 
 def rewrite_metrics(run_dir: str, metrics: list[dict]) -> None:
     """RUN/metrics.jsonl holding exactly ``metrics`` (a resumed run drops epochs its checkpoint does not hold)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(run_dir, "metrics.jsonl"), fsync=False) as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
-    os.replace(tmp, path)

@@ -7,7 +7,7 @@ between two consecutive marks is charged to the later mark's phase. On CUDA ever
 an event into the current stream (no host synchronisation), so phases are measured on the GPU's
 timeline: a host stall (e.g. waiting for data) only shows where it leaves the GPU idle. Events
 are read once, in ``collect()``, after one synchronize. On CPU, ops run synchronously and a mark
-reads ``time.perf_counter()``.
+reads ``time.perf_counter()``. :class:`TimedSteps` attaches timers to a window of ``Trainer.fit``'s steps.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import time
 
 import torch
 
+from dissect_fast.callbacks import PhaseTiming
 from dissect_fast.profiling import PHASES
 
-__all__ = ["PHASES", "PhaseTimer"]
+__all__ = ["PHASES", "PhaseTimer", "TimedSteps"]
 
 
 class PhaseTimer:
@@ -74,3 +75,47 @@ class PhaseTimer:
             "median_step_s": statistics.median(steps),
             "total_s": dt(self._marks[first][1], self._marks[last][1]),
         }
+
+
+class TimedSteps(PhaseTiming):
+    """A callback that times global steps ``start .. start + blocks * block - 1`` of ``Trainer.fit``, per phase,
+    and leaves every other step untimed (the trainer runs no timing code outside the window).
+
+    Each block of ``block`` steps gets a fresh :class:`PhaseTimer` (``trainer.timer``): the device is synchronised
+    before the block's first step and after its last, so a block's steps are measured whole. ``before_block``:
+    a function of the trainer called before each block (``benchmarks/bench_train.py`` hands its turn to the next
+    configuration there). After the fit: ``step_s`` (per-step seconds), ``phases`` (per-step seconds per phase),
+    ``wall_s`` (host wall-clock of the blocks). A subclass of PhaseTiming, so the trainer adds no second one."""
+
+    def __init__(self, start: int, block: int, blocks: int = 1, before_block=None) -> None:
+        self.start, self.block, self.end = start, block, start + block * blocks
+        self.before_block = before_block
+        self.step_s: list[float] = []
+        self.phases: list[dict] = []
+        self.wall_s = 0.0
+        self._timer: PhaseTimer | None = None
+        self._w0 = 0.0
+
+    def on_step_start(self, t) -> None:
+        if self.start <= t.step < self.end and (t.step - self.start) % self.block == 0:
+            if self.before_block is not None:
+                self.before_block(t)
+            _sync(t.device)
+            t.timer = self._timer = PhaseTimer(t.device)
+            self._w0 = time.perf_counter()
+        super().on_step_start(t)  # the timer's step boundary (and a --profile-steps window, if any)
+
+    def on_step_end(self, t, epoch: int, n_steps: int) -> None:
+        if self._timer is not None and (t.step - self.start) % self.block == 0:  # the block's last step
+            self._timer.step()
+            _sync(t.device)
+            self.wall_s += time.perf_counter() - self._w0
+            res = self._timer.collect()
+            self.step_s += res["step_s"]
+            self.phases += res["per_step_phases_s"]
+            t.timer = self._timer = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

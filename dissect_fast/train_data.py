@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Any
 
 import numpy as np
 import torch
 
 from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
-from dissect_fast.data.shards import check_ids_known, is_url, resolve_data
+from dissect_fast.data.shards import DatasetIndex, check_ids_known, is_url, resolve_data
 from dissect_fast.data.synthetic_loader import (
     DEFAULT_BATCHES,
     SyntheticLoader,
@@ -30,6 +31,8 @@ class TrainData:
         self.cfg, self.dist, self.device, self.tokenizer = cfg, dist, device, tokenizer
         d, accum = cfg.data, cfg.optim.accum_freq
         self.synthetic = d.data_backend == "synthetic"
+        self.train_shards: list[str]
+        self.index: DatasetIndex | None
         if self.synthetic:
             self.train_shards, self.index = [], None
             if d.train_data:
@@ -48,6 +51,8 @@ class TrainData:
                     "are tokenised from `txt` with its own tokenizer",
                     model_name,
                 )
+        self.val_shards: list[str] | None
+        self.val_index: DatasetIndex | None
         self.val_shards, self.val_index = resolve_data(d.val_data, "--val-data") if d.val_data else (None, None)
         self.num_ids = self._num_ids()
         self.subset_mask, self.num_samples = self._subset_and_count()
@@ -67,7 +72,9 @@ class TrainData:
                 f"x {dist.world_size} rank(s) x --accum-freq {accum}: lower the batch size or --accum-freq"
             )
         self.backend = self._backend()
-        self.train_loader = self.val_loader = None
+        #: set by build_loaders: a TorchLoader, DaliLoader or SyntheticLoader (the val loader: None without --val-data)
+        self.train_loader: Any = None
+        self.val_loader: Any = None
 
     def clean_flags(self) -> np.ndarray | None:
         return self.index.clean_flags() if self.index is not None else None

@@ -340,6 +340,7 @@ class Trainer:
             if self.cfg.run.resume == "latest":
                 log.info("--resume latest: no checkpoint in %s yet, starting fresh", self.run_dir)
             return
+        assert state is not None  # found with its path
         self.load_state_dict(state)
         log.info("resumed from %s at epoch %d (step %d)", path, self.start_epoch, self.step)
         if elastic_restart_count() > 0:
@@ -352,7 +353,8 @@ class Trainer:
     def _callbacks(self) -> list[Callback]:
         """The run's callbacks in call order (an epoch's evaluation before its metrics are written), then
         ``self.callbacks``."""
-        cfg, out = self.cfg, []
+        cfg = self.cfg
+        out: list[Callback] = []
         if self.profiler is not None or self.timer is not None:
             out.append(PhaseTiming())
         out.append(Evaluation())
@@ -505,7 +507,8 @@ class Trainer:
         d = self.data
         if d.subset_mask is not None:
             return int(d.subset_mask.sum())
-        return d.index.num_samples if getattr(d, "index", None) is not None else self.num_samples
+        index = getattr(d, "index", None)
+        return index.num_samples if index is not None else self.num_samples
 
     def _epoch_metrics(self, epoch: int, loss_sum: torch.Tensor, wall: float, t_start: float) -> dict:
         """The epoch's training metrics; the bad-data policy stops the run here (TooManyBadSamples)."""

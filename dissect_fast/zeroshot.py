@@ -195,7 +195,7 @@ def evaluate_zeroshot(
                 images = images.to(device, dtype=input_dtype(precision), non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast(precision, device):
-                    feats = model.encode_image(images, normalize=True)
+                    feats = model.encode_image(images, normalize=True)  # type: ignore[operator]  # open_clip's
                 logits = F.normalize(feats.float(), dim=-1) @ w
                 top = logits.topk(ks[1], dim=1).indices  # [B, k5]
                 correct = top.eq(labels.view(-1, 1))

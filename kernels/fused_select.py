@@ -111,6 +111,7 @@ def fused_select_reference(
         seen = ~torch.isnan(h)
         delta = torch.where(seen, h - score, torch.zeros_like(score))
         if momentum is not None:
+            assert ids is not None  # required with a history buffer (_validate)
             blend = h * momentum + score * (1.0 - momentum)
             history.index_copy_(0, ids, torch.where(seen, blend, score))
     else:

@@ -279,6 +279,25 @@ def test_decode_failure_at_run_time_is_counted_not_fatal(tmp_path):
     assert ld.stats["corrupt_image"] == 1 and ld.stats["bad_samples"] == 1 and "dali_error" not in ld.stats
 
 
+def test_decode_failure_recheck_of_a_filtered_shard_with_assigned_ids(tmp_path):
+    """The re-check after a DALI failure of a shard without id field whose .idx is a filtered copy (here: an id
+    out of range) and whose sidecar is in the index directory, not beside the tar: its first_id is kept."""
+    from dissect_fast.data.index_tool import index_shards
+
+    (tmp_path / "data").mkdir()
+    samples = _samples(40, 0, with_id=False)
+    samples[20]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 20
+    _write_tar(tmp_path / "data" / "c-0.tar", samples)
+    shards = _shards(tmp_path / "data")
+    idx = index_shards(shards, str(tmp_path / "idx"), verify="none", workers=1, progress=False)
+    ld = _dali(shards, 32, index=idx, num_ids=39)
+    first = [i for b in ld for i in b[2].tolist()]
+    assert ld.stats["dali_error"] == 1 and len(first) < 39
+    ld.set_epoch(1)
+    assert sorted(i for b in ld for i in b[2].tolist()) == [i for i in range(39) if i != 20]
+    assert ld.stats["corrupt_image"] == 1 and ld.stats["id_out_of_range"] == 1 and "dali_error" not in ld.stats
+
+
 def test_assigned_ids_and_txt_captions(tmp_path):
     """Shards without id and tok fields: ids first_id + position, captions tokenised from txt."""
     from dissect_fast.data.index_tool import index_shards

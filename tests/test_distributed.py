@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tiny_run import tiny_argv, tiny_fit
 
 from dissect_fast.checkpoint import load_checkpoint
 from dissect_fast.selection import history as history_mod
@@ -40,33 +41,7 @@ def torchrun(data, logs, name, *extra, nproc=2, launcher=(), env=None, ok=True):
         *launcher,
         "--",
         os.path.join(ROOT, "dissect_fast", "train.py"),
-        "--train-data",
-        str(data / "train"),
-        "--val-data",
-        str(data / "val"),
-        "--model",
-        "micro-vit",
-        "--batch-size",
-        "20",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "2",
-        "--workers",
-        "1",
-        "--logs",
-        str(logs),
-        *(["--name", name] if name else []),
-        "--no-progress",
-        "--no-plots",
-        "--no-tensorboard",
-        "--device",
-        "cpu",
-        "--select-rate",
-        "0.5",
-        *extra,
+        *tiny_argv(logs, name, "--select-rate", "0.5", *extra, data=data, val=True, batch=20, workers=1),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
@@ -275,40 +250,7 @@ def test_bf16_history_update_and_state():
 
 
 def test_bf16_history_end_to_end(tiny_data, tmp_path):
-    from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
-
-    argv = [
-        "--train-data",
-        str(tiny_data / "train"),
-        "--model",
-        "micro-vit",
-        "--batch-size",
-        "40",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "2",
-        "--workers",
-        "0",
-        "--logs",
-        str(tmp_path),
-        "--name",
-        "bf16",
-        "--no-progress",
-        "--no-tensorboard",
-        "--no-plots",
-        "--device",
-        "cpu",
-        "--select-strategy",
-        "dissect-momentum",
-        "--select-rate",
-        "0.3",
-        "--history-dtype",
-        "bf16",
-    ]
-    Trainer(config_from_args(argv)).fit()
+    select = ["--select-strategy", "dissect-momentum", "--select-rate", "0.3", "--history-dtype", "bf16"]
+    tiny_fit(tmp_path, "bf16", *select, data=tiny_data, epochs=1)
     h = load_checkpoint(str(tmp_path / "bf16" / "checkpoints" / "latest.pt"))["strategy"]["history"]["values"]
     assert h.dtype == torch.bfloat16 and torch.isfinite(h).all()  # 240 samples, all scored in epoch 1

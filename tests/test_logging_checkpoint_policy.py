@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from tiny_run import tiny_argv, tiny_fit
 
 from dissect_fast import checkpoint as ckpt_io
 from dissect_fast.config import OptimConfig, RunConfig, config_from_args
@@ -35,38 +36,15 @@ STEP_FIELDS = {
 }
 
 
+RUN = {"model": "micro-rn", "batch": 16, "warmup": 3}  # a 2-epoch micro-rn run at batch 16 (``tiny_run``)
+
+
 def argv(tiny_data, logs, name, *extra):
-    return [
-        "--train-data",
-        str(tiny_data / "train"),
-        "--model",
-        "micro-rn",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "3",
-        "--workers",
-        "0",
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--no-progress",
-        "--no-tensorboard",
-        "--no-plots",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return tiny_argv(logs, name, *extra, data=tiny_data, **RUN)
 
 
 def run(tiny_data, logs, name, *extra):
-    t = Trainer(config_from_args(argv(tiny_data, logs, name, *extra)))
-    return t, t.fit()
+    return tiny_fit(logs, name, *extra, data=tiny_data, **RUN)
 
 
 def read_jsonl(path):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_run import tiny_trainer
 
 from dissect_fast.checkpoint import load_checkpoint
 from dissect_fast.config import PRECISIONS, config_from_args
@@ -14,33 +15,8 @@ from dissect_fast.trainer import Trainer
 
 
 def make(tiny_data, logs, name, *extra, model="micro-vit", batch=16):
-    argv = [
-        "--train-data",
-        str(tiny_data / "train"),
-        "--model",
-        model,
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "2",
-        "--workers",
-        "0",
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--no-progress",
-        "--no-tensorboard",
-        "--no-plots",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    return Trainer(config_from_args(argv))
+    """A 1-epoch Trainer (``tiny_run``)."""
+    return tiny_trainer(logs, name, *extra, data=tiny_data, model=model, batch=batch, epochs=1)
 
 
 def first_batch(t: Trainer):

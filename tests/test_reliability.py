@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dissect_fast import checkpoint as ckpt_io
+from dissect_fast import ioutil
 from dissect_fast.config import config_from_args
 from dissect_fast.data.shards import DatasetIndex, ShardInfo, encode_id
 from dissect_fast.data.writer import ShardWriter
@@ -469,7 +470,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_pat
         f = real_open(path, mode, *a, **kw)
         return FullDisk(f) if "epoch_2.pt" in str(path) and "w" in mode else f
 
-    monkeypatch.setattr(ckpt_io, "open", fake_open, raising=False)
+    monkeypatch.setattr(ioutil, "open", fake_open, raising=False)  # checkpoints write through ioutil.atomic_write
     with pytest.raises(RunStopped, match="no space left.*previous checkpoint is intact.*latest.pt"):
         train(tiny_data, tmp_path, "full")
     ck = tmp_path / "full" / "checkpoints"

@@ -7,42 +7,24 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny_run import tiny_argv, tiny_trainer
 
 from dissect_fast.config import config_from_args
 from dissect_fast.data.synthetic_loader import EOT_TOKEN, SOT_TOKEN, SyntheticLoader, model_image_size
 from dissect_fast.profiling import PHASES, RangeMarker, phase_totals
 from dissect_fast.trainer import Trainer
 
+#: a micro-rn run on synthetic data at batch 16 (``tiny_run``; the trainer's default LR and workers)
+SYNTH = {"synthetic": True, "model": "micro-rn", "batch": 16, "lr": None, "workers": None}
+
 
 def synthetic_argv(logs, name, *extra):
-    return [
-        "--data-backend",
-        "synthetic",
-        "--model",
-        "micro-rn",
-        "--batch-size",
-        "16",
-        "--train-num-samples",
-        "64",
-        "--epochs",
-        "2",
-        "--warmup",
-        "2",
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--no-progress",
-        "--no-tensorboard",
-        "--no-plots",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    """2 epochs of 64 synthetic samples."""
+    return tiny_argv(logs, name, "--train-num-samples", "64", *extra, **SYNTH)
 
 
 def train(logs, name, *extra, spy=None):
-    t = Trainer(config_from_args(synthetic_argv(logs, name, *extra)))
+    t = tiny_trainer(logs, name, "--train-num-samples", "64", *extra, **SYNTH)
     if spy is not None:  # record which phase marker each step ran with
         step = t.train_step
 
@@ -130,25 +112,7 @@ def test_synthetic_flag_checks(tmp_path, capsys):
 
 
 def test_synthetic_default_epoch_is_100_batches(tmp_path):
-    cfg = config_from_args(
-        [
-            "--data-backend",
-            "synthetic",
-            "--model",
-            "micro-rn",
-            "--batch-size",
-            "2",
-            "--epochs",
-            "1",
-            "--logs",
-            str(tmp_path),
-            "--name",
-            "d",
-            "--device",
-            "cpu",
-        ]
-    )
-    t = Trainer(cfg)
+    t = tiny_trainer(tmp_path, "d", **{**SYNTH, "batch": 2, "epochs": 1})
     assert t.num_samples == t.num_ids == 200 and t.steps_per_epoch == 100
     assert len(t.train_loader) == 100
 

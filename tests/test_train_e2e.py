@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
+from tiny_run import tiny_fit
 
 from dissect_fast.checkpoint import load_checkpoint
-from dissect_fast.config import config_from_args
-from dissect_fast.trainer import Trainer
 
 METRIC_KEYS = {
     "epoch",
@@ -26,36 +25,8 @@ METRIC_KEYS = {
 
 
 def run(tiny_data, logs, name, *extra):
-    argv = [
-        "--train-data",
-        str(tiny_data / "train"),
-        "--val-data",
-        str(tiny_data / "val"),
-        "--model",
-        "micro-vit",
-        "--batch-size",
-        "40",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "2",
-        "--workers",
-        "0",
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--no-progress",
-        "--no-tensorboard",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    cfg = config_from_args(argv)
-    t = Trainer(cfg)
-    return t, t.fit()
+    """A 2-epoch micro-vit run with validation and plots (``tiny_run``): (trainer, metrics)."""
+    return tiny_fit(logs, name, *extra, data=tiny_data, val=True, plots=True)
 
 
 STRATEGY_ARGS = {

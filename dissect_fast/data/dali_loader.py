@@ -42,6 +42,7 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,7 +207,7 @@ def build_pipeline(
     H, W = p.image_size
     interp = types.INTERP_CUBIC if p.interpolation == "bicubic" else types.INTERP_LINEAR
     with pipe:
-        outs = fn.readers.webdataset(
+        outs: Any = fn.readers.webdataset(  # one DataNode per ext (the stub's return: a union with None)
             paths=paths,
             index_paths=index_paths,
             ext=ext,
@@ -348,6 +349,7 @@ class _Shard:
     offsets: np.ndarray | None = None  #: sorted image data offsets, when ids come from source_info ...
     offset_ids: np.ndarray | None = None  #: ... and the ids of those samples
     verify: str = "none"  #: the image check its .idx was built with
+    first_id: int | None = None  #: its sidecar's: ids first_id + position when the samples have no id field
 
 
 class DaliLoader:
@@ -440,6 +442,7 @@ class DaliLoader:
                 if scan.ids is None and first is None and self.train:
                     raise MissingIdsError(missing_ids_message(p))
                 m = load_shard_meta(p, [cdir])
+                assert m is not None  # just built
                 built += 1
             metas.append(m)
         if built:
@@ -468,7 +471,9 @@ class DaliLoader:
         return [self._shard(p, m, id_field) for p, m in zip(paths, metas)], caption, id_field
 
     def _shard(self, path: str, m: ShardMeta, id_field: bool) -> _Shard:
-        sh = _Shard(os.path.abspath(path), m.idx_path, m.samples, Counter(m.skipped), verify=m.verify)
+        sh = _Shard(
+            os.path.abspath(path), m.idx_path, m.samples, Counter(m.skipped), verify=m.verify, first_id=m.first_id
+        )
         if m.samples and (not id_field or self._subset_mask is not None or self._num_ids is not None):
             self._filter(sh, m, self._subset_mask, self._num_ids, keep_map=not id_field)
         return sh
@@ -488,6 +493,7 @@ class DaliLoader:
                     f.seek(int(c[j + 1]))
                     ids[i] = int.from_bytes(f.read(8), "little", signed=True)
         else:
+            assert m.first_id is not None  # recorded in the sidecar of every shard without an id field
             ids = int(m.first_id) + np.asarray(m.positions, dtype=np.int64)
         keep = np.ones(len(comps), dtype=bool)
         if num_ids is not None:
@@ -507,8 +513,8 @@ class DaliLoader:
             sh.idx = os.path.join(self._tmp, f"{len(os.listdir(self._tmp)):06d}.idx")
             with open(sh.idx, "w") as f:
                 f.write(f"{header.split()[0]} {int(keep.sum())}\n")
-                for i in np.flatnonzero(keep):
-                    f.write(lines[i] + "\n")
+                for row in np.flatnonzero(keep):
+                    f.write(lines[row] + "\n")
             sh.count = int(keep.sum())
         if keep_map:
             order = np.argsort(img_off[keep], kind="stable")
@@ -660,11 +666,13 @@ class DaliLoader:
         with ThreadPoolExecutor(self.threads) as pool:  # PIL decodes without the GIL
             scans = list(pool.map(lambda sh: scan_shard(sh.path, "decode"), todo))
         for sh, scan in zip(todo, scans):
-            if scan.ids is None:
-                scan.first_id = load_shard_meta(sh.path, [os.path.dirname(sh.idx), None]).first_id
+            if scan.ids is None:  # (sh.idx may be a filtered copy, its sidecar elsewhere: the first_id kept)
+                scan.first_id = sh.first_id
             out = os.path.join(self._tmp, f"v{len(os.listdir(self._tmp)):06d}")
             write_idx(scan, out)
-            new = self._shard(sh.path, load_shard_meta(sh.path, [out]), self.id_field)
+            meta = load_shard_meta(sh.path, [out])
+            assert meta is not None  # just written
+            new = self._shard(sh.path, meta, self.id_field)
             if new.count != sh.count:
                 log.warning(
                     "rank %d: %s: %d sample(s) fail to decode, left out from now on",

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from dissect_fast.data.shards import (
     expand_shards,
     shard_stem,
 )
+from dissect_fast.ioutil import atomic_write, write_json_atomic
 
 log = logging.getLogger("dissect_fast")
 
@@ -194,11 +196,9 @@ def write_idx(scan: ShardScan, out_dir: str | None = None) -> tuple[str, str]:
     """Write ``<stem>.idx`` (DALI) and ``<stem>.idx.json`` (counts, skips, id assignment), atomically."""
     idx_path, meta_path = idx_paths(scan.shard, out_dir)
     os.makedirs(os.path.dirname(idx_path), exist_ok=True)
-    tmp = idx_path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(idx_path, fsync=False) as f:
         f.write(f"{IDX_VERSION} {scan.count}\n")
         f.writelines(line + "\n" for line in scan.idx_lines)
-    os.replace(tmp, idx_path)
     meta = {
         "format": META_FORMAT,
         "shard": os.path.basename(scan.shard),
@@ -215,10 +215,7 @@ def write_idx(scan: ShardScan, out_dir: str | None = None) -> tuple[str, str]:
         # positions of the good samples: only needed to turn DALI's (tar, offset) into an assigned id
         "positions": scan.positions.tolist() if scan.ids is None else None,
     }
-    tmp = meta_path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, meta_path)
+    write_json_atomic(meta_path, meta, fsync=False)
     return idx_path, meta_path
 
 
@@ -250,7 +247,7 @@ class ShardMeta:
     verify: str
 
 
-def load_shard_meta(shard: str, search_dirs: list[str | None] = (None,)) -> ShardMeta | None:
+def load_shard_meta(shard: str, search_dirs: Sequence[str | None] = (None,)) -> ShardMeta | None:
     """The shard's .idx + sidecar from the first of ``search_dirs`` (None = beside the shard) that has
     an up-to-date pair (same tar size), or None."""
     size = os.path.getsize(shard) if os.path.exists(shard) else -1
@@ -350,6 +347,7 @@ def index_shards(
     has_tok = all(s.has_tok for s in scans if s.count)
     tok_lens = {s.tok_len for s in scans if s.count}
     ctx = tok_lens.pop() if has_tok and len(tok_lens) == 1 and None not in tok_lens else DEFAULT_CONTEXT_LENGTH
+    assert ctx is not None  # None not in tok_lens
     out_abs = os.path.abspath(out_dir)
     infos = []
     for s in scans:

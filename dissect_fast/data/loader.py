@@ -25,6 +25,7 @@ import logging
 import random
 import signal
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -209,7 +210,8 @@ class ShardDataset(IterableDataset):
         return wds.DataPipeline(*stages)
 
     def __iter__(self):
-        stats, sent = Counter(), Counter()
+        stats: Counter[str] = Counter()
+        sent: Counter[str] = Counter()
         for imgs, toks, ids in self.pipeline(stats):
             delta = stats - sent  # the counts since the last batch travel with this one
             sent.update(delta)
@@ -249,7 +251,7 @@ class TorchLoader:
     def __init__(self, dataset: ShardDataset, workers: int, device: torch.device, drop_last: bool) -> None:
         self.dataset, self.workers, self.device, self.drop_last = dataset, workers, device, drop_last
         self.stats: Counter = Counter()
-        self._active = None  # the DataLoader iterator of the pass in progress (its worker processes)
+        self._active: Iterator | None = None  # the DataLoader iterator of the pass in progress (its worker processes)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

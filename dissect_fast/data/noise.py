@@ -225,7 +225,11 @@ def noise_shards(
     seen: set[int] = set()
     for sc in scans:  # the first good copy of an id is kept, like the loader
         stats.update(sc.stats)
-        keep = [i for i, sid in enumerate(sc.ids) if not (sid in seen or seen.add(sid))]
+        keep = []
+        for i, sid in enumerate(sc.ids):
+            if sid not in seen:
+                seen.add(sid)
+                keep.append(i)
         if len(keep) < len(sc.ids):
             samples.count_bad(stats, "duplicate_id", sc.shard, len(sc.ids) - len(keep))
             for name in ("positions", "ids", "captions", "clean_in"):
@@ -383,8 +387,8 @@ def noise_csv(
 
     out_fields = fields + [c for c in ("id", "clean") if c not in fields]
     tmp = out_csv + ".part"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        wr = csv.DictWriter(f, fieldnames=out_fields, delimiter=delim, extrasaction="ignore")
+    with open(tmp, "w", newline="", encoding="utf-8") as fo:
+        wr = csv.DictWriter(fo, fieldnames=out_fields, delimiter=delim, extrasaction="ignore")
         wr.writeheader()
         for k in kept:
             row = dict(rows[good[k]])

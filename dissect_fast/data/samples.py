@@ -134,7 +134,9 @@ def iter_shard(fileobj, shard: str, stats: Counter, members: bool = False) -> It
                     current = {"__key__": key, "__url__": shard, "__position__": position}
                     if members:
                         current["__members__"] = {}
-                data = tf.extractfile(m).read()
+                fm = tf.extractfile(m)
+                assert fm is not None  # a regular member
+                data = fm.read()
                 if len(data) < m.size:  # a stream read of a cut member returns short data without an error
                     raise tarfile.ReadError(f"{m.name}: {len(data)} of {m.size} bytes")
                 if ext in current:

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from dissect_fast.ioutil import write_json_atomic
+
 INDEX_NAME = "index.json"
 FORMAT = "dissect_fast/1"
 DEFAULT_CONTEXT_LENGTH = 77
@@ -86,8 +88,8 @@ class DatasetIndex:
         """This index restricted to ``shards`` (matched by shard name, so URLs match too), or None when
         some shard is not in it. The id range stays the whole index's, so ids mean the same thing."""
         by_stem = {shard_stem(s.path): s for s in self.shards}
-        picked = [by_stem.get(shard_stem(p)) for p in shards]
-        if not shards or any(s is None for s in picked):
+        picked = [by_stem[shard_stem(p)] for p in shards if shard_stem(p) in by_stem]
+        if not shards or len(picked) < len(shards):
             return None
         if len(picked) == len(self.shards):
             return self
@@ -103,10 +105,7 @@ class DatasetIndex:
         d.pop("root")
         d["format"] = FORMAT
         path = os.path.join(directory, INDEX_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(d, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(path, d, fsync=False, indent=1)
         return path
 
     @classmethod
@@ -165,6 +164,7 @@ def resolve_data(
     spec: str, flag: str = "--train-data", index: str | None = None
 ) -> tuple[list[str], DatasetIndex | None]:
     """Shards and, when there is one, the dataset index for a data flag; a clear error if nothing matches."""
+    idx: DatasetIndex | None
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, INDEX_NAME)) and not index:
         idx = DatasetIndex.load(spec)
         paths = idx.shard_paths()

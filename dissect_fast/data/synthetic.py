@@ -85,11 +85,15 @@ def render(attrs: dict, size: int, rng: np.random.Generator) -> Image.Image:
     n = COUNTS.index(attrs["count"]) + 1
     r = s * (0.07 if attrs["size"] == "small" else 0.13) * (1 if n == 1 else 0.75)
     px, py = POSITIONS[attrs["pos"]]
-    offsets = {1: [(0, 0)], 2: [(-1, 0), (1, 0)], 3: [(-1, 0.6), (1, 0.6), (0, -0.9)]}[n]
-    for ox, oy in offsets:
+    layouts: dict[int, list[tuple[float, float]]] = {
+        1: [(0, 0)],
+        2: [(-1, 0), (1, 0)],
+        3: [(-1, 0.6), (1, 0.6), (0, -0.9)],
+    }
+    for ox, oy in layouts[n]:
         jx, jy = rng.normal(0, 0.02, 2) * s
         _draw_shape(d, attrs["shape"], px * s + ox * 1.15 * r + jx, py * s + oy * 1.15 * r + jy, r, colour)
-    img = img.resize((size, size), Image.LANCZOS)
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
     arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 

@@ -38,6 +38,7 @@ class ShardWriter:
     def _add(self, name: str, data: bytes) -> None:
         ti = tarfile.TarInfo(name)
         ti.size, ti.mtime, ti.mode = len(data), self._mtime, 0o444
+        assert self._tar is not None  # opened by write
         self._tar.addfile(ti, io.BytesIO(data))
 
     def write(self, sample_id: int, jpg: bytes, caption: str, tokens: np.ndarray | None, clean: bool | None) -> None:

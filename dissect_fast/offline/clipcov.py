@@ -353,8 +353,8 @@ def clipcov_merge(image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: in
     classes = np.flatnonzero(sizes)
     frac = m / n_total
     k = np.minimum(sizes, np.maximum(1, np.ceil(cfg.slack * frac * sizes).astype(np.int64) + cfg.extra_picks))
-    seq_pos: dict[int, np.ndarray] = {}
-    seq_gain: dict[int, np.ndarray] = {}
+    seq_pos: dict[int | np.integer, np.ndarray] = {}  # by class id (Python or numpy int)
+    seq_gain: dict[int | np.integer, np.ndarray] = {}
     budget, device = cfg.resolved_block_bytes(), torch.device(cfg.device)
     todo, rounds, reruns, modes = classes, 0, 0, {"dense": 0, "rows": 0}
     phases = {"load": 0.0, "gains_and_blocks": 0.0, "greedy": 0.0}
@@ -368,14 +368,14 @@ def clipcov_merge(image: np.ndarray, text: np.ndarray, labels: np.ndarray, m: in
             u, row = _group_u_and_rows(grp, cfg.approx, mode, cfg.tile)
             t = _lap(phases, "gains_and_blocks", t, device)
             kc = k[group]
-            picks, gains = _greedy_group(u, row, int(kc.max()))
-            picks, gains = picks.cpu().numpy(), gains.double().cpu().numpy()
+            picks_t, gains_t = _greedy_group(u, row, int(kc.max()))
+            picks, gains = picks_t.cpu().numpy(), gains_t.double().cpu().numpy()
             _lap(phases, "greedy", t, device)
             for j, c in enumerate(group):
                 seq_pos[c] = members[j][picks[j, : kc[j]]]
                 seq_gain[c] = gains[j, : kc[j]]
             modes[mode] += len(group)
-            del grp, u, row
+            del grp, u, row, picks_t, gains_t
         gain = np.concatenate([seq_gain[c] for c in classes])
         pos = np.concatenate([seq_pos[c] for c in classes])
         top, which = merge_sequences([seq_gain[c] for c in classes], m)
@@ -453,13 +453,16 @@ def clipcov_reference(
     if not 1 <= m <= n:
         raise ValueError(f"budget must be in [1, {n}], got {m}")
     pen = np.zeros(n)
-    picked, gains, evals = [], [], 0
+    picked: list[int] = []
+    gains: list[float] = []
+    evals = 0
     if not lazy:
         avail = np.ones(n, dtype=bool)
         for _ in range(m):
             gain = np.where(avail, u - pen, -np.inf)
             p = int(np.argmax(gain))
-            picked.append(p), gains.append(gain[p])
+            picked.append(p)
+            gains.append(gain[p])
             avail[p] = False
             idx, r = row(p)
             pen[idx] += r
@@ -472,14 +475,15 @@ def clipcov_reference(
             cur = u[i] - pen[i]
             evals += 1
             if not heap or (-cur, i) <= heap[0]:
-                picked.append(i), gains.append(cur)
+                picked.append(i)
+                gains.append(cur)
                 idx, r = row(i)
                 pen[idx] += r
             else:
                 heapq.heappush(heap, (-cur, i))
-    gains = np.asarray(gains)
+    gain_arr = np.asarray(gains)
     stats = {"evaluations": evals, "seconds": time.perf_counter() - t0}
-    return ClipCovResult(np.asarray(picked, dtype=np.int64), gains, float(gains.sum()), stats)
+    return ClipCovResult(np.asarray(picked, dtype=np.int64), gain_arr, float(gain_arr.sum()), stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,11 +537,12 @@ def _notebook_static_scores(image, text, labels, label_sim, cfg: ClipCovConfig):
         g_ctr = g_ctr / g_ctr.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         itc = torch.bmm(grp.f, g_ctr[:, :, None]).squeeze(-1)  # image to the text centre
         tic = torch.bmm(grp.g, f_ctr[:, :, None]).squeeze(-1)  # text to the image centre
-        r, e, itc, tic = (x.double().cpu().numpy() for x in (r, e, itc, tic))
+        r_np, e_np, itc_np, tic_np = (x.double().cpu().numpy() for x in (r, e, itc, tic))
+        del r, e, itc, tic  # the device copies
         for j, idx in enumerate(members):
             k = len(idx)
-            r_all[idx] = r[j, :k]
-            score[idx] = (r[j, :k] + 2 * e[j, :k] + label_sim[idx] / 2) - (tic[j, :k] + itc[j, :k])
+            r_all[idx] = r_np[j, :k]
+            score[idx] = (r_np[j, :k] + 2 * e_np[j, :k] + label_sim[idx] / 2) - (tic_np[j, :k] + itc_np[j, :k])
         del grp
     return r_all, score
 
@@ -601,14 +606,18 @@ def clipcov_notebook(
         head[c], count[c], selected[c], new[c] = 0, 0, [], []
         heap.append((-score[queue[c][0]], -int(queue[c][0]), c))
     heapq.heapify(heap)
-    positions, gains, rescorings = [], [], 0
+    positions: list[int] = []
+    gains: list[float] = []
+    rescorings = 0
     while len(positions) < m:
         _, neg_p, c = heapq.heappop(heap)
         p = -neg_p
-        positions.append(p), gains.append(score[p])
+        positions.append(p)
+        gains.append(score[p])
         picked[p] = True
         count[c] += 1
-        selected[c].append(p), new[c].append(p)
+        selected[c].append(p)
+        new[c].append(p)
         head[c] += 1
         if (count[c] + 1) % R == 0:
             mem = order[starts[c] : starts[c + 1]]  # ascending positions
@@ -623,7 +632,7 @@ def clipcov_notebook(
         if head[c] < len(queue[c]):
             q = int(queue[c][head[c]])
             heapq.heappush(heap, (-score[q], -q, c))
-    gains = np.asarray(gains, dtype=np.float64)
+    gain_arr = np.asarray(gains, dtype=np.float64)
     stats = {
         "score": "notebook",
         "notebook_round": R,
@@ -633,7 +642,7 @@ def clipcov_notebook(
         "seconds": time.perf_counter() - t0,
         "seconds_phases": {"static_scores": t_static, "greedy": time.perf_counter() - t0 - t_static},
     }
-    return ClipCovResult(np.asarray(positions, dtype=np.int64), gains, float(gains.sum()), stats)
+    return ClipCovResult(np.asarray(positions, dtype=np.int64), gain_arr, float(gain_arr.sum()), stats)
 
 
 def clipcov_select(

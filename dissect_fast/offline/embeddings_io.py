@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from dissect_fast.ioutil import write_json_atomic
 
@@ -38,7 +39,7 @@ class EmbeddingsError(ValueError):
     """An embeddings directory is missing, inconsistent or does not match what was asked for."""
 
 
-def _to_numpy(x: Any, dtype: np.dtype) -> np.ndarray:
+def _to_numpy(x: Any, dtype: DTypeLike) -> np.ndarray:
     """numpy or torch (any dtype, any device, bf16 included) -> numpy array of ``dtype``."""
     if hasattr(x, "detach"):  # torch tensor without importing torch here
         x = x.detach()
@@ -155,6 +156,7 @@ class EmbeddingWriter:
         """Add ids to the sorted runs behind done_mask: runs of halving size, merged like a binary
         counter, so membership costs O(log^2 N) per id and all merges O(N log N) in total."""
         runs = self._sorted_ids
+        assert runs is not None  # set by done_mask, which append calls first
         runs.append(np.sort(ids))
         while len(runs) >= 2 and len(runs[-1]) * 2 >= len(runs[-2]):
             last = runs.pop()

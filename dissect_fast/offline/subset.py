@@ -64,6 +64,7 @@ class SubsetResult:
         ]
         if self.class_counts is not None:
             sizes, counts = self.class_sizes, self.class_counts
+            assert sizes is not None  # given with the counts
             nz = sizes > 0
             share = counts[nz] / sizes[nz]
             lines.append(
@@ -92,6 +93,7 @@ class SubsetResult:
             stats=self.stats,
         )
         if self.class_counts is not None:
+            assert self.class_sizes is not None  # given with the counts
             out.update(class_sizes=self.class_sizes.tolist(), class_counts=self.class_counts.tolist())
         return out
 
@@ -198,8 +200,10 @@ def select_subset(
     elif method == "clipscore":
         pos = np.argsort(-cos, kind="stable")[:m]  # ties: the lower position wins
     else:
+        assert labels is not None  # clipcov always has proxy classes
         ls = None
         if cfg.score == "notebook":  # before the split: a piece of a split class keeps its class name
+            assert class_names_emb is not None  # checked above
             ls = label_similarity(emb.text, class_names_emb, labels, device=cfg.device, dtype=cfg.torch_dtype)
         split, n_split = split_large_classes(labels, emb.text, cfg.max_class_size, device=cfg.device)
         res = clipcov_select(emb.image, emb.text, split, m, cfg, label_sim=ls)

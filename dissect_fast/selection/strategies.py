@@ -27,6 +27,7 @@ STRATEGIES: dict[str, str | None] = {
     "dissect-warmup": "warmup_base_sampling",
     "dissect-gain": None,  # this project's sign-flipped variant (not in the reference code)
     "warmup-clipscore": None,  # this project's score-level variant (not in the reference code)
+    "warmup-snapshot": None,  # this project's frozen-score variant, no scoring pass after the warm-up
 }
 _ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
 _ALIASES.update(
@@ -36,6 +37,7 @@ _ALIASES.update(
         "dissect_warmup": "dissect-warmup",
         "dissect_gain": "dissect-gain",
         "warmup_clipscore": "warmup-clipscore",
+        "warmup_snapshot": "warmup-snapshot",
         "ours": "dissect-warmup",
     }
 )  # the reference code's default --select-strategy name
@@ -198,7 +200,7 @@ class Strategy:
         """Momentum of the history update this epoch (None: no update)."""
         return None
 
-    def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
+    def observe(self, epoch: int, ids: torch.Tensor, feats: tuple[torch.Tensor, torch.Tensor], scale) -> torch.Tensor:
         """The CLIPScores of the trained ``ids`` from the training forward's detached features (no scoring pass
         ran); strategies that record from training features update the history here in a single process."""
         return clip_scores(*feats, scale)
@@ -210,6 +212,7 @@ class Strategy:
             sel.score, sel.scored_ids = self.observe(epoch, trained_ids, train_feats, scale), trained_ids
         m = self.history_updates(epoch)
         if self.gather is not None and m is not None and self.history is not None:
+            assert sel.scored_ids is not None  # set with sel.score
             self.history.update(self.gather(sel.scored_ids), self.gather(sel.score.float()), m)
         return sel
 
@@ -263,13 +266,13 @@ class _LossBased(Strategy):
     def needs_scoring(self, epoch: int) -> bool:
         return True
 
-    def per_sample_loss(self, feats, logit_scale: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, feats: tuple[torch.Tensor, torch.Tensor], logit_scale: torch.Tensor) -> torch.Tensor:
         """The loss the ranking uses: it follows the training loss (InfoNCE, or sigmoid under --siglip)."""
         if self.sigmoid_bias is not None:
             return per_sample_sigmoid_loss(*feats, logit_scale, self.sigmoid_bias)
         return per_sample_clip_loss(*feats, logit_scale)
 
-    def select(self, epoch, ids, feats, logit_scale, scale, generator) -> Selection:
+    def select(self, epoch, ids, feats: tuple[torch.Tensor, torch.Tensor], logit_scale, scale, generator) -> Selection:
         loss = self.per_sample_loss(feats, logit_scale)
         return Selection(
             index=topk_positions(self.sign * loss, self.k), score=clip_scores(*feats, scale), scored_ids=ids
@@ -291,6 +294,7 @@ class DissectMomentum(Strategy):
 
     name = "dissect-momentum"
     uses_history = True
+    history: HistoryBuffer  # always set: uses_history
 
     def needs_scoring(self, epoch: int) -> bool:
         return True
@@ -311,6 +315,7 @@ class DissectWarmup(Strategy):
 
     name = "dissect-warmup"
     uses_history = True
+    history: HistoryBuffer  # always set: uses_history
     #: record w in every warm-up epoch, not only the last: set by the trainer when an epoch is less than one
     #: pass over the data (--train-num-samples below the data size, --dataset-resampled), where epoch W-1 does
     #: not score every sample and the reference's rule (the last warm-up score of each sample) needs them all
@@ -358,7 +363,7 @@ class DissectWarmup(Strategy):
         # survives, so that is the only warm-up epoch that needs to write.
         return 0.0 if self._records(epoch) else None
 
-    def observe(self, epoch: int, ids: torch.Tensor, feats, scale) -> torch.Tensor:
+    def observe(self, epoch: int, ids: torch.Tensor, feats: tuple[torch.Tensor, torch.Tensor], scale) -> torch.Tensor:
         m = self._inplace_momentum(epoch)
         if m is None:
             return clip_scores(*feats, scale)
@@ -444,9 +449,43 @@ class WarmupClipScore(DissectWarmup):
         return Selection(index=index, score=score, delta=delta, scored_ids=ids)
 
 
+class WarmupSnapshot(DissectWarmup):
+    """NOT the published rule: the same warm-up as ``dissect-warmup``, then keep the k pairs of each batch with
+    the largest *warm-up* score w[id] (frozen), with no scoring pass at all after the warm-up.
+
+    Rationale (benchmarks/README.md, "Selection on real photos"): on real photos a model trained on all pairs
+    memorises the mismatched ones, so their current score catches up with the clean pairs' and neither the
+    current score (``warmup-clipscore``) nor its change (``dissect-warmup``) keeps separating them; the score a
+    pair had at an early warm-up point, before the memorisation, still does. The model is the run's own early
+    self, used as a fixed reference (JEST's reference-model idea without a second model). Every step after the
+    warm-up then costs only the trained sub-batch's forward and backward. Never-scored samples rank last.
+    """
+
+    name = "warmup-snapshot"
+
+    def needs_scoring(self, epoch: int) -> bool:
+        return super().needs_scoring(epoch) if self.in_warmup(epoch) else False
+
+    def select_after_warmup(self, ids, feats, scale) -> Selection:
+        w = self.history.values[ids].float()
+        key = torch.where(torch.isnan(w), torch.full_like(w, float("-inf")), w)
+        return Selection(index=topk_positions(key, self.k))
+
+
 _CLASSES = {
     c.name: c
-    for c in (Full, Random, ClipScore, SmallLoss, BigLoss, DissectMomentum, DissectWarmup, DissectGain, WarmupClipScore)
+    for c in (
+        Full,
+        Random,
+        ClipScore,
+        SmallLoss,
+        BigLoss,
+        DissectMomentum,
+        DissectWarmup,
+        DissectGain,
+        WarmupClipScore,
+        WarmupSnapshot,
+    )
 }
 #: strategies with a warm-up phase and a frozen snapshot (--warmup-point, --warmup-train apply)
 WARMUP_STRATEGIES = tuple(n for n, c in _CLASSES.items() if issubclass(c, DissectWarmup))
