@@ -20,8 +20,8 @@ demo: install
 
 # ruff check (rules in ruff.toml), ruff format --check and mypy (mypy.ini: the package and kernels/), before the tests
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 	$(BIN)/mypy
 
 test: install lint

@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 import torch
-from dissect_fast.kernels.fused_select import KernelConfig, _fused_select_triton, fused_select, fused_select_reference
 from triton.testing import do_bench, do_bench_cudagraph
+
+from dissect_fast.kernels.fused_select import KernelConfig, _fused_select_triton, fused_select, fused_select_reference
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -36,7 +36,9 @@ P. Their agreement with full-resolution scoring is measured in a separate, untim
 trained with full-resolution DISSect (``dissect-momentum``, so the history fills) over a pool of
 cached batches, every cheap scorer scoring the same batch with the same weights each step; the
 overlap |top-k(full) & top-k(cheap)| / k is reported for the CLIPScore key and for the DISSect
-delta key (steps where every sample in the batch has a history value).
+delta key (steps where every sample in the batch has a history value). The same run measures
+``--score-precision``: the overlap of fp32 scoring (no autocast, as the reference scores) with bf16-autocast
+scoring (``score_precision_fp32_vs_bf16``).
 Results: benchmarks/results/train-<device>-<date>.json (``benchkit.header``: device, versions, commit, command,
 date; then the rows).
 """
@@ -438,7 +440,7 @@ def measure_overlap(t, a) -> dict:
     scorers would only cost time; numerics match to bf16 rounding). Reads ``a.overlap_steps``, ``a.overlap_pool``,
     ``a.score_resolutions`` and ``a.score_patch_dropouts``."""
     from dissect_fast.model import ScoringPass
-    from dissect_fast.selection.strategies import clip_scores, topk_positions
+    from dissect_fast.selection.strategies import clip_scores, scaled_cosines, topk_positions
 
     t.model.train()
     it = batches(t)
@@ -447,8 +449,11 @@ def measure_overlap(t, a) -> dict:
     cheap = {f"dissect-r0.2-res{R}": {"resolution": R} for R in a.score_resolutions}
     cheap.update({f"dissect-r0.2-pd{P}": {"patch_dropout": P} for P in a.score_patch_dropouts})
     scorers = {n: ScoringPass(t.model, t.precision, t.device, False, **kw) for n, kw in cheap.items()}
+    # --score-precision: the reference's fp32 scoring (no autocast) against bf16 autocast, same weights and batch
+    by_precision = {p: ScoringPass(t.model, p, t.device, False) for p in ("fp32", "amp_bf16")}
     k, dev = t.k, t.device
     sums = {n: torch.zeros(2, device=dev) for n in scorers}  # [score-key overlap, delta-key overlap] sums
+    prec_sum = torch.zeros(2, device=dev)
     n_delta = torch.zeros((), device=dev)
     zeros = torch.zeros((), device=dev)  # share of full-resolution scores clamped to 0 (ties in the keys)
     hist = t.strategy.history.values
@@ -464,15 +469,27 @@ def measure_overlap(t, a) -> dict:
         h = hist[ids]
         seen = ~torch.isnan(h)
         all_seen = seen.all().float()
-        s_full = clip_scores(*t.forwards.score(images, tokens), 100.0)
-        top_s = topk_positions(s_full, k)
+        feats = t.forwards.score(images, tokens)
+        s_full = clip_scores(*feats, 100.0)
+        top_s = topk_positions(scaled_cosines(*feats, 100.0), k)  # clipscore's key: the unclamped score
         zeros += (s_full == 0).float().mean()
         top_d = topk_positions(torch.where(seen, h - s_full, torch.zeros_like(s_full)), k)
         for n, sc in scorers.items():
-            s = clip_scores(*sc(images, tokens), 100.0)
+            f_c = sc(images, tokens)
+            s = clip_scores(*f_c, 100.0)
             d = torch.where(seen, h - s, torch.zeros_like(s))
-            sums[n][0] += inter(top_s, topk_positions(s, k), B)
+            sums[n][0] += inter(top_s, topk_positions(scaled_cosines(*f_c, 100.0), k), B)
             sums[n][1] += inter(top_d, topk_positions(d, k), B) * all_seen
+        f32, f16 = by_precision["fp32"](images, tokens), by_precision["amp_bf16"](images, tokens)
+        for j, (a32, a16) in enumerate(
+            (
+                (scaled_cosines(*f32, 100.0), scaled_cosines(*f16, 100.0)),
+                (h - clip_scores(*f32, 100.0), h - clip_scores(*f16, 100.0)),
+            )
+        ):
+            if j == 1:
+                a32, a16 = (torch.where(seen, x, torch.zeros_like(x)) for x in (a32, a16))
+            prec_sum[j] += inter(topk_positions(a32, k), topk_positions(a16, k), B) * (all_seen if j else 1.0)
         n_delta += all_seen
         t.train_step(0, images, tokens, ids)  # full-resolution DISSect trains the shared weights
     nd = int(n_delta)
@@ -489,6 +506,11 @@ def measure_overlap(t, a) -> dict:
                 "delta_key": round(float(v[1]) / nd, 4) if nd else None,
             }
             for n, v in sums.items()
+        },
+        # |top-k(fp32 scoring) & top-k(bf16-autocast scoring)| / k on the same weights (--score-precision)
+        "score_precision_fp32_vs_bf16": {
+            "score_key": round(float(prec_sum[0]) / a.overlap_steps, 4),
+            "delta_key": round(float(prec_sum[1]) / nd, 4) if nd else None,
         },
     }
     return out

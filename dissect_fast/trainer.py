@@ -96,8 +96,26 @@ def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
 
 
 class Trainer:
+    """One training run. ``__init__`` calls the set-up builders below in order: a configuration the user got wrong
+    fails before any model, loader or GPU work, and the run folder is made last. ``fit`` runs the epoch loop."""
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self._setup_runtime()
+        # Everything the user can get wrong fails in these three, before any model, loader or GPU work.
+        self._resolve_model_options()
+        self._plan_data()
+        self._prepare_checkpoints()
+        pre_train, pre_val = self._build_model()
+        self._build_strategy()
+        self._build_loaders(pre_train, pre_val)
+        self._init_loop_state()
+        make_run_dir(self.run_dir, self.dist)  # last: a run that fails to set up leaves no folder behind
+
+    # ------------------------------------------------------------------ set-up, in the order __init__ runs it
+    def _setup_runtime(self) -> None:
+        """Device, ranks, precision, this rank's seeds, the run folder's path (not made yet), buffered logging."""
+        cfg = self.cfg
         self.device = resolve_device(cfg.model.device)
         self.dist: DistInfo = init_distributed(self.device.type, cfg.dist.dist_timeout)
         if self.device.type == "cuda":
@@ -110,7 +128,9 @@ class Trainer:
         self.run_dir = run_dir_for(cfg.run, cfg.select.strategy, self.dist)  # made once set-up has succeeded
         setup_logging(None, self.dist.is_main, buffer=True)
 
-        # Everything the user can get wrong fails here, before any model, loader or GPU work.
+    def _resolve_model_options(self) -> None:
+        """wandb installed, model name, scoring options, pretrained weights, tokenizer: checked, no model built."""
+        cfg = self.cfg
         if "wandb" in cfg.run.report_to.split(","):
             check_wandb_installed()
         self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
@@ -119,6 +139,10 @@ class Trainer:
         self.pretrained = resolve_pretrained(cfg.model.pretrained, self.model_name) if cfg.model.pretrained else None
         #: the model's own tokenizer when it is not CLIP BPE (SigLIP, HF text towers); None: CLIP BPE (stored `tok`)
         self.tokenizer = text_tokenizer(self.model_name)
+
+    def _plan_data(self) -> None:
+        """The training data (checked, no loader yet), its counts, the run's length in steps, the profiler."""
+        cfg = self.cfg
         self.accum = cfg.optim.accum_freq  #: --accum-freq: batches per optimizer step
         self.data = TrainData(cfg, self.dist, self.device, self.tokenizer, self.model_name)
         self.num_ids, self.num_samples = self.data.num_ids, self.data.num_samples
@@ -126,6 +150,10 @@ class Trainer:
         self.index, self.data_backend = self.data.index, self.data.backend
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.profiler = self._profiler()  #: --profile-steps; None: the loop runs no profiling code
+
+    def _prepare_checkpoints(self) -> None:
+        """The checkpointer, and the checkpoint to resume from, loaded and checked against this run."""
+        cfg = self.cfg
         self.checkpointer = ckpt_io.Checkpointer(
             self.run_dir,
             cfg.optim.epochs,
@@ -135,6 +163,9 @@ class Trainer:
         )
         self.resume_state = self._load_resume()  # loaded and checked against this run before the model is built
 
+    def _build_model(self) -> tuple:
+        """Model, forwards, optimizer, lr scheduler, grad scaler, loss; returns the (train, val) image transforms."""
+        cfg = self.cfg
         self.model, pre_train, pre_val, self.context_length = create_model(
             self.model_name, self.device, self.pretrained, self.precision, cfg.model.siglip
         )
@@ -157,6 +188,11 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=uses_grad_scaler(self.precision))
         self.loss_fn = self._loss()
+        return pre_train, pre_val
+
+    def _build_strategy(self) -> None:
+        """The selection strategy, k (samples trained per batch) and the selection's random generator."""
+        cfg = self.cfg
         gather = (lambda t: all_gather_cat(t, self.dist)) if self.dist.enabled else None
         self.strategy = make_strategy(cfg.select, cfg.data.batch_size, self.num_ids, self.device, gather)
         if cfg.model.siglip and hasattr(self.strategy, "sigmoid_bias"):  # small_loss/big_loss rank by the sigmoid loss
@@ -166,10 +202,16 @@ class Trainer:
         self.k = cfg.select.k(cfg.data.batch_size)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.run.seed * 7919 + self.dist.rank)
+
+    def _build_loaders(self, pre_train, pre_val) -> None:
+        """Train and val loaders, the zero-shot sets, the per-epoch diagnostics."""
         self.data.build_loaders(self.model, pre_train, pre_val, self.context_length)
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
         self.zeroshot_sets = self._zeroshot_sets(pre_val)
-        self.diag = EpochDiagnostics(self.num_ids, self.device, self.data.clean_flags(), per_id=cfg.run.record)
+        self.diag = EpochDiagnostics(self.num_ids, self.device, self.data.clean_flags(), per_id=self.cfg.run.record)
+
+    def _init_loop_state(self) -> None:
+        """Position (epoch, step), metrics, outputs, callbacks and hooks, phase timer, stop signal, non-finite guard."""
         self.start_epoch, self.step = 0, 0
         self.epoch_step = 0  #: steps done in the current epoch
         #: stop after this many global steps (benchmarks); a stop inside an epoch writes no epoch checkpoint
@@ -178,7 +220,7 @@ class Trainer:
         self.score_scale = 100.0
         self.tb = None  #: the TensorBoard writer (--tensorboard, main rank; callbacks.TensorBoard)
         self.wandb = None  #: the wandb run (--report-to wandb, main rank; callbacks.Wandb)
-        self.last_trained = cfg.data.batch_size  #: samples the last step trained on (a shape: no sync)
+        self.last_trained = self.cfg.data.batch_size  #: samples the last step trained on (a shape: no sync)
         self.on_epoch_end = None  #: optional function(metrics) on the main rank, e.g. the demo's progress line
         #: callbacks added to the run's own (``_callbacks``), called after them: tests, benchmarks
         self.callbacks: list[Callback] = []
@@ -192,13 +234,13 @@ class Trainer:
         self.timer: PhaseMarker | None = None
         self.stop = reliability.StopSignal()  # SIGTERM/SIGINT -> checkpoint after the current step, exit
         self.guard = reliability.NonFiniteGuard(
-            self.optimizer, self.device, cfg.run.max_nonfinite_steps, self.scaler.is_enabled()
+            self.optimizer, self.device, self.cfg.run.max_nonfinite_steps, self.scaler.is_enabled()
         )
         self._epoch_resume: dict | None = None  # data position inside an epoch, from an interrupted run
-        make_run_dir(self.run_dir, self.dist)  # last: a run that fails to set up leaves no folder behind
 
     # ------------------------------------------------------------------ set-up helpers
     def _set_seed(self, seed: int) -> None:
+        """Python's, NumPy's and torch's global RNGs from ``seed``."""
         import random
 
         random.seed(seed)
@@ -206,6 +248,7 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _loss(self):
+        """open_clip's contrastive loss for this run: SigLipLoss with --siglip, else ClipLoss."""
         from open_clip.loss import ClipLoss, SigLipLoss
 
         d = self.cfg.dist

@@ -26,6 +26,7 @@ import time
 
 import pytest
 import torch
+
 from dissect_fast.kernels.fused_select import (
     HAS_TRITON,
     MAX_B,

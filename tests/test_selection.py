@@ -201,3 +201,27 @@ def test_warmup_clipscore_full_warmup_trains_whole_batch():
     sel = s.select(0, torch.tensor([0, 1, 2]), (f, g), torch.tensor(1.0), 100.0, None)
     assert sel.index is None
     assert torch.allclose(s.history.values[:3], torch.tensor([40.0, 50.0, 10.0]), atol=1e-3)
+
+
+def test_warmup_snapshot_keeps_highest_warmup_score_without_a_scoring_pass():
+    """warmup-snapshot: dissect-warmup's warm-up record, then the top-k of the frozen w; no scoring pass after the
+    warm-up (the trained sub-batch's forward alone gives the diagnostics' scores)."""
+    s, _ = make("warmup-snapshot", rate=0.4, warmup_point=2)
+    assert resolve_strategy("warmup_snapshot") == "warmup-snapshot"
+    ids = torch.tensor([0, 1, 2, 3, 4])
+    s.select(1, ids, feats_with_cos([0.4, 0.5, 0.1, 0.2, 0.3]), torch.tensor(1.0), 100.0, None)  # w <- s
+    assert not s.needs_scoring(2) and not s.needs_scoring(5)
+    sel = s.select(2, torch.tensor([2, 4, 1, 0]), None, torch.tensor(1.0), 100.0, None)
+    assert sel.index.tolist() == [2, 3]  # ids 1 (w 50) and 0 (w 40)
+    assert sel.score is None and sel.scored_ids is None  # filled from the training forward by update()
+    f, g = feats_with_cos([0.7, 0.6])
+    sel = s.update(2, sel, torch.tensor([1, 0]), (f, g), 100.0)
+    assert sel.scored_ids.tolist() == [1, 0] and torch.allclose(sel.score, torch.tensor([70.0, 60.0]), atol=1e-3)
+    assert torch.allclose(s.history.values[:2], torch.tensor([40.0, 50.0]), atol=1e-3)  # w stays frozen
+
+
+def test_warmup_snapshot_ranks_never_scored_samples_last():
+    s, _ = make("warmup-snapshot", rate=0.5, warmup_point=1)
+    s.history.values[:2] = torch.tensor([5.0, 0.0])
+    sel = s.select(1, torch.tensor([7, 1, 8, 0]), None, torch.tensor(1.0), 100.0, None)
+    assert sel.index.tolist() == [3, 1]  # w 5 and w 0 before the unseen ids 7 and 8

@@ -64,11 +64,18 @@ def topk_positions(key: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
-def clip_scores(image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """CLIPScore s_i = max(0, scale * cos(f_i, g_i)) in float32."""
+def scaled_cosines(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """scale * cos(f_i, g_i) in float32, not clamped: clipscore's ranking key (METHOD.md)."""
     f = F.normalize(image_features.float(), dim=-1)
     g = F.normalize(text_features.float(), dim=-1)
-    return (scale * (f * g).sum(-1)).clamp_min(0.0)
+    return scale * (f * g).sum(-1)
+
+
+def clip_scores(image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """CLIPScore s_i = max(0, scale * cos(f_i, g_i)) in float32."""
+    return scaled_cosines(image_features, text_features, scale).clamp_min(0.0)
 
 
 def per_sample_clip_loss(
