@@ -605,31 +605,20 @@ def main(argv: list[str] | None = None) -> int:
                 "per run); compute_units (forward = 1, backward = 2 per sample) is the load-free cost",
             }
         )
-        doc.setdefault("runs", [])
-        done = {run_key({k: row[k] for k in runs[0]}) for row in doc["runs"]} if runs else set()
-        t_start = time.time()
-        n_new = 0
-        for i, r in enumerate(runs):
-            if run_key(r) in done:
-                continue
-            if a.max_minutes is not None and time.time() - t_start > 60 * a.max_minutes:
-                print(f"[quality] --max-minutes {a.max_minutes} reached: {len(doc['runs'])}/{len(runs)} runs stored")
-                break
-            if a.max_runs is not None and n_new >= a.max_runs:
-                break
-            data = ensure_data(a.work, r["noise"], r["num_train"], g["num_val"])
-            row = train_one(r, g, data, a.work, a.device)
-            doc["runs"].append(row)
-            doc["completed_runs"] = len(doc["runs"])
-            write_json(path, doc)
-            n_new += 1
-            print(
-                f"[quality] {i + 1}/{len(runs)} {r['sweep']} noise {r['noise']:.0%} {r['strategy']} r={r['rate']} "
-                f"seed {r['seed']}: R@1 i2t {row['i2t_R@1']:.1f} t2i {row['t2i_R@1']:.1f}, clean share "
-                f"(>= W) {row['clean_fraction_after_warmup']:.3f}, {row['wall_s']:.0f} s, load "
-                f"{row['load_end']['loadavg_1_5_15'][0]}",
-                flush=True,
+
+        def run_one(r: dict) -> dict:
+            return train_one(r, g, ensure_data(a.work, r["noise"], r["num_train"], g["num_val"]), a.work, a.device)
+
+        def describe(r: dict, row: dict) -> str:
+            return (
+                f"{r['sweep']} noise {r['noise']:.0%} {r['strategy']} r={r['rate']} seed {r['seed']}: R@1 i2t "
+                f"{row['i2t_R@1']:.1f} t2i {row['t2i_R@1']:.1f}, clean share (>= W) "
+                f"{row['clean_fraction_after_warmup']:.3f}, {row['wall_s']:.0f} s, load {row['load_end']['loadavg_1_5_15'][0]}"
             )
+
+        benchkit.run_grid(
+            path, doc, runs, run_one, describe, max_minutes=a.max_minutes, max_runs=a.max_runs, tag="quality"
+        )
     if doc["runs"]:
         table = format_table(doc)
         with open(os.path.join(a.out, f"{prefix}-table.md"), "w") as f:

@@ -35,7 +35,7 @@ import numpy as np
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchkit  # noqa: E402
-from bench_quality import group_means, load_json, machine_load, run_key  # noqa: E402
+from bench_quality import group_means, load_json, machine_load  # noqa: E402
 
 from dissect_fast.selection.strategies import WARMUP_STRATEGIES  # noqa: E402
 
@@ -538,31 +538,21 @@ def main(argv: list[str] | None = None) -> int:
                 "is the load-free cost",
             }
         )
-        doc.setdefault("runs", [])
-        done = {run_key({k: row[k] for k in runs[0]}) for row in doc["runs"]} if runs else set()
-        t_start = time.time()
-        n_new = 0
-        for i, r in enumerate(runs):
-            if run_key(r) in done:
-                continue
-            if a.max_minutes is not None and time.time() - t_start > 60 * a.max_minutes:
-                print(f"[real] --max-minutes {a.max_minutes} reached: {len(doc['runs'])}/{len(runs)} runs stored")
-                break
-            if a.max_runs is not None and n_new >= a.max_runs:
-                break
+
+        def run_one(r: dict) -> dict:
             train, val = ensure_data(a.data, a.work, g, r["noise"])
-            row = train_one(r, g, train, val, a.work, a.device)
-            doc["runs"].append(row)
-            doc["completed_runs"] = len(doc["runs"])
-            benchkit.write_json(path, doc)
-            n_new += 1
-            print(
-                f"[real] {i + 1}/{len(runs)} {r['sweep']} noise {r['noise']:.0%} {r['strategy']} W={r['warmup_point']} "
-                f"seed {r['seed']}: clean share (>= W) {row['clean_fraction_after_warmup']:.3f} (base "
-                f"{row['base_clean_fraction']:.2f}), R@5 {r5(row):.2f}, train {row['train_wall_s']:.0f} s, load "
-                f"{row['load_end']['loadavg_1_5_15'][0]}",
-                flush=True,
+            return train_one(r, g, train, val, a.work, a.device)
+
+        def describe(r: dict, row: dict) -> str:
+            return (
+                f"{r['sweep']} noise {r['noise']:.0%} {r['strategy']} W={r['warmup_point']} seed {r['seed']}: clean "
+                f"share (>= W) {row['clean_fraction_after_warmup']:.3f} (base {row['base_clean_fraction']:.2f}), "
+                f"R@5 {r5(row):.2f}, train {row['train_wall_s']:.0f} s, load {row['load_end']['loadavg_1_5_15'][0]}"
             )
+
+        benchkit.run_grid(
+            path, doc, runs, run_one, describe, max_minutes=a.max_minutes, max_runs=a.max_runs, tag="real"
+        )
     if doc["runs"]:
         table = format_table(doc)
         with open(os.path.join(a.out, f"{prefix}-table.md"), "w") as f:

@@ -19,6 +19,8 @@ import re
 import shlex
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,37 @@ def step_stats(step_s: list[float], phases: list[dict], batch_size: int) -> dict
         "phases_mean_ms_per_step": {p: round(statistics.fmean(s[p] for s in phases) * 1e3, 4) for p in names},
         "data_share": round(ph_med["data"] / max(1e-12, sum(ph_med.values())), 4),
     }
+
+
+def run_grid(
+    path: str | Path,
+    doc: dict,
+    runs: list[dict],
+    run_one: Callable[[dict], dict],
+    describe: Callable[[dict, dict], str],
+    *,
+    max_minutes: float | None = None,
+    max_runs: int | None = None,
+    tag: str = "grid",
+) -> None:
+    """Run, in order, every planned run (a dict of its settings: its identity) that ``doc["runs"]`` does not hold
+    yet; ``doc`` is rewritten to ``path`` after each run, so a cut run keeps what finished and a rerun resumes.
+    ``run_one(run)`` returns the run's row (the settings plus results); ``describe(run, row)`` its progress line."""
+    doc.setdefault("runs", [])
+    keys = list(runs[0]) if runs else []
+    done = {json.dumps({k: row[k] for k in keys}, sort_keys=True) for row in doc["runs"]}
+    t_start, n_new = time.time(), 0
+    for i, r in enumerate(runs):
+        if json.dumps(r, sort_keys=True) in done:
+            continue
+        if max_minutes is not None and time.time() - t_start > 60 * max_minutes:
+            print(f"[{tag}] --max-minutes {max_minutes} reached: {len(doc['runs'])}/{len(runs)} runs stored")
+            break
+        if max_runs is not None and n_new >= max_runs:
+            break
+        row = run_one(r)
+        doc["runs"].append(row)
+        doc["completed_runs"] = len(doc["runs"])
+        write_json(path, doc)
+        n_new += 1
+        print(f"[{tag}] {i + 1}/{len(runs)} {describe(r, row)}", flush=True)

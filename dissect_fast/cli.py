@@ -168,7 +168,7 @@ COMMANDS = {
     "demo": (_demo, "the embedded demo: full data vs DISSect vs baselines on noisy synthetic data"),
     "embed": (_embed, "embeddings of every sample with a reference model (offline selection)"),
     "select-subset": (_select_subset, "choose a training subset offline (random, clipscore, clipcov)"),
-    "bench": (_bench, "run a benchmark: train (default), select, data, quality, subset"),
+    "bench": (_bench, "run a benchmark: train (default), select, data, quality, real, subset"),
 }
 
 

@@ -1,0 +1,97 @@
+"""The real-photo selection benchmark (benchmarks/bench_real.py) end to end on a tiny folder in the CC3M/CyCLIP CSV
+layout (captions.csv + images/, several captions per image), and its clean-vs-noisy AUC."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_real", ROOT / "benchmarks" / "bench_real.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def photo_folder(root: Path, n_images: int) -> Path:
+    """Images of varied size and colour, two captions each (named after the colour), like Flickr8k's layout."""
+    rng = random.Random(0)
+    (root / "images").mkdir(parents=True)
+    with open(root / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for i in range(n_images):
+            colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            name = f"{1000 + i}_photo.jpg"
+            Image.new("RGB", (rng.randrange(40, 90), rng.randrange(40, 90)), colour).save(root / "images" / name)
+            w.writerow([name, f"a photo in colour {colour[0]} {colour[1]}"])
+            w.writerow([name, f"something coloured {colour[2]}"])
+    return root
+
+
+def test_auc_matches_pairwise_counting():
+    bench = load_bench()
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 5, 40).astype(float)  # many ties
+    score[3] = np.nan  # unscored: left out
+    clean = rng.random(40) < 0.6
+    ok = ~np.isnan(score)
+    pos, neg = score[ok & clean], score[ok & ~clean]
+    expect = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+    assert bench.auc(score, clean) == pytest.approx(expect)
+    assert bench.auc(score, np.ones(40, bool)) is None
+
+
+def test_quick_grid_end_to_end_and_resume(tmp_path, capsys):
+    bench = load_bench()
+    data = photo_folder(tmp_path / "photos", 80)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--data", str(data), "--grid", "quick", "--out", str(out), "--work", str(work), "--tag", "t"]
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "real-t.json").read_text())
+    assert doc["data_name"] == "photos" and doc["completed_runs"] == doc["planned_runs"] == 2
+    for key in ("commit", "date", "device", "versions", "command"):
+        assert doc[key], key
+    g = bench.GRIDS["quick"]
+    for row in doc["runs"]:
+        n = g["epochs"]
+        assert row["base_clean_fraction"] == pytest.approx(0.6, abs=0.01)  # 40% of 120 pairs moved
+        for key in ("clean_fraction_per_epoch", "score_auc_per_epoch", "i2t_R@5_per_epoch", "train_wall_s_cum"):
+            assert len(row[key]) == n, key
+        assert all(0 <= x <= 100 for x in row["i2t_R@5_per_epoch"] + row["t2i_R@5_per_epoch"])
+        assert all(v is None or 0 <= v <= 1 for v in row["score_auc_per_epoch"])
+        assert row["train_wall_s_cum"] == sorted(row["train_wall_s_cum"]) and row["train_wall_s"] > 0
+        assert row["samples_backpropagated_cum"][-1] > 0 and row["compute_units"] > 0
+    full, snap = doc["runs"]
+    assert full["strategy"] == "full" and snap["strategy"] == "warmup-snapshot"
+    assert snap["compute_units"] < full["compute_units"]  # trains on 30% with no scoring pass after W
+    assert full["samples_backpropagated_cum"][-1] == 3 * 120  # every pair, every epoch (B divides 120)
+    table = (out / "real-t-table.md").read_text()
+    assert "| main | 40% | warmup-snapshot | 1 | full | 1 |" in table
+    assert (out / "real-t-clean-share.png").is_file() and (out / "real-t-r5-vs-wall.png").is_file()
+    # the held-out images are the last ones by name and never trained on
+    names = sorted(p.name for p in (data / "images").iterdir())
+    val_csv = next(work.glob("val-*.csv")).read_text()
+    assert names[-1] in val_csv and names[0] not in val_csv
+    capsys.readouterr()
+    assert bench.main(argv) == 0  # resume: nothing left to run
+    assert "[real] 1/2" not in capsys.readouterr().out
+    assert len(json.loads((out / "real-t.json").read_text())["runs"]) == 2
+
+
+def test_missing_data_folder_names_the_flag(tmp_path):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--grid", "quick", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="--data .*captions.csv"):
+        bench.main(["--data", str(tmp_path), "--grid", "quick", "--out", str(tmp_path), "--work", str(tmp_path / "w")])
