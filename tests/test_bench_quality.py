@@ -39,9 +39,10 @@ def load_bench():
 
 def test_reduced_grid_plan_is_prioritised():
     b = load_bench()
-    runs = b.plan_runs(b.GRIDS["reduced"])
-    first = runs[: len(b.STRATEGIES)]  # 50% noise, every strategy, first seed, before anything else
-    assert {r["strategy"] for r in first} == set(b.STRATEGIES)
+    g = b.GRIDS["reduced"]
+    runs = b.plan_runs(g)
+    first = runs[: len(g["strategies"])]  # 50% noise, every strategy of the grid, first seed, before anything else
+    assert {r["strategy"] for r in first} == set(g["strategies"])
     assert all(r["noise"] == 0.5 and r["seed"] == 0 and r["sweep"] == "main" for r in first)
     assert all(r["rate"] == (1.0 if r["strategy"] == "full" else 0.3) for r in first)
     assert len({b.run_key(r) for r in runs}) == len(runs)  # no duplicate run
