@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -54,7 +55,7 @@ GRIDS = {
         warmup_point=1,
         lr=3e-3,
         lr_warmup=5,
-        noises=[0.4],
+        noises=[0.4, 0.0],
         seeds=[0],
         strategies=["full", "warmup-snapshot"],
         more_seeds=[],
@@ -160,7 +161,7 @@ def shrink_images(src: str, dst: str, names: list[str], px: int) -> None:
 def ensure_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str]:
     """(train shards, val shards) for one noise level; built once per work folder."""
     from dissect_fast.data.csv_shards import csv_to_shards
-    from dissect_fast.data.shards import INDEX_NAME
+    from dissect_fast.data.shards import INDEX_NAME, DatasetIndex
 
     by = read_captions(folder)
     names = sorted(by)
@@ -189,7 +190,12 @@ def ensure_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str
             samples_per_shard=max(100, len(rows) // 4),
             progress=False,
         )
-    return os.path.join(train_dir, "train"), os.path.join(val_dir, "train")
+    split = os.path.join(train_dir, "train")
+    index = DatasetIndex.load(split)
+    if index.clean_file is None:  # noise 0: shards records flags only for noisy sets; here every pair is clean
+        np.save(os.path.join(split, "clean.npy"), np.ones(index.num_ids, dtype=np.uint8))
+        replace(index, clean_file="clean.npy").save(split)
+    return split, os.path.join(val_dir, "train")
 
 
 def _write_csv(path: str, rows: list[tuple[str, str]]) -> None:
@@ -425,7 +431,9 @@ def make_plots(doc: dict, out_dir: str, prefix: str) -> list[str]:
         axes[1].plot(x["samples_backpropagated_cum"], y, marker="o", ms=3, label=s)
     axes[0].set_xlabel("training wall-clock (s, evaluation excluded)")
     axes[1].set_xlabel("trained (backpropagated) samples")
+    chance = 500 / doc["settings"]["val_images"]  # R@5 of a random ranking, in %
     for ax in axes:
+        ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
         ax.set_ylabel("held-out R@5, mean of both directions (%)")
         ax.legend(fontsize=7)
     fig.suptitle(f"{doc['data_name']}, {NOISE_MAIN:.0%} noise, seed {doc['settings']['seeds'][0]}", fontsize=9)

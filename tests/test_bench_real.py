@@ -59,20 +59,22 @@ def test_quick_grid_end_to_end_and_resume(tmp_path, capsys):
     argv = ["--data", str(data), "--grid", "quick", "--out", str(out), "--work", str(work), "--tag", "t"]
     assert bench.main(argv) == 0
     doc = json.loads((out / "real-t.json").read_text())
-    assert doc["data_name"] == "photos" and doc["completed_runs"] == doc["planned_runs"] == 2
+    assert doc["data_name"] == "photos" and doc["completed_runs"] == doc["planned_runs"] == 4
     for key in ("commit", "date", "device", "versions", "command"):
         assert doc[key], key
     g = bench.GRIDS["quick"]
+    assert [r["noise"] for r in doc["runs"]] == [0.4, 0.4, 0.0, 0.0]
     for row in doc["runs"]:
         n = g["epochs"]
-        assert row["base_clean_fraction"] == pytest.approx(0.6, abs=0.01)  # 40% of 120 pairs moved
+        # 40% of 120 pairs moved; at noise 0 every pair is clean (flags written although shards writes none)
+        assert row["base_clean_fraction"] == pytest.approx(1 - row["noise"], abs=0.01)
         for key in ("clean_fraction_per_epoch", "score_auc_per_epoch", "i2t_R@5_per_epoch", "train_wall_s_cum"):
             assert len(row[key]) == n, key
         assert all(0 <= x <= 100 for x in row["i2t_R@5_per_epoch"] + row["t2i_R@5_per_epoch"])
         assert all(v is None or 0 <= v <= 1 for v in row["score_auc_per_epoch"])
         assert row["train_wall_s_cum"] == sorted(row["train_wall_s_cum"]) and row["train_wall_s"] > 0
         assert row["samples_backpropagated_cum"][-1] > 0 and row["compute_units"] > 0
-    full, snap = doc["runs"]
+    full, snap = doc["runs"][:2]
     assert full["strategy"] == "full" and snap["strategy"] == "warmup-snapshot"
     assert snap["compute_units"] < full["compute_units"]  # trains on 30% with no scoring pass after W
     assert full["samples_backpropagated_cum"][-1] == 3 * 120  # every pair, every epoch (B divides 120)
@@ -85,8 +87,8 @@ def test_quick_grid_end_to_end_and_resume(tmp_path, capsys):
     assert names[-1] in val_csv and names[0] not in val_csv
     capsys.readouterr()
     assert bench.main(argv) == 0  # resume: nothing left to run
-    assert "[real] 1/2" not in capsys.readouterr().out
-    assert len(json.loads((out / "real-t.json").read_text())["runs"]) == 2
+    assert "[real] 1/4" not in capsys.readouterr().out
+    assert len(json.loads((out / "real-t.json").read_text())["runs"]) == 4
 
 
 def test_missing_data_folder_names_the_flag(tmp_path):
