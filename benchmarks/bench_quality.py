@@ -380,13 +380,6 @@ def train_one(r: dict, g: dict, data: str, work: str, device: str) -> dict:
     return row
 
 
-def load_json(path: str) -> dict | None:
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
-
-
 def write_json(path: str, doc: dict) -> None:
     benchkit.write_json(path, doc)
 
@@ -587,24 +580,22 @@ def main(argv: list[str] | None = None) -> int:
     prefix = os.path.splitext(os.path.basename(path))[0]
     os.makedirs(a.out, exist_ok=True)
     if a.plots_only:
-        doc = load_json(path)
+        doc = benchkit.load_json(path)
         if doc is None:
             p.error(f"--json {path}: no such file")
     else:
         runs = plan_runs(g)
-        doc = load_json(path) or {}
-        if doc.get("grid_name") not in (None, a.grid):
-            p.error(f"{path} holds grid {doc['grid_name']!r}, not {a.grid!r}: pass another --tag")
-        doc.update(
-            {
-                "grid_name": a.grid,
-                "settings": dict(g, rate=RATE, device=a.device),
-                "planned_runs": len(runs),
-                **benchkit.header("quality", "bench_quality.py", a.device, argv),
-                "note": "wall-clock is only comparable between runs with a similar load average (load_start/load_end "
-                "per run); compute_units (forward = 1, backward = 2 per sample) is the load-free cost",
-            }
-        )
+        fields = {
+            "settings": dict(g, rate=RATE, device=a.device),
+            "planned_runs": len(runs),
+            **benchkit.header("quality", "bench_quality.py", a.device, argv),
+            "note": "wall-clock is only comparable between runs with a similar load average (load_start/load_end "
+            "per run); compute_units (forward = 1, backward = 2 per sample) is the load-free cost",
+        }
+        try:
+            doc = benchkit.grid_doc(path, a.grid, fields)
+        except ValueError as e:
+            p.error(str(e))
 
         def run_one(r: dict) -> dict:
             return train_one(r, g, ensure_data(a.work, r["noise"], r["num_train"], g["num_val"]), a.work, a.device)
@@ -619,13 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         benchkit.run_grid(
             path, doc, runs, run_one, describe, max_minutes=a.max_minutes, max_runs=a.max_runs, tag="quality"
         )
-    if doc["runs"]:
-        table = format_table(doc)
-        with open(os.path.join(a.out, f"{prefix}-table.md"), "w") as f:
-            f.write(table + "\n")
-        paths = make_plots(doc, a.out, prefix)
-        print(table)
-        print("plots:", ", ".join(paths))
+    benchkit.write_grid_report(doc, a.out, prefix, format_table, make_plots)
     print(f"[quality] {len(doc['runs'])} runs in {path}")
     return 0
 

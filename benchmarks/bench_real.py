@@ -36,7 +36,7 @@ import numpy as np
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchkit  # noqa: E402
-from bench_quality import group_means, load_json, machine_load  # noqa: E402
+from bench_quality import group_means, machine_load  # noqa: E402
 
 from dissect_fast.selection.strategies import WARMUP_STRATEGIES  # noqa: E402
 
@@ -218,16 +218,11 @@ def auc(score: np.ndarray, clean: np.ndarray) -> float | None:
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties given their group's average rank (no loop over samples)."""
     order = np.argsort(x, kind="stable")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
     ranks = np.empty(len(x), dtype=float)
-    xs = x[order]
-    i = 0
-    while i < len(x):  # tie groups get their average rank (1-based)
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
     return ranks
 
 
@@ -526,26 +521,24 @@ def main(argv: list[str] | None = None) -> int:
     prefix = os.path.splitext(os.path.basename(path))[0]
     os.makedirs(a.out, exist_ok=True)
     if a.plots_only:
-        doc = load_json(path)
+        doc = benchkit.load_json(path)
         if doc is None:
             p.error(f"--json {path}: no such file")
     else:
         runs = plan_runs(g)
-        doc = load_json(path) or {}
-        if doc.get("grid_name") not in (None, a.grid):
-            p.error(f"{path} holds grid {doc['grid_name']!r}, not {a.grid!r}: pass another --tag")
-        doc.update(
-            {
-                **benchkit.header("real", "bench_real.py", a.device, argv),
-                "grid_name": a.grid,
-                "data_name": name,
-                "settings": dict(g, rate=RATE, device=a.device),
-                "planned_runs": len(runs),
-                "note": "train wall-clock excludes evaluation; it is comparable only between runs with a similar "
-                "load average (load_start/load_end per run); compute_units (forward = 1, backward = 2 per sample) "
-                "is the load-free cost",
-            }
-        )
+        fields = {
+            **benchkit.header("real", "bench_real.py", a.device, argv),
+            "data_name": name,
+            "settings": dict(g, rate=RATE, device=a.device),
+            "planned_runs": len(runs),
+            "note": "train wall-clock excludes evaluation; it is comparable only between runs with a similar "
+            "load average (load_start/load_end per run); compute_units (forward = 1, backward = 2 per sample) "
+            "is the load-free cost",
+        }
+        try:
+            doc = benchkit.grid_doc(path, a.grid, fields)
+        except ValueError as e:
+            p.error(str(e))
 
         def run_one(r: dict) -> dict:
             train, val = ensure_data(a.data, a.work, g, r["noise"])
@@ -561,13 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         benchkit.run_grid(
             path, doc, runs, run_one, describe, max_minutes=a.max_minutes, max_runs=a.max_runs, tag="real"
         )
-    if doc["runs"]:
-        table = format_table(doc)
-        with open(os.path.join(a.out, f"{prefix}-table.md"), "w") as f:
-            f.write(table + "\n")
-        paths = make_plots(doc, a.out, prefix)
-        print(table)
-        print("plots:", ", ".join(paths))
+    benchkit.write_grid_report(doc, a.out, prefix, format_table, make_plots)
     print(f"[real] {len(doc['runs'])} runs in {path}")
     return 0
 

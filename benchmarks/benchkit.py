@@ -124,3 +124,30 @@ def run_grid(
         write_json(path, doc)
         n_new += 1
         print(f"[{tag}] {i + 1}/{len(runs)} {describe(r, row)}", flush=True)
+
+
+def load_json(path: str | Path) -> dict | None:
+    """A result file's content, or None when there is none yet."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def grid_doc(path: str | Path, grid_name: str, fields: dict) -> dict:
+    """The result document of a grid benchmark: the stored one (resumed, its runs kept) updated with ``fields``,
+    or a new one. ValueError when the file holds another grid."""
+    doc = load_json(path) or {}
+    if doc.get("grid_name") not in (None, grid_name):
+        raise ValueError(f"{path} holds grid {doc['grid_name']!r}, not {grid_name!r}: pass another --tag")
+    doc.update(fields, grid_name=grid_name)
+    doc.setdefault("runs", [])
+    return doc
+
+
+def write_grid_report(doc: dict, out: str | Path, prefix: str, format_table, make_plots) -> None:
+    """``OUT/PREFIX-table.md`` and the plots of a grid's runs (when it has any), printed too."""
+    if doc["runs"]:
+        table = format_table(doc)
+        (Path(out) / f"{prefix}-table.md").write_text(table + "\n")
+        paths = make_plots(doc, str(out), prefix)
+        print(table)
+        print("plots:", ", ".join(paths))

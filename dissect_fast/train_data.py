@@ -56,6 +56,12 @@ class TrainData:
         self.val_shards, self.val_index = resolve_data(d.val_data, "--val-data") if d.val_data else (None, None)
         self.num_ids = self._num_ids()
         self.subset_mask, self.num_samples = self._subset_and_count()
+        #: training samples an epoch may draw from: the subset, else the indexed data, else the epoch size
+        self.pool_size = (
+            int(self.subset_mask.sum())
+            if self.subset_mask is not None
+            else (self.index.num_samples if self.index is not None else self.num_samples)
+        )
         available = self.index.num_samples if self.index is not None else None
         if self.subset_mask is not None:
             available = int(self.subset_mask.sum())

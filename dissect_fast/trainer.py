@@ -545,14 +545,6 @@ class Trainer:
     def _max_steps_done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
-    def _pool_size(self) -> int:
-        """Training samples an epoch may draw from: the subset, else the indexed data, else the epoch size."""
-        d = self.data
-        if d.subset_mask is not None:
-            return int(d.subset_mask.sum())
-        index = getattr(d, "index", None)
-        return index.num_samples if index is not None else self.num_samples
-
     def _epoch_metrics(self, epoch: int, loss_sum: torch.Tensor, wall: float, t_start: float) -> dict:
         """The epoch's training metrics; the bad-data policy stops the run here (TooManyBadSamples)."""
         cfg, n, stats = self.cfg, self.epoch_step, dict(self.train_loader.stats)
@@ -569,7 +561,7 @@ class Trainer:
             "data/bad_samples": int(stats.get("bad_samples", 0)),
         }
         metrics.update(self.diag.summary())
-        metrics.update(self.strategy.epoch_metrics(epoch, self._pool_size()))
+        metrics.update(self.strategy.epoch_metrics(epoch, self.data.pool_size))
         if "select/warmup_unscored_fraction" in metrics:
             log.info(
                 "warm-up point: %.2f%% of the training samples have no warm-up score (w = 0 from now on; "
