@@ -42,7 +42,7 @@ clean:
 # manylinux x86_64 in .whl/ (ignored; pass it with carry: [".whl"]). gpu_check.py installs the ones that do
 # not import. PyYAML (webdataset's dependency) is already there through timm/huggingface_hub; its wheel is
 # a fallback, installed only if `import yaml` fails.
-GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4
 CHECK_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 
 gpu-wheels:

@@ -3,9 +3,9 @@
 Data: any folder in the CC3M / CyCLIP CSV layout (``captions.csv`` with columns ``image`` and ``caption``, several
 captions per image allowed, and ``images/``), e.g. ``../shared/data/flickr8k-dev``. Images sorted by file name:
 the last ``val_images`` are held out (their first caption: the clean validation split, never trained on); the
-first ``train_images`` with ``captions_per_image`` captions each are the training pairs, of which a ``noise`` share
-get another pair's caption (``dissect-fast shards --noise``: a cyclic shift inside the noisy subset, clean flags
-recorded). Images are shrunk once to ``image_px`` on the shorter side before sharding, so that the CPU grid times
+first ``train_images`` with ``captions_per_image`` captions each are the training pairs (an image whose bytes equal
+a held-out image's, under another name, is skipped: the split is by image), of which a ``noise`` share get the
+caption of another image (``dissect-fast shards --noise``: rows grouped by image, clean flags recorded). Images are shrunk once to ``image_px`` on the shorter side before sharding, so that the CPU grid times
 training rather than decoding larger JPEGs.
 
 Every run trains the same model, epochs, schedule and seed through ``Trainer.fit`` and stores per epoch: the clean
@@ -168,7 +168,8 @@ def ensure_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str
     n_tr, n_va, c = g["train_images"], g["val_images"], g["captions_per_image"]
     if n_tr + n_va > len(names):
         raise ValueError(f"--data {folder}: {len(names)} images, the grid needs {n_tr} + {n_va}")
-    train, val = names[:n_tr], names[-n_va:]
+    val = names[-n_va:]
+    train = _train_images(os.path.join(folder, "images"), names[:-n_va], val, n_tr)
     images = os.path.join(work, f"images-{g['image_px']}px")
     shrink_images(os.path.join(folder, "images"), images, train + val, g["image_px"])
     tag = f"tr{n_tr}x{c}-va{n_va}-{g['image_px']}px"
@@ -196,6 +197,27 @@ def ensure_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str
         np.save(os.path.join(split, "clean.npy"), np.ones(index.num_ids, dtype=np.uint8))
         replace(index, clean_file="clean.npy").save(split)
     return split, os.path.join(val_dir, "train")
+
+
+def _train_images(images: str, candidates: list[str], val: list[str], n: int) -> list[str]:
+    """The first ``n`` of ``candidates`` whose bytes are not those of a validation image (the split is by image,
+    also when one photo is stored under two names)."""
+    from dissect_fast.data.csv_shards import content_key
+
+    def key(name: str) -> bytes:
+        with open(os.path.join(images, name), "rb") as f:
+            return content_key(f.read())
+
+    held_out = {key(v) for v in val}
+    out = []
+    for name in candidates:
+        if len(out) == n:
+            break
+        if key(name) not in held_out:
+            out.append(name)
+    if len(out) < n:
+        raise ValueError(f"--data {images}: {len(out)} training images differ from the validation ones, need {n}")
+    return out
 
 
 def _write_csv(path: str, rows: list[tuple[str, str]]) -> None:

@@ -91,7 +91,11 @@ TINY = {
 
 # ----------------------------------------------------------------------------------------- set-up
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench_train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="dissect-fast bench train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tiny", action="store_true", help="tiny synthetic data and model (tiny-vit): the CPU mode")
     p.add_argument(
@@ -116,8 +120,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 15; tiny 2)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default 8; tiny 1)")
-    p.add_argument("--data-backend", default="auto", choices=["auto", "torch", "dali"])
-    p.add_argument("--precision", default="auto")
+    p.add_argument(
+        "--data-backend", default="auto", choices=["auto", "torch", "dali"], help="loader (auto: DALI when it imports)"
+    )
+    p.add_argument("--precision", default="auto", help="as the trainer's --precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the forwards (GPU runs should)")
     p.add_argument("--configs", default=None, help="comma list of configuration names to run (full always runs)")
     p.add_argument(

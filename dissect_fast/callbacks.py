@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from dissect_fast.diagnostics import plot_epoch, plot_history, write_record
 from dissect_fast.distributed import check_in_sync, elastic_restart_count
 from dissect_fast.evaluate import evaluate
 from dissect_fast.logging_utils import StepLog, init_wandb
+from dissect_fast.selection.strategies import WARMUP_STRATEGIES
 
 log = logging.getLogger("dissect_fast")
 
@@ -69,6 +71,53 @@ def overrides(cb: Callback, hook: str) -> bool:
     return getattr(type(cb), hook) is not getattr(Callback, hook)
 
 
+# ------------------------------------------------------------------ start-up
+def run_summary(t) -> str:
+    """The short human summary a run starts with (model, data, samples, strategy, k of B, epochs, run folder); the
+    full config and provenance are in RUN/config.json and RUN/provenance.json."""
+    cfg = t.cfg
+    d, o, s = cfg.data, cfg.optim, cfg.select
+    ranks = t.dist.world_size
+    lines = [
+        f"run {t.run_dir}",
+        f"  model     {t.model_name} on {t.device} ({t.precision})",
+        f"  data      {d.train_data or 'synthetic'} ({t.data_backend} loader): {t.num_samples:,} samples per epoch"
+        + (f", validation {d.val_data}" if d.val_data else ""),
+        f"  strategy  {s.strategy}: k = {t.k} of B = {d.batch_size} per rank and step"
+        + (f" (r = {s.rate}, warm-up point {s.warmup_point} epochs)" if s.strategy in WARMUP_STRATEGIES else "")
+        + (f" (r = {s.rate})" if s.strategy not in WARMUP_STRATEGIES and s.strategy != "full" else ""),
+        f"  schedule  {o.epochs} epochs x {t.steps_per_epoch:,} steps on {ranks} rank(s), lr {o.lr:g} "
+        f"({o.lr_scheduler}, {o.warmup} warm-up steps)",
+    ]
+    if t.step:
+        lines.append(f"  resumed   at step {t.step:,}: epoch {t.start_epoch + 1} is next")
+    lines.append("  full config and provenance: config.json, provenance.json and out.log in the run folder")
+    return "\n".join(lines)
+
+
+def warmup_warning(t) -> str | None:
+    """A line when --warmup is longer than the whole run: the LR never reaches --lr (it stays a fraction of it)."""
+    o, total = t.cfg.optim, t.total_steps
+    if o.warmup <= total:
+        return None
+    return (
+        f"--warmup {o.warmup} steps is longer than the whole run ({total:,} steps: {t.steps_per_epoch:,} per epoch x "
+        f"{o.epochs} epochs): the LR peaks at {o.lr * total / o.warmup:.2g}, {100 * total / o.warmup:.0f}% of --lr "
+        f"{o.lr:g}; lower --warmup "
+        f"(e.g. --warmup {max(1, total // 10)}) for a warm-up over the first tenth of the run"
+    )
+
+
+def log_run_start(t) -> None:
+    """On the main rank: the start-up summary, and the --warmup warning when it applies."""
+    if not t.dist.is_main:
+        return
+    log.info("%s", run_summary(t))
+    warning = warmup_warning(t)
+    if warning:
+        log.warning("%s", warning)
+
+
 # ------------------------------------------------------------------ evaluation
 class Evaluation(Callback):
     """--val-data retrieval R@K every --val-every epochs and zero-shot every --zeroshot-frequency epochs (and after
@@ -103,7 +152,7 @@ class HistorySync(Callback):
 
 
 class Record(Callback):
-    """--record: ``select_record/record_{epoch}.npz`` per epoch (``diagnostics.write_record``; a collective)."""
+    """--record: ``select_record/record_{epoch + 1}.npz`` per epoch (``diagnostics.write_record``; a collective)."""
 
     def on_epoch_end(self, t, epoch: int, metrics: dict) -> None:
         write_record(t.diag, t.dist, t.strategy.history, t.cfg.select.strategy, t.run_dir, epoch)
@@ -118,7 +167,7 @@ class MetricsLog(Callback):
         self.step_log: StepLog | None = None
 
     def on_fit_start(self, t) -> None:
-        self.step_log = StepLog(t.run_dir, t.tb, t.wandb, line=not t.cfg.run.progress)
+        self.step_log = StepLog(t.run_dir, t.tb, t.wandb, line=not progress_bar_shown(t.cfg.run))
 
     def on_log_step(self, t, epoch: int, n_steps: int, lr: float, read: dict) -> None:
         b, world = t.cfg.data.batch_size * t.accum, t.dist.world_size  # samples read per step and rank
@@ -198,8 +247,16 @@ class Plots(Callback):
             plot_history(t.metrics, out)  # the epoch's metrics are in t.metrics already
 
 
+def progress_bar_shown(run_cfg) -> bool:
+    """Whether the run draws a progress bar: --progress (the default) and stderr is a terminal. Elsewhere (SLURM
+    logs, pipes, files) a bar's carriage returns make an unreadable log: open_clip's ``Train Epoch:`` lines are
+    logged every --log-every-n-steps steps instead (``StepLog``)."""
+    return bool(run_cfg.progress) and sys.stderr.isatty()
+
+
 class ProgressBar(Callback):
-    """--progress: a tqdm bar per epoch with loss, samples/s and lr at log steps."""
+    """--progress: a tqdm bar per epoch (numbered from 1, as in the logs, metrics.jsonl and checkpoint names) with
+    loss, samples/s and lr at log steps; nothing when stderr is not a terminal (``progress_bar_shown``)."""
 
     def __init__(self) -> None:
         self.bar: Any = None  # the epoch's tqdm bar
@@ -208,16 +265,22 @@ class ProgressBar(Callback):
     def on_epoch_start(self, t, epoch: int) -> None:
         from tqdm import tqdm
 
+        if not progress_bar_shown(t.cfg.run):
+            return
         self.n0 = t.epoch_step
-        self.bar = tqdm(total=t.steps_per_epoch, initial=self.n0, desc=f"epoch {epoch}", unit="step", leave=False)
+        desc = f"epoch {epoch + 1}/{t.cfg.optim.epochs}"
+        self.bar = tqdm(total=t.steps_per_epoch, initial=self.n0, desc=desc, unit="step", leave=False)
         self.t0 = time.time()
 
     def on_log_step(self, t, epoch: int, n_steps: int, lr: float, read: dict) -> None:
+        if self.bar is None:
+            return
         rate = n_steps * t.cfg.data.batch_size * t.dist.world_size * t.accum / max(1e-9, time.time() - self.t0)
         self.bar.set_postfix(loss=f"{read['loss']:.3f}", samples_s=f"{rate:.0f}", lr=f"{lr:.2e}")
 
     def on_step_end(self, t, epoch: int, n_steps: int) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_epoch_steps_end(self, t, epoch: int) -> None:
         self.close()
@@ -229,6 +292,17 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class StepsSeen(Callback):
+    """Counts the steps this process trained (``dissect_fast.train`` removes the folder of a new run that failed
+    before its first one)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, t, epoch: int, n_steps: int) -> None:
+        self.steps += 1
 
 
 class EpochEndFunction(Callback):

@@ -191,10 +191,24 @@ def verify_checkpoint(path: str) -> None:
         raise CheckpointError(f"checkpoint {path} is damaged: its SHA-256 does not match {path}{SIDECAR}")
 
 
-def load_checkpoint(path: str, verify: bool = True) -> dict:
-    """Load a checkpoint written by save_checkpoint; CheckpointError for a damaged or foreign file."""
+#: one checkpoint loaded with ``keep=True`` (the resume's config, read while the flags are parsed), handed to the
+#: next load of the same file (the Trainer's resume) instead of verifying and reading it a second time
+_kept: dict[tuple, dict] = {}
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # latest.pt is a hard link to epoch_N.pt: same key
+
+
+def load_checkpoint(path: str, verify: bool = True, keep: bool = False) -> dict:
+    """Load a checkpoint written by save_checkpoint; CheckpointError for a damaged or foreign file. ``keep``: also
+    keep it for the next call on the same (unchanged) file, which then returns it without reading the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
+    key = _file_key(path)
+    if key in _kept:
+        return _kept[key] if keep else _kept.pop(key)
     if verify:
         verify_checkpoint(path)
     try:
@@ -203,6 +217,9 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no state_dict: not a dissect_fast/open_clip checkpoint")
+    if keep:
+        _kept.clear()
+        _kept[key] = ckpt
     return ckpt
 
 
@@ -214,16 +231,18 @@ def _order_key(path: str) -> tuple:
     return (step if isinstance(step, int) else -1, int(m.group(1)) if m else -1, os.path.getmtime(path))
 
 
-def find_resumable(ckpt_dir: str) -> tuple[str, dict] | None:
+def find_resumable(ckpt_dir: str, keep: bool = False, report: bool = True) -> tuple[str, dict] | None:
     """The newest checkpoint in ``ckpt_dir`` that verifies and loads, with its content; damaged ones are
-    logged and skipped. None when the folder holds no checkpoint at all."""
+    skipped (and logged: ``report``). None when the folder holds no checkpoint at all. ``keep``: as in
+    load_checkpoint."""
     cands = [p for p in glob.glob(os.path.join(ckpt_dir, "*.pt")) if os.path.isfile(p)]
     errors = []
     for p in sorted(cands, key=_order_key, reverse=True):
         try:
-            return p, load_checkpoint(p)
+            return p, load_checkpoint(p, keep=keep)
         except CheckpointError as e:
-            log.warning("--resume latest: skipping %s", e)
+            if report:
+                log.warning("--resume latest: skipping %s", e)
             errors.append(str(e))
     if errors:
         raise CheckpointError(f"--resume latest: no intact checkpoint in {ckpt_dir}: " + "; ".join(errors))
@@ -247,13 +266,54 @@ def remove_checkpoint(path: str) -> None:
     fsync_dir(os.path.dirname(path))
 
 
+#: ioutil.atomic_write's PATH.tmp.PID.THREAD, link_checkpoint's PATH.tmp.PID
+_TMP_PID = re.compile(r"\.tmp\.(\d+)(?:\.\d+)?$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (signal 0 checks without signalling)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def remove_stale_temporaries(ckpt_dir: str) -> list[str]:
-    """Delete ``*.tmp.<pid>`` files a killed writer left behind; returns what was removed."""
+    """Delete the ``*.tmp.<pid>[.<thread>]`` files whose writer is gone (a killed process); returns what was
+    removed. A file whose pid is alive on this host is another process's write in flight and is kept; this
+    process's own pid counts as gone (it writes nothing while the run starts; a restarted container may reuse
+    the pid). Called while holding the run folder's lock, so no other run writes there."""
     gone = []
     for p in glob.glob(os.path.join(ckpt_dir, "*.tmp.*")):
+        m = _TMP_PID.search(p)
+        if m is None:
+            continue  # not one of our temporary names
+        pid = int(m.group(1))
+        if pid != os.getpid() and pid_alive(pid):
+            log.info("kept %s: its writer (pid %d) is alive", p, pid)
+            continue
         _remove(p)
         gone.append(p)
     return gone
+
+
+def disk_full_stop(e: BaseException, run_dir: str, latest: str | None) -> BaseException | None:
+    """A RunStopped (exit 3) for ENOSPC/EDQUOT raised anywhere in a run (a log line, metrics, TensorBoard, a
+    plot), naming what to do; None for any other error (and for a RunStopped, already worded)."""
+    from dissect_fast.reliability import RunStopped
+
+    if isinstance(e, RunStopped) or not _is_enospc(e):
+        return None
+    what = getattr(e, "filename", None) or "the run folder"
+    return RunStopped(
+        f"no space left on the device while writing {what}: free space there or point --logs at a bigger disk, "
+        f"then continue the run in {run_dir} with --resume latest; last good checkpoint: {latest}"
+    )
 
 
 def strip_prefixes(sd: dict) -> dict:
@@ -308,9 +368,10 @@ class Checkpointer:
     def write(self, state: dict, name: str) -> str:
         """Atomic, verified write of checkpoints/<name>; latest.pt then names the same file. A full disk stops
         the run (RunStopped) with the previous checkpoint intact."""
-        from dissect_fast.reliability import RunStopped
+        from dissect_fast.reliability import RunStopped, check_finite_state
 
         path = os.path.join(self.dir, name)
+        check_finite_state(state, name, self.latest())  # NaN/Inf weights or optimizer state: not written, run stops
         try:
             save_checkpoint(state, path)
             if name != "latest.pt":

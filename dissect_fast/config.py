@@ -99,6 +99,17 @@ def _check_choices(cfg: Any) -> None:
             raise ConfigError(f"{_flags(f)[0]} must be {_one_of(choices)}, got {value!r}")
 
 
+def _check_finite(cfg: Any) -> None:
+    """Every float field holds a finite number: a NaN or Inf hyper-parameter passes every range check written as
+    ``not a < x`` and poisons the first optimizer step (the weights, then every checkpoint after it)."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "float" in str(f.type) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flags(f)[0]} must be a finite number, got {value}")
+
+
 def _looks_like_path(value: str) -> bool:
     """A --pretrained value meant as a file (a folder in it, or a checkpoint suffix), not an open_clip tag."""
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"))
@@ -146,6 +157,14 @@ class DataConfig:
         "for pipe:/http URLs: ids and counts come from it",
     )
     max_bad_fraction: float = opt(0.01, "stop when a larger share of samples is unreadable")
+    max_image_pixels: int = opt(
+        40_000_000,
+        "images with more pixels are bad samples (image_too_large), judged from the header before decoding "
+        "(decompression bombs; PIL's own limit is 179 Mpx)",
+    )
+    max_member_bytes: int = opt(
+        64 << 20, "tar members larger than this many bytes are bad samples (member_too_large), skipped unread"
+    )
     imagenet_val: str | None = opt(
         None,
         "ImageNet validation set as an ImageFolder (1000 class folders): zero-shot top-1/top-5 with "
@@ -208,6 +227,10 @@ class DataConfig:
             raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_image_pixels < 64:
+            raise ConfigError(f"--max-image-pixels must be >= 64 (an 8 x 8 image), got {self.max_image_pixels}")
+        if self.max_member_bytes < 1024:
+            raise ConfigError(f"--max-member-bytes must be >= 1024, got {self.max_member_bytes}")
         if self.data_index is not None and not (
             os.path.isfile(self.data_index) or os.path.isfile(os.path.join(self.data_index, "index.json"))
         ):
@@ -245,7 +268,7 @@ class ModelConfig:
         "fp16), fp32; auto = amp_bf16 on CUDA, fp32 on CPU",
     )
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    compile: bool = opt(False, "torch.compile the training and scoring forwards")
+    compile: bool = opt(False, "torch.compile the training and scoring forwards", flags=("--compile", "--torchcompile"))
     score_scale: str = opt(
         "100",
         "CLIPScore scale: 100 (reference) or the model's learned logit scale (logit_scale.exp())",
@@ -356,6 +379,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        _check_finite(self)
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown N: the last N epochs decay the LR")
         if self.epochs_cooldown is not None and not 1 <= self.epochs_cooldown <= self.epochs:
@@ -374,6 +398,13 @@ class OptimConfig:
             raise ConfigError(f"--warmup must be >= 0 steps, got {self.warmup}")
         if self.accum_freq < 1:
             raise ConfigError(f"--accum-freq must be >= 1 batch per optimizer step, got {self.accum_freq}")
+        for flag, beta in (("--beta1", self.beta1), ("--beta2", self.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"{flag} must be in [0, 1) (AdamW's moment decay), got {beta}")
+        if self.eps <= 0:
+            raise ConfigError(f"--eps must be > 0 (AdamW's denominator guard), got {self.eps}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ConfigError(f"--grad-clip-norm must be > 0 (or left out: no clipping), got {self.grad_clip_norm}")
 
 
 @dataclass
@@ -421,6 +452,7 @@ class SelectConfig:
             self.strategy = resolve_strategy(self.strategy)
         except KeyError as e:
             raise ConfigError(str(e.args[0])) from None
+        _check_finite(self)
         if not 0.0 < self.rate <= 1.0:
             raise ConfigError(f"--select-rate must be in (0, 1], got {self.rate}")
         if not 0.0 <= self.momentum < 1.0:
@@ -472,10 +504,19 @@ class RunConfig:
         "run folder under --logs (may hold slashes); None: STRATEGY-DATE. An existing run "
         "is refused unless --resume is given",
     )
-    resume: str | None = opt(None, "checkpoint path or `latest` (this run's checkpoints/latest.pt)")
+    resume: str | None = opt(
+        None,
+        "checkpoint path or `latest` (this run's newest intact checkpoint): continues the run with the config the "
+        "checkpoint holds; flags given now that change the training are refused (see --resume-override)",
+    )
+    resume_override: bool = opt(
+        False,
+        "with --resume: apply flags that differ from the checkpoint's config and change the training (batch size, "
+        "LR, strategy, ...) instead of refusing them; recorded in RUN/resumes.jsonl",
+    )
     seed: int = opt(0, "random seed (rank r uses seed + r)")
     log_every_n_steps: int = opt(10, "read the loss on the host every N steps")
-    val_every: int = opt(1, "evaluate every N epochs (and after the last)")
+    val_every: int = opt(1, "evaluate every N epochs (and after the last)", flags=("--val-every", "--val-frequency"))
     zeroshot_frequency: int = opt(
         2, "zero-shot evaluation every N epochs (and after the last); 0: never", section="zeroshot"
     )
@@ -590,10 +631,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         s, o = self.select, self.optim
-        if s.strategy != "full" and s.k(self.data.batch_size) == 0:
+        for section in (self.data, self.model, self.optim, self.select, self.run, self.dist):
+            _check_finite(section)  # the float fields of every section, whatever its own checks
+        k = s.k(self.data.batch_size)
+        if k < 2:  # per rank and per batch (--accum-freq adds batches, not pairs to a batch's selection)
+            rate = "" if s.strategy == "full" else f"--select-rate {s.rate} x "
             raise ConfigError(
-                f"--select-rate {s.rate} x --batch-size {self.data.batch_size} leaves k = 0 samples to train on: "
-                f"raise the rate or the batch size (k = floor(r * B) >= 1)"
+                f"{rate}--batch-size {self.data.batch_size} leaves k = {k} pair(s) per batch to train on, and a "
+                f"contrastive loss over fewer than 2 pairs is always 0: raise --select-rate or --batch-size "
+                f"(k = floor(rate x batch size) >= 2)"
             )
         if s.strategy in WARMUP_STRATEGIES and s.warmup_point >= o.epochs:
             raise ConfigError(
@@ -643,11 +689,34 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
     group.add_argument(*_flags(f), **kw)
 
 
+def _is_main_process() -> bool:
+    """Rank 0 (or a single process) by the launcher's environment: torchrun's RANK, srun's SLURM_PROCID."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] in ("", "0")
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return os.environ.get("SLURM_PROCID", "0") in ("", "0")
+    return True
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line plus "see --help" (no usage dump), printed by rank 0 only:
+    under torchrun every rank exits 2 and the user reads the message once."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if _is_main_process():
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        else:  # the same error on every rank: let rank 0 print before torchrun stops the group on our exit
+            import time
+
+            time.sleep(2.0)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The training flags, generated from the config fields: open_clip's names where open_clip has the flag, the
     DISSect reference's for selection."""
-    p = argparse.ArgumentParser(
-        prog="dissect_fast.train",
+    p = OneLineErrorParser(
+        prog="dissect-fast train" if os.path.basename(sys.argv[0]) == "dissect-fast" else "dissect_fast.train",
         description="Train a CLIP model with DISSect online sample selection (or a baseline).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -697,15 +766,96 @@ def _section_kwargs(section: type, values: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+#: what a CSV or TSV file given as training or validation data looks like (open_clip's --dataset-type csv input)
+_CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
+#: open_clip's CSV flags: refused by the trainer, taken by `dissect-fast shards` with the same meaning
+_CSV_FLAGS = ("--csv-img-key", "--csv-caption-key", "--csv-separator")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``; the last one wins), None if absent."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _images_dir_of(csv_path: str, img_key: str | None, sep: str | None) -> str | None:
+    """The folder the first row's image path of an open_clip CSV is found under (the CSV's folder, its
+    ``images`` sub-folder or the working directory); None when it is none of them or the file is unreadable."""
+    import csv
+    import gzip
+
+    from dissect_fast.data.csv_shards import IMG_KEYS
+
+    opener = gzip.open if csv_path.lower().endswith(".gz") else open
+    try:
+        with opener(csv_path, "rt", newline="", encoding="utf-8") as f:
+            header = f.readline()
+            delim = sep or ("\t" if "\t" in header else ",")
+            fields = next(csv.reader([header], delimiter=delim))
+            row = next(csv.reader([f.readline()], delimiter=delim), [])
+    except (OSError, UnicodeDecodeError, StopIteration):
+        return None
+    key = img_key or next((k for k in IMG_KEYS if k in fields), None)
+    if key not in fields or fields.index(key) >= len(row):
+        return None
+    rel, here = row[fields.index(key)], os.path.dirname(csv_path) or "."
+    if os.path.isabs(rel):
+        return here  # absolute paths: any folder does
+    for folder in (here, os.path.join(here, "images"), "."):
+        if os.path.isfile(os.path.join(folder, rel)):
+            return folder
+    return None
+
+
+def csv_data_message(argv: list[str]) -> str | None:
+    """One line for a CSV/TSV file given as --train-data or --val-data: the `dissect-fast shards` command that turns
+    it into shards (with any open_clip --csv-* flags of ``argv``), and the --train-data to pass then; else None."""
+    import shlex
+
+    for flag in ("--train-data", "--val-data"):
+        value = _flag_value(argv, flag)
+        if value is None or not value.lower().endswith(_CSV_SUFFIXES):
+            continue
+        base = value[: -len(".gz")] if value.lower().endswith(".gz") else value
+        out = os.path.splitext(base)[0] + "-shards"
+        images = _images_dir_of(value, _flag_value(argv, "--csv-img-key"), _flag_value(argv, "--csv-separator"))
+        cmd = ["dissect-fast", "shards", "--csv", value, "--images", images or "IMAGE_FOLDER"]
+        for csv_flag in _CSV_FLAGS:
+            v = _flag_value(argv, csv_flag)
+            if v is not None:
+                cmd += [csv_flag, v]
+        cmd += ["--out", out] + (["--val-fraction", "0.01"] if flag == "--train-data" else [])
+        return (
+            f"{flag} {value} is a CSV file; the trainer reads webdataset shards: convert it once with "
+            f"`{shlex.join(cmd)}` (--images: the folder its image paths are relative to), then pass "
+            f"{flag} {shlex.quote(out + '/train')}"
+        )
+    return None
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags into a validated TrainConfig; exits with a one-line message on invalid input."""
     parser = build_parser()
+    args = sys.argv[1:] if argv is None else list(argv)
+    msg = csv_data_message(args)
+    if msg:  # before the generic refusal of open_clip's --csv-* flags: the exact command to run instead
+        parser.error(msg)
     known = {s for act in parser._actions for s in act.option_strings}
-    msg = check_unsupported(sys.argv[1:] if argv is None else argv, known)
+    msg = check_unsupported(args, known)
     if msg:  # an open_clip flag we do not take: say what to use instead, not "unrecognized arguments"
         parser.error(msg)
     values = vars(parser.parse_args(argv))
     try:
+        from dissect_fast.resume import fill_resume_values
+
+        values = fill_resume_values(values, args)  # --resume: a flag not given takes the checkpoint's value
         sections = {}
         for name, section in _sections().items():  # in order: the first invalid section's message wins
             kwargs = _section_kwargs(section, values)

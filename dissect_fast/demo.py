@@ -169,19 +169,30 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dissect-fast demo", description=__doc__)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--num-train", type=int, default=DEFAULTS["num_train"])
-    p.add_argument("--num-val", type=int, default=DEFAULTS["num_val"])
-    p.add_argument("--noise", type=float, default=DEFAULTS["noise"])
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--warmup-point", type=int, default=DEFAULTS["warmup_point"])
-    p.add_argument("--warmup-train", default="full", choices=["random", "full"])
-    p.add_argument("--rate", type=float, default=DEFAULTS["rate"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--model", default=DEFAULTS["model"])
-    p.add_argument("--workers", type=int, default=1)
+    p = argparse.ArgumentParser(
+        prog="dissect-fast demo", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--out", default="runs/demo", help="folder of the data, the five runs, the table and plots")
+    p.add_argument("--num-train", type=int, default=DEFAULTS["num_train"], help="synthetic training pairs")
+    p.add_argument("--num-val", type=int, default=DEFAULTS["num_val"], help="clean validation pairs")
+    p.add_argument(
+        "--noise", type=float, default=DEFAULTS["noise"], help="share of training pairs with a wrong caption"
+    )
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs of every run")
+    p.add_argument(
+        "--warmup-point", type=int, default=DEFAULTS["warmup_point"], help="warm-up epochs of the warm-up strategies"
+    )
+    p.add_argument(
+        "--warmup-train",
+        default="full",
+        choices=["random", "full"],
+        help="what the warm-up epochs train on: the full batch or a random k-subset",
+    )
+    p.add_argument("--rate", type=float, default=DEFAULTS["rate"], help="r: share of each batch the selections train")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size B before selection")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
+    p.add_argument("--model", default=DEFAULTS["model"], help="open_clip model name or a dissect_fast tiny config")
+    p.add_argument("--workers", type=int, default=1, help="loader worker processes")
     p.add_argument(
         "--data-backend",
         default="auto",
@@ -189,13 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: DALI whenever it imports (its CPU path decodes about 3x faster than the torch loader "
         "on this demo), else the torch loader",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--only", default=None, help="comma-separated subset of: full,dissect-warmup,clipscore,random,warmup-clipscore"
     )
     a = p.parse_args(argv)
+    from dissect_fast.reliability import Interrupted
 
+    try:
+        return _run(p, a)
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C: one line; the demo has no --resume, a re-run starts over
+        print(f"\n[demo] stopped; `dissect-fast demo --out {a.out}` starts it again", flush=True)
+        return e.exit_code if isinstance(e, Interrupted) else 130
+
+
+def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """The demo with parsed flags ``a``: the data, the runs, the table and plots."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dissect_fast.config import ConfigError
     from dissect_fast.data.dali_loader import dali_if_available

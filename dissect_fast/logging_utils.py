@@ -67,6 +67,18 @@ def init_wandb(run_cfg, config: dict, run_dir: str):
     )
 
 
+def append_jsonl(path: str, rec: dict) -> None:
+    """One JSON line appended to ``path``; an OSError (a full disk: ENOSPC) names the file, so that the run's stop
+    message (``checkpoint.disk_full_stop``, exit 3) says which file could not be written."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+
+
 def truncate_steps(run_dir: str, step: int) -> None:
     """Drop RUN/steps.jsonl lines past global step ``step`` (written after the checkpoint a run resumes from)."""
     path = os.path.join(run_dir, STEPS_FILE)
@@ -143,8 +155,7 @@ class StepLog:
     def log(self, rec: dict, epoch_step: int, steps_per_epoch: int, batch_size: int, world_size: int) -> None:
         """``rec``: step, epoch (1-based), loss, lr, logit_scale, samples_per_s, data_time_s, batch_time_s,
         selected_share[, clean_share]; ``batch_size``: per rank, before selection."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(self.path, rec)
         scalars = {
             "train/loss": rec["loss"],
             "train/lr": rec["lr"],

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import pickle
-import shutil
 import tempfile
 from typing import Any
 
@@ -30,6 +30,86 @@ def register_model_configs() -> None:
 
         open_clip.add_model_config(_CONFIG_DIR)
         _registered = True
+
+
+#: model-config keys that only set initial values (open_clip's SigLIP configs carry them)
+INIT_KEYS = ("init_logit_scale", "init_logit_bias")
+
+
+def model_cfg_of(name: str, siglip: bool = False) -> dict:
+    """The open_clip model config (the JSON dict) of a registered model name, as it goes into a checkpoint
+    (``model_cfg``): built-in, dissect_fast's or a --model-config file's. ``siglip``: with open_clip's SigLIP init
+    values, so that ``open_clip.create_model`` on this config gives the model its logit bias."""
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"--model {name!r}: open_clip does not know this model")
+    if siglip:
+        cfg.setdefault("init_logit_scale", math.log(10))
+        cfg.setdefault("init_logit_bias", -10.0)
+    return cfg
+
+
+def register_model_cfg(name: str, cfg: dict, flag: str = "--checkpoint") -> str:
+    """Make the model config ``cfg`` known to open_clip and return the name to build it by: ``name`` itself when
+    open_clip does not know it yet or knows the same config (init values aside); else ``name@<hash of cfg>``,
+    so a built-in model is never replaced. ValueError naming ``flag`` for a dict that is not an open_clip config."""
+    import open_clip
+
+    register_model_configs()
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ValueError(f"{flag}: its model config needs embed_dim, vision_cfg and text_cfg (open_clip format)")
+
+    def base(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k not in INIT_KEYS}
+
+    known = open_clip.get_model_config(name)
+    if known is not None and base(known) == base(cfg):
+        return name
+    if known is not None:
+        digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{name}@{digest}"
+    with tempfile.TemporaryDirectory(prefix="dissect_cfg_") as d:  # open_clip reads configs from files
+        path = os.path.join(d, name + ".json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        open_clip.add_model_config(path)  # read now; the registry keeps it after the file is gone
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"{flag}: open_clip did not accept its model config {name!r}")
+    return name
+
+
+def base_model_name(name: str) -> str:
+    """The model name a checkpoint records for a name ``register_model_cfg`` returned."""
+    return name.split("@", 1)[0]
+
+
+def checkpoint_model_name(ck: dict, flag: str = "--checkpoint") -> str | None:
+    """The open_clip name that builds the model of a loaded checkpoint: its ``model_cfg`` registered (any model,
+    built-in or custom), else (older checkpoints) its ``model_name`` as it is; None when it names no model."""
+    name = ck.get("model_name") if isinstance(ck.get("model_name"), str) else None
+    cfg = ck.get("model_cfg")
+    if name and cfg is not None:
+        return register_model_cfg(name, cfg, flag)
+    return name
+
+
+def read_model_cfg(path: str) -> tuple[str | None, dict | None]:
+    """(model name, model config) recorded in a dissect_fast checkpoint file, without loading its tensors into
+    memory (memory-mapped); (None, None) for other files."""
+    if path.endswith(".safetensors"):
+        return None, None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- not a zip checkpoint: the caller's own load reports it
+        return None, None
+    if not isinstance(ck, dict):
+        return None, None
+    name = ck.get("model_name") if isinstance(ck.get("model_name"), str) else None
+    cfg = ck.get("model_cfg") if isinstance(ck.get("model_cfg"), dict) else None
+    return name, cfg
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,22 +172,34 @@ def scoring_precision(score_precision: str, precision: str) -> str:
     return "fp32" if score_precision == "fp32" else "amp_bf16"
 
 
-def model_name_for(model: str, model_config: str | None) -> str:
-    """The open_clip name to build: a --model-config JSON is registered under its file stem; an unknown name is a
-    ValueError that suggests the closest open_clip names."""
+def model_name_for(model: str, model_config: str | None, checkpoint: str | None = None) -> str:
+    """The open_clip name to build: a --model-config JSON is registered under its file stem; ``model`` as the model
+    that the dissect_fast checkpoint file ``checkpoint`` (--pretrained, --resume) records, from the config it
+    holds (so a custom model needs no JSON file); an unknown name is a ValueError that suggests the closest open_clip
+    names."""
     import open_clip
 
     register_model_configs()
     if model_config:
-        with open(model_config) as f:
-            cfg = json.load(f)
-        if "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        try:
+            with open(model_config) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model-config {model_config}: cannot be read as JSON ({e})") from None
+        if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
             raise ValueError(f"--model-config {model_config}: needs vision_cfg and text_cfg (open_clip format)")
-        d = tempfile.mkdtemp(prefix="dissect_cfg_")
         name = os.path.splitext(os.path.basename(model_config))[0]
-        shutil.copy(model_config, os.path.join(d, name + ".json"))
-        open_clip.add_model_config(d)
+        with tempfile.TemporaryDirectory(prefix="dissect_cfg_") as d:  # open_clip reads configs from files
+            with open(os.path.join(d, name + ".json"), "w") as f:
+                json.dump(cfg, f)
+            open_clip.add_model_config(os.path.join(d, name + ".json"))
+        if open_clip.get_model_config(name) is None:
+            raise ValueError(f"--model-config {model_config}: needs embed_dim, vision_cfg and text_cfg (open_clip)")
         return name
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        ck_name, ck_cfg = read_model_cfg(checkpoint)
+        if ck_cfg is not None and ck_name == model:
+            return register_model_cfg(model, ck_cfg, f"--pretrained {checkpoint}")
     names = open_clip.list_models()
     if model not in names:
         close = suggest_names(model, names)
@@ -252,10 +344,10 @@ def load_pretrained(model: torch.nn.Module, spec: str, model_name: str) -> None:
         sd, name = read_state_dict(path)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
         raise ValueError(f"--pretrained {path}: cannot be read ({type(e).__name__}: {e})") from None
-    if name is not None and name != model_name:
+    if name is not None and base_model_name(name) != base_model_name(model_name):
         raise ValueError(
-            f"--pretrained {path} holds a {name!r} model, this run builds {model_name!r}: pass "
-            f"--model {name}, or a checkpoint of {model_name}"
+            f"--pretrained {path} holds a {name!r} model, this run builds {base_model_name(model_name)!r}: pass "
+            f"--model {name}, or a checkpoint of {base_model_name(model_name)}"
         )
     if getattr(model, "logit_bias", None) is not None and "logit_bias" not in sd and "logit_scale" in sd:
         sd["logit_bias"] = torch.zeros_like(model.logit_bias)  # type: ignore[arg-type]  # Module attr: Tensor | Module
@@ -608,26 +700,50 @@ class Forwards:
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()  # type: ignore[operator]
 
 
-def model_from_checkpoint(path: str, name: str | None, device: torch.device):
+def model_from_checkpoint(path: str, name: str | None, device: torch.device, model_config: str | None = None):
     """(model, model name, eval preprocess, context length) of a saved dissect_fast or open_clip checkpoint, for
-    the command-line tools; ValueError with a one-line message naming the flag for every user mistake."""
+    the command-line tools; ValueError with a one-line message naming the flag for every user mistake.
+
+    The model is built from the config the checkpoint carries (``model_cfg``: any open_clip model, built-in or
+    custom); ``model_config`` (a JSON file) or ``name`` (an open_clip name other than the recorded one) override it,
+    as they must for checkpoints written without a config (open_clip's, older dissect_fast ones)."""
     if not os.path.isfile(path):
         raise ValueError(f"--checkpoint {path}: no such file")
     try:
         ck = load_checkpoint(path)
     except CheckpointError as e:
         raise ValueError(f"--checkpoint: {e}") from None
-    name = name or ck.get("model_name")
-    if not name:
-        raise ValueError("--model is needed: the checkpoint does not name its model")
-    model_name_for(name, None)
+    if model_config:
+        build = model_name_for(name or "", model_config)
+    elif name and name != ck.get("model_name"):
+        build = model_name_for(name, None)
+    else:
+        recorded = checkpoint_model_name(ck, f"--checkpoint {path}")
+        if not recorded:
+            raise ValueError(
+                f"--checkpoint {path} does not name its model: pass --model NAME (open_clip) or --model-config FILE.json"
+            )
+        build = recorded
+        if ck.get("model_cfg") is None:
+            build = model_name_for(build, None)
     siglip = any(k.endswith("logit_bias") for k in ck["state_dict"])  # a --siglip run: the model needs its bias
-    model, _, pre_val, ctx = create_model(name, device, siglip=siglip)
+    model, _, pre_val, ctx = create_model(build, device, siglip=siglip)
     try:
-        model.load_state_dict(ck["state_dict"])
+        model.load_state_dict(strip_prefixes(ck["state_dict"]))
     except RuntimeError as e:
         raise ValueError(
-            f"--checkpoint {path} does not fit model {name!r} (pass the --model it was trained with): "
-            f"{str(e).splitlines()[0]}"
+            f"--checkpoint {path} does not fit model {build!r} (pass the --model or --model-config it was trained "
+            f"with): {str(e).splitlines()[0]}"
         ) from None
-    return model, name, pre_val, ctx
+    return model, build, pre_val, ctx
+
+
+def load_openclip(path: str, device: str | torch.device = "cpu"):
+    """(model, preprocess, tokenizer) of a dissect_fast checkpoint, as ``open_clip.create_model_and_transforms`` and
+    ``open_clip.get_tokenizer`` give them: the model (any open_clip model, built-in or custom, rebuilt from the
+    config the checkpoint carries) in eval mode on ``device``, its eval transform and its tokenizer."""
+    import open_clip
+
+    model, name, pre_val, ctx = model_from_checkpoint(path, None, torch.device(device))
+    model.eval()
+    return model, pre_val, open_clip.get_tokenizer(name, context_length=ctx)

@@ -1,7 +1,7 @@
 """Every flag of open_clip's trainer (``open_clip_train.params``) and what dissect_fast does with it.
 
 Statuses: ``taken`` (same name, same meaning; the note gives any difference in defaults or values),
-``differs`` (same name, another meaning here), ``mapped`` (another dissect_fast flag does it),
+``differs`` (same name, another meaning here), ``mapped`` (accepted as an alias of another dissect_fast flag),
 ``planned`` (being added in this release: ``taken`` once our parser has it) and ``refused`` (not
 supported; the note says what to use instead). ``check_unsupported`` turns an open_clip flag our
 parser lacks into one line that says so, before argparse's bare "unrecognized arguments".
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 TAKEN, DIFFERS, MAPPED, PLANNED, REFUSED = "taken", "differs", "mapped", "planned", "refused"
 STATUSES = (TAKEN, DIFFERS, MAPPED, PLANNED, REFUSED)
 
-#: open_clip flag -> the dissect_fast flag that does the same
+#: open_clip flag -> the dissect_fast flag it is an alias of (our parser takes both names)
 MAPPED_TO: dict[str, str] = {
     "--torchcompile": "--compile",
     "--val-frequency": "--val-every",

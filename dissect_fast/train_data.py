@@ -6,22 +6,36 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
 
 from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
-from dissect_fast.data.shards import DatasetIndex, check_ids_known, is_url, resolve_data
+from dissect_fast.data.shards import (
+    DatasetIndex,
+    check_id_ranges,
+    check_ids_known,
+    count_mismatch,
+    is_url,
+    resolve_data,
+    shard_stem,
+)
 from dissect_fast.data.synthetic_loader import (
     DEFAULT_BATCHES,
     SyntheticLoader,
     model_image_size,
 )
 from dissect_fast.distributed import DistInfo
+from dissect_fast.reliability import RunStopped
 from dissect_fast.selection.strategies import HISTORY_STRATEGIES
 
 log = logging.getLogger("dissect_fast")
+
+
+class IndexMismatch(RunStopped):
+    """What an epoch read contradicts the dataset index (index.json): the run stops with the command to fix it."""
 
 
 class TrainData:
@@ -45,6 +59,8 @@ class TrainData:
                     "with a dataset index (run `dissect-fast index` on them)"
                 )
             check_ids_known(self.train_shards, self.index, "--train-data")
+            if self.index is not None:
+                check_id_ranges(self.index, "--train-data")
             if tokenizer is not None and self.index is not None and self.index.has_tokens:
                 log.warning(
                     "model %s does not use CLIP BPE: the shards' stored `tok` ids are ignored and captions "
@@ -186,6 +202,8 @@ class TrainData:
                 subset_mask=self.subset_mask if train else None,
                 num_ids=self.num_ids if train else None,
                 tokenizer=self.tokenizer,
+                max_image_pixels=d.max_image_pixels,
+                max_member_bytes=d.max_member_bytes,
             )
         if not train:
             return eval_loader(
@@ -197,6 +215,8 @@ class TrainData:
                 d.workers,
                 self.device,
                 tokenizer=self.tokenizer,
+                max_image_pixels=d.max_image_pixels,
+                max_member_bytes=d.max_member_bytes,
             )
         ds = ShardDataset(
             shards,
@@ -212,6 +232,8 @@ class TrainData:
             first_ids=self.index.first_ids() if self.index is not None else None,
             resampled=d.dataset_resampled,
             tokenizer=self.tokenizer,
+            max_image_pixels=d.max_image_pixels,
+            max_member_bytes=d.max_member_bytes,
         )
         return TorchLoader(ds, d.workers, self.device, drop_last=True)
 
@@ -231,6 +253,7 @@ class TrainData:
         loader, n, wanted = self.train_loader, 0, self.steps_per_epoch * self.accum
         while n < wanted:
             got = 0
+            before = Counter(loader.stats)  # the pass's own counts: an epoch that repeats its shards sums them
             it = iter(loader)
             for batch in it:
                 yield batch
@@ -243,19 +266,39 @@ class TrainData:
                         return
                     for _ in it:  # drain the tail (less than a batch per worker) so the last skip counts arrive
                         loader.stats["dropped_tail"] += self.cfg.data.batch_size
+                    self._check_pass(loader, before)
                     return
+            self._check_pass(loader, before)
             if got == 0:
                 raise RuntimeError(
                     f"rank {self.dist.rank}: the training loader yielded no batch (too few shards "
                     f"for {self.dist.world_size} rank(s) x workers, or every sample unreadable)"
                 )
             log.warning(
-                "rank %d: shards ran out after %d of %d batches; repeating them (give every rank the same "
-                "number of samples, e.g. shards divisible by ranks)",
+                "rank %d: shards ran out after %d of %d batches; repeating them (%d shards for %d rank(s) x %d "
+                "worker(s): write >= 8 shards per rank and worker, e.g. `dissect-fast shards ... --world-size %d "
+                "--workers %d`, or train with --dataset-resampled)",
                 self.dist.rank,
                 n,
                 wanted,
+                len(self.train_shards),
+                self.dist.world_size,
+                max(1, self.cfg.data.workers),
+                self.dist.world_size,
+                max(1, self.cfg.data.workers),
             )
+
+    def _check_pass(self, loader, before: Counter) -> None:
+        """After a complete pass of the torch loader over this rank's shards: what it read must match the shard
+        counts of index.json (a wrong count would silently change the epoch's length). The DALI loader checks its
+        ``.idx`` files against the index when it is built."""
+        if self.index is None or self.partial_epochs or not isinstance(loader, TorchLoader):
+            return
+        counts = {shard_stem(s.path): s.count for s in self.index.shards}
+        expected = sum(counts.get(shard_stem(s["url"]), 0) for s in loader.dataset._shard_order())
+        msg = count_mismatch(expected, loader.stats - before)
+        if msg is not None:
+            raise IndexMismatch(f"--train-data: rank {self.dist.rank}: {msg}")
 
     def close(self) -> None:
         """Stop the loaders' workers."""

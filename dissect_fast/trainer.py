@@ -36,6 +36,7 @@ from dissect_fast.callbacks import (
     Record,
     TensorBoard,
     Wandb,
+    log_run_start,
     overrides,
 )
 from dissect_fast.config import TrainConfig
@@ -56,6 +57,7 @@ from dissect_fast.model import (
     create_model,
     lock_towers,
     make_optimizer,
+    model_cfg_of,
     model_name_for,
     resolve_device,
     resolve_precision,
@@ -66,7 +68,9 @@ from dissect_fast.model import (
     uses_grad_scaler,
 )
 from dissect_fast.profiling import PhaseMarker, StepProfiler
+from dissect_fast.resume import resume_changes, resume_source
 from dissect_fast.run_folder import (
+    RunLock,
     make_run_dir,
     rewrite_metrics,
     run_dir_for,
@@ -110,7 +114,8 @@ class Trainer:
         self._build_strategy()
         self._build_loaders(pre_train, pre_val)
         self._init_loop_state()
-        make_run_dir(self.run_dir, self.dist)  # last: a run that fails to set up leaves no folder behind
+        fresh = self.cfg.run.resume is None and elastic_restart_count() == 0
+        make_run_dir(self.run_dir, self.dist, fresh)  # last: a run that fails to set up leaves no folder behind
 
     # ------------------------------------------------------------------ set-up, in the order __init__ runs it
     def _setup_runtime(self) -> None:
@@ -125,20 +130,29 @@ class Trainer:
         set_cuda_defaults(self.device)  # open_clip's: cuDNN benchmark, TF32 matmuls and convolutions
         self.precision = resolve_precision(cfg.model.precision, self.device)
         self._set_seed(cfg.run.seed + self.dist.rank)
+        setup_logging(None, self.dist.is_main, buffer=True)  # first: run_dir_for may warn (a stale lock taken over)
         self.run_dir = run_dir_for(cfg.run, cfg.select.strategy, self.dist)  # made once set-up has succeeded
-        setup_logging(None, self.dist.is_main, buffer=True)
 
     def _resolve_model_options(self) -> None:
         """wandb installed, model name, scoring options, pretrained weights, tokenizer: checked, no model built."""
         cfg = self.cfg
         if "wandb" in cfg.run.report_to.split(","):
             check_wandb_installed()
-        self.model_name = model_name_for(cfg.model.model, cfg.model.model_config)
+        self.model_name = model_name_for(cfg.model.model, cfg.model.model_config, checkpoint=self._model_source())
         check_scoring_options(self.model_name, cfg.model.score_resolution, cfg.model.score_patch_dropout)
         scoring_precision(cfg.model.score_precision, self.precision)  # ValueError naming the flags
         self.pretrained = resolve_pretrained(cfg.model.pretrained, self.model_name) if cfg.model.pretrained else None
         #: the model's own tokenizer when it is not CLIP BPE (SigLIP, HF text towers); None: CLIP BPE (stored `tok`)
         self.tokenizer = text_tokenizer(self.model_name)
+
+    def _model_source(self) -> str | None:
+        """The checkpoint file whose recorded model config builds the model (any model, built-in or custom, with
+        no JSON file): --pretrained's, else the one --resume continues; None: the model is built by name."""
+        cfg = self.cfg
+        if cfg.model.pretrained and os.path.isfile(cfg.model.pretrained):
+            return cfg.model.pretrained
+        found = resume_source(cfg.run.resume, cfg.run.logs, cfg.run.name)
+        return found[0] if found is not None and found[0].endswith(".pt") else None
 
     def _plan_data(self) -> None:
         """The training data (checked, no loader yet), its counts, the run's length in steps, the profiler."""
@@ -234,7 +248,11 @@ class Trainer:
         self.timer: PhaseMarker | None = None
         self.stop = reliability.StopSignal()  # SIGTERM/SIGINT -> checkpoint after the current step, exit
         self.guard = reliability.NonFiniteGuard(
-            self.optimizer, self.device, self.cfg.run.max_nonfinite_steps, self.scaler.is_enabled()
+            self.optimizer,
+            self.device,
+            self.cfg.run.max_nonfinite_steps,
+            self.scaler.is_enabled(),
+            agree=reliability.agree_on_all_ranks if self.dist.enabled else None,  # every rank skips the same steps
         )
         self._epoch_resume: dict | None = None  # data position inside an epoch, from an interrupted run
 
@@ -295,33 +313,29 @@ class Trainer:
 
     def _zeroshot_sets(self, transform) -> list[tuple[str, object, list[str], list[str]]]:
         """(metric prefix, ImageFolder, class names, templates) for --imagenet-val, --imagenet-v2, --zeroshot-data."""
-        d, out = self.cfg.data, []
-        for prefix, folder, imagenet, names in (
-            (zeroshot.PREFIX_IMAGENET, d.imagenet_val, True, None),
-            (zeroshot.PREFIX_IMAGENET_V2, d.imagenet_v2, True, None),
-            (zeroshot.PREFIX_FOLDER, d.zeroshot_data, False, d.zeroshot_classnames),
-        ):
-            if folder is not None:
-                ds, classnames, templates = zeroshot.load_zeroshot_set(folder, names, imagenet=imagenet)
-                ds.transform = transform
-                out.append((prefix, ds, classnames, templates))
-        return out
+        d = self.cfg.data
+        return zeroshot.zeroshot_sets(
+            transform,
+            imagenet_val=d.imagenet_val,
+            imagenet_v2=d.imagenet_v2,
+            zeroshot_data=d.zeroshot_data,
+            zeroshot_classnames=d.zeroshot_classnames,
+        )
 
     def zeroshot_eval(self) -> dict:
         """Zero-shot top-1/top-5 on each set, with a classifier built from the current text tower (open_clip's way)."""
-        out = {}
-        for prefix, ds, classnames, templates in self.zeroshot_sets:
-            tok = self.tokenizer or tokenizer_for(self.context_length)  # the model's own unless it is CLIP BPE
-            w = zeroshot.zeroshot_classifier(self.model, tok, classnames, templates, self.device, self.precision)
-            loader = zeroshot.zeroshot_loader(ds, self.cfg.data.batch_size, self.cfg.data.workers, self.device)
-            out.update(zeroshot.evaluate_zeroshot(self.model, loader, w, self.device, self.precision, prefix))
-        return out
+        tok = self.tokenizer or tokenizer_for(self.context_length)  # the model's own unless it is CLIP BPE
+        d = self.cfg.data
+        return zeroshot.run_zeroshot(
+            self.model, self.zeroshot_sets, tok, self.device, self.precision, d.batch_size, d.workers
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch_done: int) -> dict:
         return {
             "state_dict": ckpt_io.strip_prefixes(self.model.state_dict()),
             "model_name": self.model_name,
+            "model_cfg": model_cfg_of(self.model_name, self.cfg.model.siglip),  # rebuilds the model anywhere
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "strategy": self.strategy.state_dict(),
@@ -332,6 +346,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "metrics": self.metrics,
             "nonfinite": self.guard.state_dict(),
+            "samples_seen": self._samples_seen(),  # across every start of the run: continues on resume
+            "wall_s": self._wall_s(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -346,6 +362,12 @@ class Trainer:
         self.strategy.load_state_dict(state["strategy"])
         self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
         self.metrics = list(state.get("metrics", []))
+        last = self.metrics[-1] if self.metrics else {}
+        self._count_base = (
+            self.step,
+            int(state.get("samples_seen", self.step * self._samples_per_step())),  # older checkpoints: from the step
+            float(state.get("wall_s", last.get("wall_s", 0.0))),
+        )
         ckpt_io.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.guard.load_state_dict(state.get("nonfinite", {}))
@@ -356,9 +378,19 @@ class Trainer:
             self.generator.manual_seed(seed * 7919 + self.dist.rank)
 
     def _load_resume(self) -> tuple[str, dict] | None:
-        """The checkpoint this run resumes from (Checkpointer.load_resume), checked against this run."""
-        found = self.checkpointer.load_resume(self.cfg.run.resume, elastic_restart_count() > 0)
+        """The checkpoint this run resumes from (Checkpointer.load_resume), checked against this run: the same model,
+        id range and config (``resume.resume_changes``: flags that change the training are refused unless
+        --resume-override). A resume with no checkpoint yet is checked against RUN/config.json."""
+        restarted = elastic_restart_count() > 0
+        self._count_base = (0, 0, 0.0)  #: (step, samples_seen, wall_s) this start continues from
+        found = self.checkpointer.load_resume(self.cfg.run.resume, restarted)
+        self._resumed: dict | None = None  #: what this start resumed and changed: a record in RUN/resumes.jsonl
         if found is None:
+            config_json = os.path.join(self.run_dir, "config.json")
+            if (self.cfg.run.resume is not None or restarted) and os.path.isfile(config_json):
+                with open(config_json) as f:
+                    changes = resume_changes(json.load(f), self.cfg, config_json)
+                self._resumed = {"resumed_from": None, **self._changes_record(changes)}
             return None
         path, state = found
         if state.get("model_name") != self.model_name:
@@ -372,20 +404,33 @@ class Trainer:
                 f"--resume {path}: its history buffer has {h['values'].numel()} entries but --train-data has an id "
                 f"range of {self.num_ids}: resume with the training data the checkpoint was trained on"
             )
+        if isinstance(state.get("config"), dict):
+            changes = resume_changes(state["config"], self.cfg, path)
+            self._resumed = {"resumed_from": path, **self._changes_record(changes)}
+        else:  # an open_clip checkpoint, say: nothing to compare with
+            self._resumed = {"resumed_from": path, "note": "the checkpoint holds no config: the flags given apply"}
+        self._resumed.update(epoch=state.get("epoch"), step=state.get("step"))
         return found
+
+    @staticmethod
+    def _changes_record(changes) -> dict:
+        return {"allowed": changes.allowed, "overrides": changes.overrides}
 
     def _resume(self) -> None:
         """Load the checkpoint found at set-up; drop lines of epochs and steps it does not hold (a crash after
-        writing them)."""
+        writing them). A resume of a run that has no checkpoint yet starts over: its logs are emptied."""
         path, state = self.resume_state if self.resume_state is not None else (None, None)
         self.resume_state = None
         if path is None:
             if self.cfg.run.resume == "latest":
                 log.info("--resume latest: no checkpoint in %s yet, starting fresh", self.run_dir)
+            if self.dist.is_main and (self.cfg.run.resume is not None or elastic_restart_count() > 0):
+                rewrite_metrics(self.run_dir, [])  # the lines of an attempt killed before its first checkpoint
+                truncate_steps(self.run_dir, 0)
             return
         assert state is not None  # found with its path
         self.load_state_dict(state)
-        log.info("resumed from %s at epoch %d (step %d)", path, self.start_epoch, self.step)
+        log.info("resumed from %s: epoch %d is next (step %d)", path, self.start_epoch + 1, self.step)
         if elastic_restart_count() > 0:
             log.warning("torchelastic restart %d: resumed from %s", elastic_restart_count(), path)
         if self.dist.is_main:
@@ -449,32 +494,29 @@ class Trainer:
                     break
             self._emit("on_fit_end")
             return self.metrics
+        except Exception as e:  # a full disk anywhere (logs, metrics, TensorBoard, plots): exit 3, as for a checkpoint
+            stop = ckpt_io.disk_full_stop(e, self.run_dir, self.checkpointer.latest())
+            if stop is None:
+                raise
+            raise stop from e
         finally:
             self.stop.restore()
             self._emit("on_fit_exit")
             self.data.close()  # no worker left behind by an exception
+            if self.dist.is_main:
+                RunLock.release(self.run_dir)
 
     def _start_fit(self) -> None:
-        """Config and provenance into the run folder, resume, then the callbacks' on_fit_start."""
+        """The run folder's lock, config and provenance (or a resume's record), resume, then the callbacks'
+        on_fit_start."""
         cfg = self.cfg
+        self._fit_t0 = time.time()  #: wall_s counts from here (plus the earlier starts' time, from the checkpoint)
         if self.dist.is_main:
-            write_run_start(self.run_dir, cfg, self.device)
-        self.checkpointer.remove_stale()
+            RunLock.acquire(self.run_dir)  # held since set-up; taken again by a second fit of this Trainer
+            write_run_start(self.run_dir, cfg, self.device, self._resumed)
+        self.checkpointer.remove_stale()  # under the lock: no other run writes here
         self._resume()
-        log.info(
-            "model %s on %s (%s), data %s, %d samples, %d ids, batch %d x %d rank(s), k = %d (%s), %d steps/epoch",
-            self.model_name,
-            self.device,
-            self.precision,
-            self.data_backend,
-            self.num_samples,
-            self.num_ids,
-            cfg.data.batch_size,
-            self.dist.world_size,
-            self.k,
-            cfg.select.strategy,
-            self.steps_per_epoch,
-        )
+        log_run_start(self)  # the short summary (and a --warmup longer than the run); the rest is in the folder
         self._fit_callbacks = self._callbacks()
         self._refresh_hooks()
         self._emit("on_fit_start")
@@ -542,6 +584,19 @@ class Trainer:
         self._refresh_scale()
         self._emit("on_log_step", epoch, self.epoch_step, lr, read)
 
+    def _samples_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.dist.world_size * self.accum
+
+    def _samples_seen(self) -> int:
+        """Samples read since the run's first start: the resumed checkpoint's count plus this start's steps (so it
+        never goes backwards, whatever the batch size or world size of each start)."""
+        step0, seen0, _ = self._count_base
+        return seen0 + (self.step - step0) * self._samples_per_step()
+
+    def _wall_s(self) -> float:
+        """Training wall-clock seconds since the run's first start, the earlier starts' included."""
+        return round(self._count_base[2] + time.time() - getattr(self, "_fit_t0", time.time()), 3)
+
     def _max_steps_done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
@@ -552,8 +607,8 @@ class Trainer:
         metrics = {
             "epoch": epoch + 1,
             "step": self.step,
-            "samples_seen": self.step * cfg.data.batch_size * self.dist.world_size * self.accum,
-            "wall_s": round(time.time() - t_start, 3),
+            "samples_seen": self._samples_seen(),
+            "wall_s": round(self._count_base[2] + time.time() - t_start, 3),  # the earlier starts' time included
             "epoch_wall_s": round(wall, 3),
             "train_loss": float(loss_sum) / (n - skipped) if n > skipped else float("nan"),
             "nonfinite_steps": skipped,
@@ -695,6 +750,7 @@ class Trainer:
         if self.accum > 1:
             return self._accum_step(epoch, images, tokens, ids)
         t = self.timer
+        self.strategy.begin_step()  # the history writes of this step are kept only if its update is applied
         sel, t_images, t_tokens, t_ids = self._select(epoch, images, tokens, ids)
         self.last_trained = t_ids.shape[0]  # a shape: known on the host, no sync
 
@@ -708,6 +764,7 @@ class Trainer:
             t.mark("train")
         self._optimizer_step(loss)
         self._after_batch(epoch, ids, sel, t_ids, (out["image_features"].detach(), out["text_features"].detach()))
+        self.strategy.commit_step(self.guard.applied)  # a skipped step leaves the history untouched
         return loss.detach()
 
     def _accum_step(self, epoch: int, images, tokens, ids) -> torch.Tensor:
@@ -722,6 +779,7 @@ class Trainer:
         """
         t, n = self.timer, len(images)
         subs, cached_f, cached_g = [], [], []
+        self.strategy.begin_step()  # the N batches' history writes are kept only if the step is applied
         for j in range(n):
             sel, t_images, t_tokens, t_ids = self._select(epoch, images[j], tokens[j], ids[j])
             with torch.no_grad():
@@ -747,6 +805,7 @@ class Trainer:
         if t is not None:
             t.mark("train")
         self._optimizer_step(loss)
+        self.strategy.commit_step(self.guard.applied)
         return loss.detach()
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
@@ -758,7 +817,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
         self.guard.before_step(loss, grad_norm)  # a non-finite loss/gradient skips the update, decided on the device
         self.scaler.step(self.optimizer)
-        self.guard.after_step()
+        self.guard.after_step(self.scaler)
         self.scaler.update()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))

@@ -222,3 +222,45 @@ def zeroshot_loader(dataset, batch_size: int, workers: int, device: torch.device
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
+
+
+def zeroshot_sets(
+    transform,
+    *,
+    imagenet_val: str | None = None,
+    imagenet_v2: str | None = None,
+    zeroshot_data: str | None = None,
+    zeroshot_classnames: str | None = None,
+) -> list[tuple[str, object, list[str], list[str]]]:
+    """(metric prefix, ImageFolder with ``transform``, class names, templates) for each folder given, with the flags'
+    meaning in training and in ``dissect-fast eval``: --imagenet-val, --imagenet-v2, --zeroshot-data (+
+    --zeroshot-classnames)."""
+    out = []
+    for prefix, folder, imagenet, names, flag in (
+        (PREFIX_IMAGENET, imagenet_val, True, None, "--imagenet-val"),
+        (PREFIX_IMAGENET_V2, imagenet_v2, True, None, "--imagenet-v2"),
+        (PREFIX_FOLDER, zeroshot_data, False, zeroshot_classnames, "--zeroshot-data"),
+    ):
+        if folder is not None:
+            ds, classnames, templates = load_zeroshot_set(folder, names, imagenet=imagenet, flag=flag)
+            ds.transform = transform
+            out.append((prefix, ds, classnames, templates))
+    return out
+
+
+def run_zeroshot(
+    model: torch.nn.Module,
+    sets: Iterable[tuple[str, object, list[str], list[str]]],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int,
+) -> dict[str, float]:
+    """Top-1/top-5 on every set of :func:`zeroshot_sets`, each with a classifier built from the model's text tower."""
+    out: dict[str, float] = {}
+    for prefix, ds, classnames, templates in sets:
+        w = zeroshot_classifier(model, tokenizer, classnames, templates, device, precision)
+        loader = zeroshot_loader(ds, batch_size, workers, device)
+        out.update(evaluate_zeroshot(model, loader, w, device, precision, prefix))
+    return out

@@ -185,7 +185,7 @@ def test_elastic_restart_resumes_from_latest_checkpoint(even_data, tmp_path):
     )
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     log = (run_dir / "out.log").read_text()
-    assert "torchelastic restart 1: resumed from" in log and "at epoch 1 (step 6)" in log, log[-3000:]
+    assert "torchelastic restart 1: resumed from" in log and "epoch 2 is next (step 6)" in log, log[-3000:]
     assert "exitcode: -9" in r.stderr and "local_rank: 1" in r.stderr  # rank 1 really died of SIGKILL
     lines = check_one_logical_buffer(run_dir)
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["step"] == 12

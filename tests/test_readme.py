@@ -4,8 +4,10 @@ The README's command blocks take their paths and sizes from shell variables that
 ``<!-- readme-test: variables -->``, shows with the real values. Here that block is replaced by
 :data:`TOY` (small synthetic shards, pixparse-style shards written with webdataset, a small CSV,
 tmp paths, two CPU processes, ``micro-rn``). Every other bash block runs exactly as written with
-``bash -c 'set -euo pipefail; BLOCK'``, PATH starting with ``.venv/bin``, ``HF_HUB_OFFLINE=1`` and
-the toy variables exported. Blocks that name the torchrun script ``dissect_fast/train.py`` run from
+``bash -c 'set -euo pipefail; BLOCK'``, ``HF_HUB_OFFLINE=1`` and the toy variables exported, in a fresh
+shell whose PATH does not hold ``.venv/bin``: the README's set-up block activates the environment
+(``. .venv/bin/activate``) and every later block starts with that same activation, as a reader's shell
+would have it. Blocks that name the torchrun script ``dissect_fast/train.py`` or the activation run from
 the repository root (the README says so); all others from a temporary working directory.
 
 Blocks run in README order, sharing one toy environment, the way a reader runs them top to bottom
@@ -32,6 +34,8 @@ README = ROOT / "README.md"
 MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->$")
 SKIP = re.compile(r"^skip\s*\((.+)\)$")
 TORCHRUN_SCRIPT = "dissect_fast/train.py"
+ACTIVATE = ". .venv/bin/activate"  #: the README's activation of the environment, run from the repository root
+VENV_ACTIVATE = ROOT / ".venv" / "bin" / "activate"
 MAX_SKIPPED = 3  #: the set-up block (make demo / make test) and the SLURM script, plus one spare
 BLOCK_TIMEOUT_S = 300
 
@@ -111,6 +115,18 @@ def readme_blocks() -> list[Block]:
 BLOCKS = readme_blocks()
 VARIABLE_BLOCKS = [b for b in BLOCKS if b.marker == "variables"]
 RUNNABLE = [b for b in BLOCKS if b.marker is None]
+ACTIVATION_BLOCKS = [b for b in RUNNABLE if any(ln.strip() == ACTIVATE for ln in b.text.splitlines())]
+
+
+def test_first_commands_activate_the_environment():
+    """The README's first runnable block activates .venv (from the repository root), so that `dissect-fast` and
+    `python -m dissect_fast...` in every later block work in a fresh shell as typed."""
+    assert ACTIVATION_BLOCKS, (
+        f"no README block runs `{ACTIVATE}`: after `make install` a fresh shell has no dissect-fast"
+    )
+    first = ACTIVATION_BLOCKS[0]
+    assert first is RUNNABLE[0], f"README.md:{first.line}: activate the environment before any other command"
+    assert "repository root" in first.text, f"README.md:{first.line}: say `from the repository root` in the block"
 
 
 # ----------------------------------------------------------------------------- the README's structure
@@ -149,7 +165,8 @@ def test_variables_block_is_assignments_of_the_toy_variables():
             assert m, f"the variables block holds a line that is not a plain assignment: {ln!r}"
             names.append(m.group(1))
     assert sorted(names) == sorted(TOY), f"README variables {sorted(names)} != the toy set {sorted(TOY)}"
-    assert VARIABLE_BLOCKS[0].index < min(b.index for b in RUNNABLE), "the variables block must come first"
+    later = [b.index for b in RUNNABLE if b not in ACTIVATION_BLOCKS]  # the activation uses no variables
+    assert VARIABLE_BLOCKS[0].index < min(later), "the variables block must come before the commands that use them"
     used = set()
     for b in RUNNABLE:
         used |= set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", b.text))
@@ -241,32 +258,42 @@ def toy_env(tmp_path_factory):
     work = root / "work"
     work.mkdir()
     venv_bin = ROOT / ".venv" / "bin"
-    bin_dir = venv_bin if venv_bin.is_dir() else Path(sys.executable).parent
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("TORCHELASTIC_", "DISSECT_FAST_TEST_", "PET_"))
         and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        and k != "VIRTUAL_ENV"
     }
     env.update(values)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    # a fresh shell: no .venv/bin on PATH, the README's activation puts it there
+    path = [d for d in env.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin.resolve()]
+    if not VENV_ACTIVATE.is_file():  # an install without .venv (e.g. a bare GPU machine): this interpreter's bin
+        path.insert(0, str(Path(sys.executable).parent))
+    env["PATH"] = os.pathsep.join(path)
     env["HF_HUB_OFFLINE"] = "1"
     # one intra-op thread per process, as torchrun sets for its workers: at toy size on a shared 2-core CPU,
     # torch's default thread pool spins against the other processes and makes a run several times slower
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["VIRTUAL_ENV"] = str(bin_dir.parent)
     return {"env": env, "work": work, "values": values}
 
 
 # ----------------------------------------------------------------------------- running the blocks
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
 def test_readme_block_runs(block: Block, toy_env):
-    cwd = ROOT if TORCHRUN_SCRIPT in block.text else toy_env["work"]
+    activates = block in ACTIVATION_BLOCKS
+    cwd = ROOT if TORCHRUN_SCRIPT in block.text or activates else toy_env["work"]
     root_logs_before = (ROOT / "logs").exists()
+    prefix = ""
+    if VENV_ACTIVATE.is_file():  # the shell of a reader who ran the README's activation first
+        if ACTIVATION_BLOCKS and block.index > ACTIVATION_BLOCKS[0].index:
+            prefix = f". {VENV_ACTIVATE}\n"
+    elif activates:
+        pytest.skip("no .venv here (an install without make install): nothing to activate")
     t0 = time.monotonic()
     try:
         r = subprocess.run(
-            ["bash", "-c", "set -euo pipefail\n" + block.text],
+            ["bash", "-c", "set -euo pipefail\n" + prefix + block.text],
             cwd=cwd,
             env=toy_env["env"],
             capture_output=True,

@@ -47,16 +47,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from dissect_fast.data import samples
 from dissect_fast.data.index_tool import (
     ShardMeta,
     build_shard_index,
+    check_idx_pairing,
     idx_paths,
     load_shard_meta,
     scan_shard,
     write_idx,
 )
 from dissect_fast.data.samples import EOT_TOKEN, MissingIdsError, missing_ids_message
-from dissect_fast.data.shards import DatasetIndex, shard_stem, tokenizer_for
+from dissect_fast.data.shards import DatasetIndex, check_index_count, shard_stem, tokenizer_for
 
 log = logging.getLogger("dissect_fast")
 
@@ -340,6 +342,11 @@ class SourceIds:
 
 
 # ----------------------------------------------------------------------------- the loader
+def _key(name: str) -> str:
+    kx = samples.split_name(name)
+    return kx[0] if kx else name
+
+
 @dataclass
 class _Shard:
     path: str
@@ -373,6 +380,8 @@ class DaliLoader:
         hw_decoder_load: share of JPEGs for the hardware decoder (A100/H100); the rest go to CUDA.
         tokenizer: the model's own tokenizer when it is not CLIP BPE: captions are read from ``txt`` and tokenised
             with it (stored ``tok`` ids, CLIP BPE, are not read); None: stored ``tok`` ids, else CLIP BPE.
+        max_image_pixels, max_member_bytes: the bounded-cost limits; ``.idx`` files indexed under other limits are
+            not used (the loader builds its own), so a sample is bad for the same reason as in the torch loader.
     """
 
     def __init__(
@@ -397,6 +406,8 @@ class DaliLoader:
         hw_decoder_load: float = 0.65,
         prefetch: int = 2,
         tokenizer=None,
+        max_image_pixels: int = samples.MAX_IMAGE_PIXELS,
+        max_member_bytes: int = samples.MAX_MEMBER_BYTES,
     ) -> None:
         reason = dali_unavailable_reason()
         if reason:
@@ -418,6 +429,8 @@ class DaliLoader:
         self._tmp = tempfile.mkdtemp(prefix="dissect_dali_")
         self._tokenizer, self._own_tokenizer = tokenizer, tokenizer is not None
         self._subset_mask, self._num_ids = subset_mask, num_ids
+        self.max_image_pixels, self.max_member_bytes = max_image_pixels, max_member_bytes
+        self._ids_seen: list[np.ndarray] | None = []  #: every shard's ids, for the duplicate check at set-up
         self.shards, self.caption, self.id_field = self._prepare(list(shards), index, verify)
         self.num_samples = sum(s.count for s in self.shards)
         if self.caption == "txt":
@@ -433,17 +446,22 @@ class DaliLoader:
         cache = os.path.join(os.environ.get("DISSECT_FAST_CACHE", os.path.expanduser("~/.cache/dissect_fast")), "idx")
         metas: list[ShardMeta] = []
         built = 0
+        limits = {"max_image_pixels": self.max_image_pixels, "max_member_bytes": self.max_member_bytes}
         for p in paths:
             cdir = os.path.join(cache, hashlib.sha1(os.path.abspath(os.path.dirname(p)).encode()).hexdigest()[:16])
-            m = load_shard_meta(p, search + [None, cdir])
+            m = load_shard_meta(p, search + [None, cdir], **limits)
             if m is None:  # no (up-to-date) .idx: build one once, into a cache directory
                 first = first_ids.get(shard_stem(p))
-                scan = build_shard_index(p, out_dir=cdir, verify=verify, first_id=first)
+                scan = build_shard_index(p, out_dir=cdir, verify=verify, first_id=first, **limits)
                 if scan.ids is None and first is None and self.train:
                     raise MissingIdsError(missing_ids_message(p))
-                m = load_shard_meta(p, [cdir])
+                m = load_shard_meta(p, [cdir], **limits)
                 assert m is not None  # just built
                 built += 1
+            else:  # a sample of its rows against the tar's member headers: an .idx made for other data is refused
+                check_idx_pairing(p, m.idx_path, max_rows=32)
+            if index is not None and search and os.path.dirname(m.idx_path) == os.path.abspath(search[0]):
+                check_index_count(index, p, m.samples)
             metas.append(m)
         if built:
             log.warning(
@@ -468,7 +486,17 @@ class DaliLoader:
                 "re-write them consistently, or use --data-backend torch"
             )
         id_field = all(m.has_id_field for m in live)
-        return [self._shard(p, m, id_field) for p, m in zip(paths, metas)], caption, id_field
+        shards = [self._shard(p, m, id_field) for p, m in zip(paths, metas)]
+        if self._ids_seen:  # duplicate ids across shards would share history entries: refused before training
+            ids = np.concatenate(self._ids_seen)
+            uniq = np.unique(ids)
+            if uniq.size != ids.size:
+                raise ValueError(
+                    f"DaliLoader: {ids.size - uniq.size} sample ids appear in more than one place in the shards: "
+                    f"re-run `dissect-fast index` on them (ids must be unique)"
+                )
+        self._ids_seen = None
+        return shards, caption, id_field
 
     def _shard(self, path: str, m: ShardMeta, id_field: bool) -> _Shard:
         sh = _Shard(
@@ -484,6 +512,12 @@ class DaliLoader:
         with open(m.idx_path) as f:
             header, *lines = f.read().splitlines()
         comps = [ln.split() for ln in lines]
+        for n, c in enumerate(comps):  # the members of one sample share its key (a cheap pairing check)
+            keys = {_key(c[j + 3]) for j in range(0, len(c), 4)}
+            if len(keys) != 1:
+                raise ValueError(
+                    f"{m.idx_path}: sample {n} mixes members of different samples: re-run `dissect-fast index`"
+                )
         img_off = np.asarray([int(c[1]) for c in comps], dtype=np.int64)  # "img" is always the first component
         if m.has_id_field:
             ids = np.empty(len(comps), dtype=np.int64)
@@ -495,6 +529,8 @@ class DaliLoader:
         else:
             assert m.first_id is not None  # recorded in the sidecar of every shard without an id field
             ids = int(m.first_id) + np.asarray(m.positions, dtype=np.int64)
+        if self.train and self._ids_seen is not None:
+            self._ids_seen.append(ids)
         keep = np.ones(len(comps), dtype=bool)
         if num_ids is not None:
             bad = (ids < 0) | (ids >= num_ids)
@@ -620,21 +656,32 @@ class DaliLoader:
                 continue
             fut = pool.submit(self._tokenize, out["text"])
             if pending is not None:
-                yield pending[0], pending[1].result().to(self.device, non_blocking=True), pending[2]
+                yield self._with_tokens(*pending)
             pending = (out["images"], fut, ids)
         if pending is not None:
-            yield pending[0], pending[1].result().to(self.device, non_blocking=True), pending[2]
+            yield self._with_tokens(*pending)
+
+    def _with_tokens(self, images, fut, ids):
+        """A batch whose captions were tokenised in the background; their cut count goes to ``stats`` here, on the
+        loader's own thread."""
+        tokens, n_cut = fut.result()
+        if n_cut:
+            self.stats["caption_too_long"] += n_cut
+        return images, tokens.to(self.device, non_blocking=True), ids
 
     def _ids(self, out: dict, offsets: SourceIds | None) -> torch.Tensor:
         if offsets is None:
             return out["ids"].view(-1).to(self.device, non_blocking=True)
         return torch.from_numpy(offsets(out["source"].numpy())).to(self.device, non_blocking=True)
 
-    def _tokenize(self, text: torch.Tensor) -> torch.Tensor:
+    def _tokenize(self, text: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(token ids, captions cut) of a batch of ``txt`` bytes (each read up to MAX_TXT_BYTES: the ``.idx`` says
+        so), every caption cut to a bounded length first (:func:`samples.cut_caption`)."""
         if self._tokenizer is None:
             self._tokenizer = tokenizer_for(self.context_length)
         caps = [row.tobytes().rstrip(b"\0").decode("utf-8", "replace").strip() for row in text.cpu().numpy()]
-        return self._tokenizer(caps, context_length=self.context_length).long()
+        caps, n_cut = samples.cut_captions(caps, self.context_length)
+        return self._tokenizer(caps, context_length=self.context_length).long(), n_cut
 
     def _dali_error(self, e: Exception, order: list[_Shard], yielded: int) -> None:
         """DALI failed on a sample the .idx let through (its messages do not say which): the rest of this
@@ -654,7 +701,7 @@ class DaliLoader:
             "is skipped. Re-checking %d of its %d shard(s) by decoding; run `dissect-fast index --verify decode` "
             "on the data to avoid this",
             self.rank,
-            self.epoch,
+            self.epoch + 1,
             yielded,
             what,
             lost,
@@ -664,7 +711,9 @@ class DaliLoader:
         if not todo:
             return
         with ThreadPoolExecutor(self.threads) as pool:  # PIL decodes without the GIL
-            scans = list(pool.map(lambda sh: scan_shard(sh.path, "decode"), todo))
+            scans = list(
+                pool.map(lambda sh: scan_shard(sh.path, "decode", self.max_image_pixels, self.max_member_bytes), todo)
+            )
         for sh, scan in zip(todo, scans):
             if scan.ids is None:  # (sh.idx may be a filtered copy, its sidecar elsewhere: the first_id kept)
                 scan.first_id = sh.first_id

@@ -21,6 +21,16 @@ sidecar ``<stem>.idx.json`` so that the DALI loader reports the same ``bad_sampl
 torch loader would. Components are written under canonical names (``img``, ``tok``, ``txt``,
 ``id``) whatever the tar calls them, so one DALI ``ext`` list fits every shard.
 
+*Bounded cost.* Images over ``max_image_pixels`` (``image_too_large``, from the header at ``verify`` header or
+decode) and members over ``max_member_bytes`` (``member_too_large``, never read) are left out like other bad
+samples, under the names the torch loader uses; a ``txt`` component is listed with its size capped at
+:data:`samples.MAX_TXT_BYTES`, so DALI reads a bounded caption whatever the tar holds.
+
+*Pairing.* The sidecar holds the SHA-1 of its ``.idx`` (an edited or foreign ``.idx`` is not used: the loader
+builds its own) and :func:`check_idx_pairing` checks an ``.idx`` against the tar's own member headers (each
+component's name and size at its offset, and one key per sample), so a sample pointed at its neighbour's image
+is refused before training.
+
 *Id assignment.* Shards made elsewhere (img2dataset, public CC3M/CC12M releases) have no ``id``
 field. A shard none of whose samples has one gets ``first_id + position``, ``position`` being the
 sample's ordinal among all sample groups of the tar (bad ones included, so ids do not move when
@@ -32,9 +42,11 @@ reads it there) and in the sidecar (the DALI loader's offset -> id map).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -83,14 +95,14 @@ class _Group:
     clean: int | None
 
 
-def _scan_groups(path: str, verify: str, stats: Counter) -> list[_Group]:
+def _scan_groups(path: str, verify: str, stats: Counter, max_pixels: int, max_bytes: int) -> list[_Group]:
     """Every complete sample group of a tar, in order, judged by the shared sample rules."""
     groups = []
-    for s in samples.iter_shard_file(path, stats, members=True):
+    for s in samples.iter_shard_file(path, stats, members=True, max_member_bytes=max_bytes):
         reason, sid = None, None
         try:
             sid = samples.check_fields(s, first_id=None, num_ids=None, need_id=False)
-            samples.check_image(s[samples.image_field(s)], verify)
+            samples.check_image(s[samples.image_field(s)], verify, max_pixels)
         except BadSample as e:
             reason = e.reason
         try:
@@ -130,6 +142,8 @@ class ShardScan:
     verify: str
     idx_lines: list[str] = field(repr=False, default_factory=list)
     first_id: int | None = None
+    max_image_pixels: int = samples.MAX_IMAGE_PIXELS
+    max_member_bytes: int = samples.MAX_MEMBER_BYTES
 
     @property
     def count(self) -> int:
@@ -143,12 +157,17 @@ class ShardScan:
         return self.first_id + self.positions.astype(np.int64)
 
 
-def scan_shard(path: str, verify: str = "decode") -> ShardScan:
+def scan_shard(
+    path: str,
+    verify: str = "decode",
+    max_image_pixels: int = samples.MAX_IMAGE_PIXELS,
+    max_member_bytes: int = samples.MAX_MEMBER_BYTES,
+) -> ShardScan:
     """Read one shard, validate every sample, and return the good ones with their .idx lines."""
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     stats: Counter = Counter()
-    groups = _scan_groups(path, verify, stats)
+    groups = _scan_groups(path, verify, stats, max_image_pixels, max_member_bytes)
     assign = bool(groups) and not any(g.has_id for g in groups)
     positions, ids, clean, lines, tok_lens = [], [], [], [], set()
     has_tok = has_txt = True
@@ -169,7 +188,7 @@ def scan_shard(path: str, verify: str = "decode") -> ShardScan:
             tok_lens.add(g.tok_len // 4)
         img = samples.image_field(g.members)
         comps = [("img", g.members[img])] + [(e, g.members[e]) for e in ("tok", "txt", "id") if e in g.members]
-        lines.append(" ".join(f"{e} {m.offset} {m.size} {_safe_name(m.name)}" for e, m in comps))
+        lines.append(" ".join(f"{e} {m.offset} {_listed_size(e, m.size)} {_safe_name(m.name)}" for e, m in comps))
     n = len(positions)
     return ShardScan(
         shard=path,
@@ -184,6 +203,8 @@ def scan_shard(path: str, verify: str = "decode") -> ShardScan:
         tar_size=os.path.getsize(path),
         verify=verify,
         idx_lines=lines,
+        max_image_pixels=max_image_pixels,
+        max_member_bytes=max_member_bytes,
     )
 
 
@@ -191,14 +212,63 @@ def _safe_name(name: str) -> str:
     return "".join("_" if c.isspace() else c for c in name) or "_"
 
 
+def _listed_size(ext: str, size: int) -> int:
+    """The size an ``.idx`` lists for a component: a caption is read up to MAX_TXT_BYTES only."""
+    return min(size, samples.MAX_TXT_BYTES) if ext == "txt" else size
+
+
+def check_idx_pairing(shard: str, idx_path: str, max_rows: int | None = None) -> None:
+    """ValueError naming the first sample of ``idx_path`` that does not match the tar ``shard``: a component whose
+    offset is not the data of a member of that name and size (the member header is the 512-byte block just before
+    the data), or components of different sample keys on one line. One small read per component, no image data;
+    ``max_rows``: only that many evenly spaced samples (the first and the last included)."""
+    with open(idx_path) as f:
+        _, *lines = f.read().splitlines()
+    rows = range(len(lines))
+    if max_rows is not None and len(lines) > max_rows:
+        rows = np.unique(np.linspace(0, len(lines) - 1, max_rows).round().astype(int)).tolist()
+    with open(shard, "rb") as t:
+        for row in rows:
+            line = lines[row]
+            c = line.split()
+            comps = [c[j : j + 4] for j in range(0, len(c), 4)]
+            keys = set()
+            for ext, off, size, name in comps:
+                problem = None
+                t.seek(max(0, int(off) - tarfile.BLOCKSIZE))
+                try:
+                    info = tarfile.TarInfo.frombuf(t.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+                except tarfile.TarError:
+                    info = None
+                if info is None or int(off) < tarfile.BLOCKSIZE:
+                    problem = f"no tar member header before offset {off}"
+                elif int(size) != _listed_size(ext, info.size):
+                    problem = f"{ext} lists {size} bytes, the member at that offset has {info.size}"
+                elif len(info.name) < 99 and _safe_name(os.path.basename(info.name)) != name:
+                    problem = f"{ext} names {name}, the member at that offset is {os.path.basename(info.name)}"
+                if problem:
+                    raise ValueError(
+                        f"{idx_path}: sample {row} does not match {shard} ({problem}): the .idx was made for other "
+                        f"data; re-run `dissect-fast index` on the shards"
+                    )
+                kx = samples.split_name(name)
+                keys.add(kx[0] if kx else name)
+            if len(keys) > 1:
+                raise ValueError(
+                    f"{idx_path}: sample {row} mixes members of different samples ({sorted(keys)}); re-run "
+                    f"`dissect-fast index` on the shards"
+                )
+
+
 # ----------------------------------------------------------------------------- writing
 def write_idx(scan: ShardScan, out_dir: str | None = None) -> tuple[str, str]:
     """Write ``<stem>.idx`` (DALI) and ``<stem>.idx.json`` (counts, skips, id assignment), atomically."""
     idx_path, meta_path = idx_paths(scan.shard, out_dir)
     os.makedirs(os.path.dirname(idx_path), exist_ok=True)
-    with atomic_write(idx_path, fsync=False) as f:
-        f.write(f"{IDX_VERSION} {scan.count}\n")
-        f.writelines(line + "\n" for line in scan.idx_lines)
+    text = f"{IDX_VERSION} {scan.count}\n" + "".join(line + "\n" for line in scan.idx_lines)
+    data = text.encode("utf-8", "surrogateescape")
+    with atomic_write(idx_path, "wb", fsync=False) as f:
+        f.write(data)
     meta = {
         "format": META_FORMAT,
         "shard": os.path.basename(scan.shard),
@@ -212,6 +282,9 @@ def write_idx(scan: ShardScan, out_dir: str | None = None) -> tuple[str, str]:
         "has_tok": scan.has_tok,
         "has_txt": scan.has_txt,
         "tok_len": scan.tok_len,
+        "max_image_pixels": scan.max_image_pixels,
+        "max_member_bytes": scan.max_member_bytes,
+        "idx_sha1": hashlib.sha1(data).hexdigest(),
         # positions of the good samples: only needed to turn DALI's (tar, offset) into an assigned id
         "positions": scan.positions.tolist() if scan.ids is None else None,
     }
@@ -220,10 +293,15 @@ def write_idx(scan: ShardScan, out_dir: str | None = None) -> tuple[str, str]:
 
 
 def build_shard_index(
-    shard: str, out_dir: str | None = None, verify: str = "none", first_id: int | None = None
+    shard: str,
+    out_dir: str | None = None,
+    verify: str = "none",
+    first_id: int | None = None,
+    max_image_pixels: int = samples.MAX_IMAGE_PIXELS,
+    max_member_bytes: int = samples.MAX_MEMBER_BYTES,
 ) -> ShardScan:
     """Scan one shard and write its .idx + sidecar (used by ShardWriter.finish and the DALI loader)."""
-    scan = scan_shard(shard, verify)
+    scan = scan_shard(shard, verify, max_image_pixels, max_member_bytes)
     if scan.ids is None:
         scan.first_id = 0 if first_id is None else first_id
     write_idx(scan, out_dir)
@@ -247,10 +325,17 @@ class ShardMeta:
     verify: str
 
 
-def load_shard_meta(shard: str, search_dirs: Sequence[str | None] = (None,)) -> ShardMeta | None:
+def load_shard_meta(
+    shard: str,
+    search_dirs: Sequence[str | None] = (None,),
+    max_image_pixels: int | None = None,
+    max_member_bytes: int | None = None,
+) -> ShardMeta | None:
     """The shard's .idx + sidecar from the first of ``search_dirs`` (None = beside the shard) that has
-    an up-to-date pair (same tar size), or None."""
+    an up-to-date pair (same tar size, the ``.idx`` unchanged since the sidecar was written (its SHA-1), and, when
+    given, built with the same bounded-cost limits), or None."""
     size = os.path.getsize(shard) if os.path.exists(shard) else -1
+    want = {"max_image_pixels": max_image_pixels, "max_member_bytes": max_member_bytes}
     for d in search_dirs:
         idx_path, meta_path = idx_paths(shard, d)
         if not (os.path.isfile(idx_path) and os.path.isfile(meta_path)):
@@ -262,6 +347,14 @@ def load_shard_meta(shard: str, search_dirs: Sequence[str | None] = (None,)) -> 
             continue
         if m.get("format") != META_FORMAT or m.get("tar_size") != size or m.get("shard") != os.path.basename(shard):
             continue
+        if any(v is not None and m.get(k) != v for k, v in want.items()):
+            continue  # indexed under other limits (or before there were any): its good samples may not be ours
+        with open(idx_path, "rb") as f:
+            if hashlib.sha1(f.read()).hexdigest() != m.get("idx_sha1"):
+                log.warning(
+                    "%s: changed since `dissect-fast index` wrote it (or written by another tool): not used", idx_path
+                )
+                continue
         return ShardMeta(
             idx_path,
             m["samples"],
@@ -279,12 +372,18 @@ def load_shard_meta(shard: str, search_dirs: Sequence[str | None] = (None,)) -> 
 
 
 # ----------------------------------------------------------------------------- the command
-def _scan_for_pool(args: tuple[str, str]) -> ShardScan:
+def _scan_for_pool(args: tuple[str, str, int, int]) -> ShardScan:
     return scan_shard(*args)
 
 
 def index_shards(
-    shards: list[str], out_dir: str, verify: str = "decode", workers: int = 0, progress: bool = True
+    shards: list[str],
+    out_dir: str,
+    verify: str = "decode",
+    workers: int = 0,
+    progress: bool = True,
+    max_image_pixels: int = samples.MAX_IMAGE_PIXELS,
+    max_member_bytes: int = samples.MAX_MEMBER_BYTES,
 ) -> DatasetIndex:
     """Index shards made elsewhere: .idx + sidecar per shard and ``index.json`` (+ ``clean.npy``) in ``out_dir``."""
     if not shards:
@@ -301,7 +400,7 @@ def index_shards(
         )
     os.makedirs(out_dir, exist_ok=True)
     workers = workers or min(len(shards), os.cpu_count() or 1)
-    jobs = [(s, verify) for s in shards]
+    jobs = [(s, verify, max_image_pixels, max_member_bytes) for s in shards]
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         it = pool.map(_scan_for_pool, jobs, chunksize=1) if pool else map(_scan_for_pool, jobs)
@@ -335,9 +434,12 @@ def index_shards(
     skipped: Counter = Counter()
     for s in scans:
         skipped.update({k: v for k, v in s.skipped.items() if not k.startswith("shard:")})
+    # the id range covers every assigned id, bad samples' included: a bad last sample then gets its own reason
+    # from every reader (image_too_large, ...) instead of id_out_of_range
+    id_max = max([int(all_ids.max())] + [s.first_id + s.groups - 1 for s in scans if s.first_id is not None])
     clean_file = None
     if any(s.clean is not None for s in scans):
-        flags = np.zeros(int(all_ids.max()) + 1, dtype=np.uint8)
+        flags = np.zeros(id_max + 1, dtype=np.uint8)
         for s in scans:
             if s.clean is not None:
                 c = s.clean
@@ -353,11 +455,11 @@ def index_shards(
     for s in scans:
         p = os.path.abspath(s.shard)
         rel = os.path.relpath(p, out_abs)
-        infos.append(ShardInfo(rel if not rel.startswith("..") else p, s.count, s.first_id))
+        infos.append(ShardInfo(rel if not rel.startswith("..") else p, s.count, s.first_id, s.groups))
     idx = DatasetIndex(
         num_samples=int(all_ids.size),
         id_min=int(all_ids.min()),
-        id_max=int(all_ids.max()),
+        id_max=id_max,
         shards=infos,
         context_length=int(ctx),
         has_tokens=has_tok,
@@ -387,6 +489,7 @@ def main_index(argv: list[str] | None = None) -> int:
         description="Write DALI .idx files and the dataset index (index.json) for webdataset shards made "
         "elsewhere (img2dataset output, public CC3M/CC12M releases). Unreadable samples are left out "
         "of the .idx and counted; samples without an id field get first_id + position.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("shards", nargs="+", help="shard files, directories, brace patterns or globs")
     p.add_argument(
@@ -398,8 +501,20 @@ def main_index(argv: list[str] | None = None) -> int:
         default="decode",
         help="image check: decode (PIL at 1/8 scale, catches corrupt and truncated data), header (markers only), none",
     )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=samples.MAX_IMAGE_PIXELS,
+        help="images with more pixels are bad samples (image_too_large), judged from the header",
+    )
+    p.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=samples.MAX_MEMBER_BYTES,
+        help="larger tar members are bad samples (member_too_large), skipped unread",
+    )
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     shards: list[str] = []
     for spec in a.shards:
@@ -408,7 +523,15 @@ def main_index(argv: list[str] | None = None) -> int:
         p.error(f"no shards match {a.shards}")
     out = a.out or os.path.dirname(os.path.abspath(shards[0]))
     try:
-        idx = index_shards(shards, out, verify=a.verify, workers=a.workers, progress=not a.no_progress)
+        idx = index_shards(
+            shards,
+            out,
+            verify=a.verify,
+            workers=a.workers,
+            progress=not a.no_progress,
+            max_image_pixels=a.max_image_pixels,
+            max_member_bytes=a.max_member_bytes,
+        )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     assigned = sum(1 for s in idx.shards if s.first_id is not None)

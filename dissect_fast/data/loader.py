@@ -76,6 +76,8 @@ class ShardDataset(IterableDataset):
         tokenizer: the model's own tokenizer when it is not CLIP BPE (``model.text_tokenizer``): captions are then
             tokenised from ``txt`` and stored ``tok`` ids (CLIP BPE) are ignored; None: stored ``tok`` ids, else
             CLIP BPE on ``txt``.
+        max_image_pixels, max_member_bytes: the bounded-cost limits (``image_too_large``, ``member_too_large``;
+            see :mod:`dissect_fast.data.samples`).
     """
 
     def __init__(
@@ -96,6 +98,8 @@ class ShardDataset(IterableDataset):
         need_ids: bool = True,
         resampled: bool = False,
         tokenizer=None,
+        max_image_pixels: int = samples.MAX_IMAGE_PIXELS,
+        max_member_bytes: int = samples.MAX_MEMBER_BYTES,
     ) -> None:
         if len(set(shards)) != len(shards):
             raise ValueError("ShardDataset: shards listed more than once")
@@ -107,6 +111,7 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self._tokenizer = tokenizer
         self.stored_tokens = tokenizer is None  #: stored ``tok`` ids are CLIP BPE: only a CLIP BPE model reads them
+        self.max_image_pixels, self.max_member_bytes = max_image_pixels, max_member_bytes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,7 +141,9 @@ class ShardDataset(IterableDataset):
             for src in opened:
                 try:
                     n = 0
-                    for s in samples.iter_shard(src["stream"], src["url"], stats):
+                    for s in samples.iter_shard(
+                        src["stream"], src["url"], stats, max_member_bytes=self.max_member_bytes
+                    ):
                         n += 1
                         yield s
                     empty = 0 if n else empty + 1
@@ -183,15 +190,17 @@ class ShardDataset(IterableDataset):
             seen = None  # an evaluation sample without id: nothing to check
         if seen is not None and _seen(sid, seen):
             raise BadSample("duplicate_id")
-        if "tok" in s and self.stored_tokens:
-            tok = fit_tokens(np.frombuffer(s["tok"], dtype="<i4"), self.context_length)
-        elif "txt" not in s:  # a `tok`-only sample and a model whose tokenizer is not CLIP BPE
+        use_tok = "tok" in s and self.stored_tokens
+        if not use_tok and "txt" not in s:  # a `tok`-only sample and a model whose tokenizer is not CLIP BPE
             raise BadSample("missing_field")
+        img = self.transform(samples.decode_image(s[samples.image_field(s)], stats, self.max_image_pixels))
+        if use_tok:
+            tok = fit_tokens(np.frombuffer(s["tok"], dtype="<i4"), self.context_length)
         else:
             if self._tokenizer is None:
                 self._tokenizer = tokenizer_for(self.context_length)
-            tok = self._tokenizer([samples.caption_text(s)], context_length=self.context_length)[0].numpy()
-        img = self.transform(samples.decode_image(s[samples.image_field(s)], stats))
+            text = samples.bounded_caption(s, self.context_length, stats)  # bounded cost: cut, counted
+            tok = self._tokenizer([text], context_length=self.context_length)[0].numpy()
         if seen is not None:  # only samples that decode are marked, so a bad first copy does not hide a good one
             _seen(sid, seen, mark=True)
         return img, torch.from_numpy(tok.astype(np.int64)), sid
@@ -236,6 +245,18 @@ def _seen(sid: int, seen, mark: bool = False) -> bool:
     return bool(seen[byte] & bit)
 
 
+def _first_copies(ids: np.ndarray, seen: np.ndarray) -> np.ndarray | None:
+    """Marks ``ids`` in the bitmap ``seen``; None when all are new, else the mask of the first copies to keep."""
+    ids = ids.astype(np.int64, copy=False)
+    byte, bit = ids >> 3, (1 << (ids & 7)).astype(np.uint8)
+    new = (seen[byte] & bit) == 0
+    first = np.zeros(len(ids), dtype=bool)
+    first[np.unique(ids, return_index=True)[1]] = True
+    keep = new & first
+    np.bitwise_or.at(seen, byte[keep], bit[keep])
+    return None if keep.all() else keep
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGINT to the main process: a Ctrl-C or a scheduler's SIGTERM to the
     whole process group must not kill them mid-epoch while the trainer finishes its step and saves.
@@ -272,6 +293,15 @@ class TorchLoader:
             ids.to(self.device, non_blocking=nb),
         )
 
+    def _seen_ids(self, workers: int):
+        """The ids yielded in this pass, kept on the main process (a bitmap by id): each worker drops the
+        duplicates it sees itself, but two workers reading shards with overlapping ids cannot see each other's.
+        None when no check is needed: one worker, a resampled stream (repeats by design), or evaluation."""
+        ds = self.dataset
+        if workers < 2 or ds.resampled or not ds.train or ds.num_ids is None:
+            return None
+        return np.zeros((ds.num_ids + 7) // 8, dtype=np.uint8)
+
     def _num_workers(self) -> int:
         ds = self.dataset
         if ds.resampled:
@@ -293,12 +323,21 @@ class TorchLoader:
         )
         B = self.dataset.batch_size
         pending: list[tuple] = []
+        seen = self._seen_ids(workers)
         self._active = it = iter(dl)
         for kind, *rest in it:
             self.stats.update(rest[-1])
             if kind == "stats":
                 continue
             batch = rest[:3]
+            if seen is not None:
+                keep = _first_copies(batch[2].numpy(), seen)
+                if keep is not None:  # an id another worker already yielded: dropped, counted, the batch refilled
+                    n_dup = int((~keep).sum())
+                    self.stats["duplicate_id"] += n_dup
+                    self.stats["bad_samples"] += n_dup
+                    self.stats["ok"] -= n_dup  # the worker counted it good
+                    batch, kind = [x[torch.from_numpy(keep)] for x in batch], "partial"
             if kind == "batch":
                 yield self._to_device(*batch)
                 continue
@@ -327,6 +366,8 @@ def eval_loader(
     device: torch.device,
     need_ids: bool = False,
     tokenizer=None,
+    max_image_pixels: int = samples.MAX_IMAGE_PIXELS,
+    max_member_bytes: int = samples.MAX_MEMBER_BYTES,
 ) -> TorchLoader:
     """An in-order loader over every sample (evaluation, ``embed``): ids from the index where the shards have
     none; without one such samples get id -1 (retrieval metrics need no ids), or are bad with ``need_ids``.
@@ -340,5 +381,7 @@ def eval_loader(
         first_ids=index.first_ids() if index is not None else None,
         need_ids=need_ids,
         tokenizer=tokenizer,
+        max_image_pixels=max_image_pixels,
+        max_member_bytes=max_member_bytes,
     )
     return TorchLoader(ds, workers, device, drop_last=False)

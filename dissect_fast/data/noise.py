@@ -7,8 +7,10 @@ have, so that selection under noisy correspondence can be studied on it:
   project's sample rules (:mod:`dissect_fast.data.samples`), so its id is its stored ``id`` or, in shards without
   one, ``first_id + position`` from the dataset index (run ``dissect-fast index`` first). Bad samples are counted
   by reason and left out. Among the good samples a share ``noise`` (exactly ``round(noise * n)``) is chosen with
-  :func:`~dissect_fast.data.synthetic.noisy_permutation` (seeded); that subset is a cyclic shift of itself, so every
-  chosen pair gets another chosen pair's caption (``txt`` and, when present, the stored ``tok`` ids move together).
+  :func:`~dissect_fast.data.csv_shards.grouped_noisy_permutation` (seeded); every chosen pair gets the caption of
+  another chosen pair of a different image (samples with the same image bytes are one image: several captions of
+  one photo never trade captions and count as noisy); ``txt`` and, when present, the stored ``tok`` ids move
+  together.
   Output: one tar per input tar, same file names and sample keys, every sample with its image, ``json`` and other
   members byte for byte, its ``id`` written as a member (the same id as in the input, so results map back), a
   1-byte ``clean`` member, and ``index.json`` + ``clean.npy`` + DALI ``.idx`` files (what the trainer reads; the
@@ -16,7 +18,8 @@ have, so that selection under noisy correspondence can be studied on it:
   caption the sample now has; -1 for ids not written). Metadata members are not rewritten: img2dataset's ``json``
   still holds the original caption.
 * **an open_clip CSV**: the trainer reads shards, not CSVs, so the CSV is converted the way ``dissect-fast shards``
-  does (JPEG + caption + open_clip tokens per sample) with the noise applied; ids are the CSV's data row numbers
+  does (JPEG + caption + open_clip tokens per sample) with the noise applied (rows grouped by image file and
+  bytes, as above); ids are the CSV's data row numbers
   (0-based, header excluded). Beside the shards, ``OUT/<name of the CSV>`` is the same table restricted to the
   rows written, with the noisy captions and two more columns, ``id`` and ``clean``.
 
@@ -41,7 +44,7 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 
 from dissect_fast.data import samples
-from dissect_fast.data.csv_shards import load_jpeg, read_table
+from dissect_fast.data.csv_shards import content_key, group_ids, grouped_noisy_permutation, load_jpeg, read_table
 from dissect_fast.data.index_tool import index_shards
 from dissect_fast.data.samples import VERIFY_LEVELS, BadSample, MissingIdsError, missing_ids_message
 from dissect_fast.data.shards import (
@@ -56,8 +59,7 @@ from dissect_fast.data.shards import (
     tokenize,
     tokenizer_for,
 )
-from dissect_fast.data.synthetic import noisy_permutation
-from dissect_fast.data.writer import ShardWriter
+from dissect_fast.data.writer import ShardWriter, shard_sizes
 
 log = logging.getLogger("dissect_fast")
 
@@ -88,8 +90,10 @@ def _check_noise(noise: float) -> None:
         raise ValueError(f"--noise must be in [0, 1), got {noise}")
 
 
-def _permute(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    src, moved_not = noisy_permutation(n, noise, np.random.default_rng(seed))
+def _permute(groups: np.ndarray, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(caption source, clean) of ``n = len(groups)`` samples; ``groups[i]``: sample i's image (never its source)."""
+    n = len(groups)
+    src, moved_not = grouped_noisy_permutation(groups, noise, np.random.default_rng(seed))
     if int(round(noise * n)) == 1:
         log.warning("--noise %s of %d samples is one pair: a caption cannot move among one pair, none moved", noise, n)
     return src, moved_not
@@ -106,6 +110,7 @@ class _Scan:
     captions: list  #: dict field -> bytes per good sample
     clean_in: list  #: stored clean flag (0/1) or None
     stats: Counter
+    images: list  #: per good sample, the content key of its image bytes (samples of one image: one key)
 
 
 def _open(shard: str):
@@ -117,7 +122,7 @@ def _open(shard: str):
 def _scan(job: tuple[str, int | None, int | None, str]) -> _Scan:
     shard, first_id, num_ids, verify = job
     stats: Counter = Counter()
-    out = _Scan(shard, [], [], [], [], stats)
+    out = _Scan(shard, [], [], [], [], stats, [])
     any_id = no_id = 0
     with _open(shard) as f:
         for s in samples.iter_shard(f, shard, stats):
@@ -128,10 +133,12 @@ def _scan(job: tuple[str, int | None, int | None, str]) -> _Scan:
             any_id += "id" in s
             try:
                 sid = samples.check_fields(s, first_id, num_ids)
-                samples.check_image(s[samples.image_field(s)], verify)
+                image = s[samples.image_field(s)]
+                samples.check_image(image, verify)
             except BadSample as e:
                 samples.count_bad(stats, e.reason, shard)
                 continue
+            out.images.append(content_key(image))
             out.positions.append(s["__position__"])
             out.ids.append(sid)
             out.captions.append({k: s[k] for k in CAPTION_FIELDS if k in s})
@@ -232,13 +239,13 @@ def noise_shards(
                 keep.append(i)
         if len(keep) < len(sc.ids):
             samples.count_bad(stats, "duplicate_id", sc.shard, len(sc.ids) - len(keep))
-            for name in ("positions", "ids", "captions", "clean_in"):
+            for name in ("positions", "ids", "captions", "clean_in", "images"):
                 setattr(sc, name, [getattr(sc, name)[i] for i in keep])
     ids = np.asarray([i for sc in scans for i in sc.ids], dtype=np.int64)
     n = ids.size
     if n == 0:
         raise ValueError(f"--in {spec}: no good samples ({_bad(stats)})")
-    src, unmoved = _permute(n, noise, seed)
+    src, unmoved = _permute(group_ids([k for sc in scans for k in sc.images]), noise, seed)
     captions = [c for sc in scans for c in sc.captions]
     clean_in = np.asarray([1 if c is None else c for sc in scans for c in sc.clean_in], dtype=bool)
     clean = unmoved & clean_in
@@ -297,7 +304,7 @@ def noise_csv(
     caption_key: str | None = None,
     sep: str | None = None,
     verify: str = "decode",
-    samples_per_shard: int = 1000,
+    samples_per_shard: int | None = None,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     progress: bool = True,
 ) -> NoiseResult:
@@ -305,7 +312,8 @@ def noise_csv(
 
     Image paths are relative to ``images`` (default: the CSV's folder). Rows with an empty caption, a missing or
     unreadable image are skipped and counted (``empty_caption``, ``missing_image``, ``corrupt_image``,
-    ``tiny_image``)."""
+    ``tiny_image``). Rows naming the same file, or files with the same bytes, are one image: a noisy row gets the
+    caption of another image. ``samples_per_shard`` None: ``dissect_fast.data.writer.shard_sizes``'s choice."""
 
     _check_noise(noise)
     if verify not in VERIFY_LEVELS:
@@ -326,6 +334,8 @@ def noise_csv(
 
     skipped: Counter = Counter()
     good: list[int] = []  # row numbers = ids
+    keys: list[bytes] = []  # per good row, the content key of its image
+    checked: dict[str, bytes | str] = {}  # image path -> content key, or the reason it is bad
     it = enumerate(rows)
     if progress:
         it = tqdm(it, total=len(rows), desc="noise: checking images", unit="img", leave=False)
@@ -333,25 +343,24 @@ def noise_csv(
         if not (row[cap_key] or "").strip():
             skipped["empty_caption"] += 1
             continue
-        path = path_of(row)
-        if not os.path.isfile(path):
-            skipped["missing_image"] += 1
-            continue
-        try:
-            with open(path, "rb") as f:
-                samples.check_image(f.read(), verify)
-        except BadSample as e:
-            skipped[e.reason] += 1
+        path = os.path.realpath(path_of(row))
+        if path not in checked:
+            checked[path] = _check_file(path, verify)
+        key = checked[path]
+        if isinstance(key, str):
+            skipped[key] += 1
             continue
         good.append(i)
+        keys.append(key)
     if not good:
         raise ValueError(f"--in {csv_path}: no usable rows ({_bad(skipped)})")
     n = len(good)
-    src, clean = _permute(n, noise, seed)
+    src, clean = _permute(group_ids(keys), noise, seed)
     caps = [rows[i][cap_key].strip() for i in good]
     tok = tokenizer_for(context_length)
     os.makedirs(out, exist_ok=True)
-    w = ShardWriter(out, samples_per_shard)
+    sizes = shard_sizes(n, samples_per_shard)
+    w = ShardWriter(out, sizes[0], sizes=sizes)
     kept: list[int] = []
     chunk = 4096
     bar = None
@@ -401,6 +410,19 @@ def noise_csv(
     return NoiseResult(idx, ids, source_ids, clean[kept_a], dict(skipped), csv=out_csv)
 
 
+def _check_file(path: str, verify: str) -> bytes | str:
+    """The content key of an image file that passes ``--verify``, or the reason it is left out."""
+    if not os.path.isfile(path):
+        return "missing_image"
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        samples.check_image(data, verify)
+    except BadSample as e:
+        return e.reason
+    return content_key(data)
+
+
 # ----------------------------------------------------------------------------- the command
 def is_csv(spec: str) -> bool:
     return spec.lower().endswith(CSV_SUFFIXES) and not is_url(spec)
@@ -432,6 +454,7 @@ def main_noise(argv: list[str] | None = None) -> int:
         "reads shards, not CSVs; ids are the CSV's row numbers), plus a copy of the CSV with the noisy "
         "captions and `id` and `clean` columns. --out gets index.json, clean.npy (1 = clean, by id) and "
         f"{SOURCE_FILE} (the id whose caption each id has): train with --train-data OUT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--in",
@@ -446,7 +469,7 @@ def main_noise(argv: list[str] | None = None) -> int:
         required=True,
         help="share of the good pairs whose caption moves, in [0, 1): exactly round(noise * n) pairs",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of noisy pairs and their captions")
     p.add_argument("--data-index", default=None, help="dataset index of --in when it is not beside the shards")
     p.add_argument(
         "--verify",
@@ -454,21 +477,26 @@ def main_noise(argv: list[str] | None = None) -> int:
         default="decode",
         help="image check before the noisy subset is chosen (as for `dissect-fast index`); bad samples are left out",
     )
-    p.add_argument("--workers", type=int, default=0, help="processes for shards (default: all cores)")
-    p.add_argument("--images", default=None, help="CSV: folder the image paths are relative to (default: the CSV's)")
+    p.add_argument("--workers", type=int, default=0, help="processes for shards (0: all cores)")
+    p.add_argument("--images", default=None, help="CSV: folder the image paths are relative to (None: the CSV's)")
     p.add_argument(
         "--csv-img-key",
         default=None,
-        help="CSV: image path column (default: the first of filepath, file, image, img, path in the header)",
+        help="CSV: image path column (None: the first of filepath, file, image, img, path in the header)",
     )
     p.add_argument(
         "--csv-caption-key",
         default=None,
-        help="CSV: caption column (default: the first of title, caption, text in the header)",
+        help="CSV: caption column (None: the first of title, caption, text in the header)",
     )
-    p.add_argument("--csv-separator", default=None, help="CSV: default tab if the header has tabs, else comma")
-    p.add_argument("--samples-per-shard", type=int, default=None, help="CSV: samples per shard (default 1000)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--csv-separator", default=None, help="CSV: None = tab if the header has tabs, else comma")
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help="CSV: samples per shard (None: as `dissect-fast shards` picks it, >= 8 shards per rank and worker)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     kw = dict(verify=a.verify, progress=not a.no_progress)
     if is_csv(a.inp):
@@ -477,7 +505,7 @@ def main_noise(argv: list[str] | None = None) -> int:
             img_key=a.csv_img_key,
             caption_key=a.csv_caption_key,
             sep=a.csv_separator,
-            samples_per_shard=a.samples_per_shard or 1000,
+            samples_per_shard=a.samples_per_shard,
         )
     else:
         given = [

@@ -56,6 +56,7 @@ class ShardInfo:
     path: str  #: relative to the index's directory (or absolute)
     count: int  #: good samples
     first_id: int | None = None  #: samples get first_id + position (shards without an id field), else None
+    groups: int | None = None  #: sample groups in the tar, good or bad (ids first_id .. first_id + groups - 1)
 
 
 @dataclass
@@ -187,6 +188,49 @@ def resolve_data(
     return paths, idx
 
 
+def check_id_ranges(index: DatasetIndex, flag: str = "--train-data") -> None:
+    """Refuse an index whose shards' assigned id ranges overlap (two shards would share ids, and so history
+    entries, whatever the loader's worker count): ``[first_id, first_id + groups)`` of each shard given ids."""
+    spans = sorted(
+        (s.first_id, s.first_id + (s.groups if s.groups is not None else s.count), s.path)
+        for s in index.shards
+        if s.first_id is not None
+    )
+    for (lo, hi, a), (lo2, _, b) in zip(spans, spans[1:]):
+        if lo2 < hi:
+            raise ValueError(
+                f"{flag}: index.json gives shards {a} and {b} overlapping ids ({lo}..{hi - 1} and from {lo2}): "
+                f"re-run `dissect-fast index` on the shards"
+            )
+
+
+def check_index_count(index: DatasetIndex, shard: str, found: int) -> None:
+    """Refuse a shard whose good samples (``found``, e.g. in its ``.idx``) differ from its count in ``index``."""
+    listed = next((s.count for s in index.shards if shard_stem(s.path) == shard_stem(shard)), None)
+    if listed is not None and listed != found:
+        raise ValueError(
+            f"{shard}: index.json lists {listed} good samples, its .idx {found}: the index does not describe "
+            f"this shard; re-run `dissect-fast index` on the shards"
+        )
+
+
+def count_mismatch(expected: int, stats: dict) -> str | None:
+    """Why one complete pass over shards whose index counts sum to ``expected`` good samples contradicts the
+    index (the loader's counters ``stats``), else None: more good samples than listed (stale or edited counts),
+    or fewer samples of any kind than listed good ones, shards that broke being counted already. (Samples outside
+    ``--subset`` are counted before their image is decoded, so they bound only the second test.)"""
+    good = int(stats.get("ok", 0))
+    seen = good + int(stats.get("not_in_subset", 0)) + int(stats.get("bad_samples", 0))
+    broken = stats.get("not_a_tar", 0) or stats.get("truncated_tar", 0)
+    if good > expected or (seen < expected and not broken):
+        return (
+            f"index.json lists {expected} good samples in the shards read, but a full pass over them read {good} "
+            f"good ({seen - good} bad or outside --subset): the index does not describe these shards; re-run "
+            f"`dissect-fast index` on them"
+        )
+    return None
+
+
 def encode_id(i: int) -> bytes:
     return int(i).to_bytes(8, "little", signed=True)
 
@@ -205,6 +249,11 @@ def tokenizer_for(context_length: int = DEFAULT_CONTEXT_LENGTH):
 
 
 def tokenize(tokenizer, captions: list[str], context_length: int) -> np.ndarray:
+    """Token ids of ``captions``, each cut first to a bounded length (:func:`samples.cut_caption`): a caption of one
+    huge word would otherwise stall CLIP BPE for minutes."""
+    from dissect_fast.data.samples import cut_captions
+
+    captions, _ = cut_captions(captions, context_length)
     return tokenizer(captions, context_length=context_length).numpy().astype(np.int32)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import tarfile
 
@@ -15,13 +16,51 @@ import numpy as np
 from dissect_fast.data.index_tool import build_shard_index
 from dissect_fast.data.shards import DatasetIndex, ShardInfo, encode_id
 
+#: what ``shard_sizes`` plans for when not told: ranks (more shards than a run needs cost little) and loader
+#: workers per rank (the trainer's --workers default)
+DEFAULT_WORLD_SIZE = 8
+DEFAULT_LOADER_WORKERS = 2
+SHARDS_PER_LOADER = 8  #: shards each (rank, worker) reader gets at least, so that shards end evenly
+MIN_SAMPLES_PER_SHARD = 32
+MAX_SAMPLES_PER_SHARD = 10_000
+
+
+def shard_sizes(
+    n: int,
+    samples_per_shard: int | None = None,
+    world_size: int = DEFAULT_WORLD_SIZE,
+    workers: int = DEFAULT_LOADER_WORKERS,
+) -> list[int]:
+    """Samples in each shard for ``n`` samples. ``samples_per_shard`` given: full shards of that size and the rest in
+    the last. None: ``SHARDS_PER_LOADER`` shards per rank and loader worker (``world_size`` x ``workers``, workers 0
+    counted as 1) of sizes that differ by at most one, each between ``MIN_SAMPLES_PER_SHARD`` and
+    ``MAX_SAMPLES_PER_SHARD`` samples (so small sets get fewer shards, large sets more)."""
+    if n < 1:
+        raise ValueError(f"no samples to write (n = {n})")
+    if samples_per_shard is not None:
+        if samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+        full, rest = divmod(n, samples_per_shard)
+        return [samples_per_shard] * full + ([rest] if rest else [])
+    if world_size < 1 or workers < 0:
+        raise ValueError(f"--world-size must be >= 1 and --workers >= 0, got {world_size} and {workers}")
+    target = SHARDS_PER_LOADER * world_size * max(1, workers)
+    count = max(math.ceil(n / MAX_SAMPLES_PER_SHARD), min(target, max(1, n // MIN_SAMPLES_PER_SHARD)))
+    base, extra = divmod(n, count)
+    return [base + 1] * extra + [base] * (count - extra)
+
 
 class ShardWriter:
-    """Writes samples into numbered tar shards and collects what the dataset index needs."""
+    """Writes samples into numbered tar shards and collects what the dataset index needs.
 
-    def __init__(self, out_dir: str, samples_per_shard: int = 1000, prefix: str = "shard") -> None:
+    ``sizes``: the number of samples of each shard (``shard_sizes``); past its end, ``samples_per_shard``."""
+
+    def __init__(
+        self, out_dir: str, samples_per_shard: int = 1000, prefix: str = "shard", sizes: list[int] | None = None
+    ) -> None:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.per_shard, self.prefix = out_dir, samples_per_shard, prefix
+        self.sizes = list(sizes or [])
         self.shards: list[ShardInfo] = []
         self.ids: list[int] = []
         self.clean: dict[int, int] = {}
@@ -42,7 +81,7 @@ class ShardWriter:
         self._tar.addfile(ti, io.BytesIO(data))
 
     def write(self, sample_id: int, jpg: bytes, caption: str, tokens: np.ndarray | None, clean: bool | None) -> None:
-        if self._tar is None or self._count >= self.per_shard:
+        if self._tar is None or self._count >= self._capacity():
             self.close_shard()
             self._open()
         key = f"{sample_id:012d}"
@@ -57,6 +96,11 @@ class ShardWriter:
         self._count += 1
         self.shards[-1].count = self._count
         self.ids.append(sample_id)
+
+    def _capacity(self) -> int:
+        """Samples the open shard takes."""
+        k = len(self.shards) - 1
+        return self.sizes[k] if 0 <= k < len(self.sizes) else self.per_shard
 
     def close_shard(self) -> None:
         if self._tar is not None:

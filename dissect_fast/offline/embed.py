@@ -30,18 +30,29 @@ def embed_class_names(model, names: list[str], context_length: int, device, prec
 
 
 def main_embed(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dissect-fast embed", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="dissect-fast embed", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="dissect_fast or open_clip checkpoint of the reference model")
     p.add_argument("--model", default=None, help="open_clip model name (default: the one named in the checkpoint)")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="open_clip-style model JSON, for a checkpoint that carries no model config (default: the checkpoint's)",
+    )
     p.add_argument("--data", required=True, help="shards: directory, brace pattern or glob")
     p.add_argument(
         "--data-index", default=None, help="dataset index of --data when it is not beside the shards (e.g. pipe: URLs)"
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
+    p.add_argument(
+        "--out", required=True, help="output folder of the embeddings (read by `dissect-fast select-subset`)"
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="samples per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--precision", default="auto", help="as the trainer's --precision (auto: amp_bf16 on CUDA, else fp32)"
+    )
     p.add_argument(
         "--dtype",
         default="float16",
@@ -61,7 +72,7 @@ def main_embed(argv: list[str] | None = None) -> int:
     device = resolve_device(a.device)
     precision = resolve_precision(a.precision, device)
     try:
-        model, name, pre_val, ctx = model_from_checkpoint(a.checkpoint, a.model, device)
+        model, name, pre_val, ctx = model_from_checkpoint(a.checkpoint, a.model, device, a.model_config)
     except ValueError as e:
         p.error(str(e))
     model.eval()

@@ -173,8 +173,10 @@ class EmbeddingWriter:
             )
         if b == 0:
             return
+        with np.errstate(over="ignore"):  # as stored: float16 overflows to Inf, refused below
+            image, text = image.astype(self.dtype), text.astype(self.dtype)
         if not (np.isfinite(image).all() and np.isfinite(text).all()):
-            raise EmbeddingsError("append: embeddings contain NaN or Inf")
+            raise EmbeddingsError(f"append: embeddings contain NaN or Inf (or values beyond {self.dtype}'s range)")
         if len(np.unique(ids)) != b or self.done_mask(ids).any():
             raise EmbeddingsError("append: duplicate sample ids (check done_mask() before embedding a batch)")
         if self.count + b > len(self.ids):
@@ -243,6 +245,21 @@ class Embeddings:
         emb = cls(ids=ids, image=np.asarray(image), text=np.asarray(text), meta=dict(meta or {}))
         _check_unique(ids, "<arrays>")
         return emb
+
+
+def check_finite_rows(
+    finite: np.ndarray, ids: np.ndarray, what: str = "--embeddings", id_name: str = "sample ids"
+) -> None:
+    """EmbeddingsError naming the first rows (and their sample ids) where the bool mask ``finite`` [N] is false: a
+    NaN or Inf row has no cosine, no cluster and no rank, and would be picked by position instead."""
+    bad = np.flatnonzero(~np.asarray(finite, dtype=bool))
+    if len(bad):
+        more = ", ..." if len(bad) > 5 else ""
+        raise EmbeddingsError(
+            f"{what}: {len(bad)} of {len(finite)} rows hold NaN or Inf (rows {', '.join(map(str, bad[:5]))}{more}; "
+            f"{id_name} {', '.join(str(int(i)) for i in ids[bad[:5]])}{more}): re-embed the set with a healthy "
+            f"reference model into a new `dissect-fast embed --out`"
+        )
 
 
 def _check_unique(ids: np.ndarray, where: str) -> None:

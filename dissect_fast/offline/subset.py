@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dissect_fast.offline.clipcov import ALGORITHMS, APPROX, SCORES, ClipCovConfig, clipcov_select, label_similarity
-from dissect_fast.offline.embeddings_io import Embeddings, EmbeddingsError, load_embeddings
+from dissect_fast.offline.embeddings_io import Embeddings, EmbeddingsError, check_finite_rows, load_embeddings
 from dissect_fast.offline.proxy import default_num_clusters, kmeans, normalized, split_large_classes, zero_shot_labels
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def _proxy_labels(emb, class_names_emb, clusters, seed, device) -> tuple[np.ndar
             raise ValueError(
                 f"class-name embeddings must be [C, {emb.dim}] (same model as the embeddings), got {list(c.shape)}"
             )
+        check_finite_rows(np.asarray(np.isfinite(c).all(axis=1)), np.arange(len(c)), "--class-names", "class indices")
         return zero_shot_labels(emb.image, c, device=device), "class-names"
     k = default_num_clusters(len(emb)) if clusters is None else int(clusters)
     if not 1 <= k <= len(emb):
@@ -183,6 +184,8 @@ def select_subset(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     cos = pair_cosines(emb, device)
+    # a NaN or Inf anywhere in a row makes its norm, hence its cosine, non-finite: this pass checks every row
+    check_finite_rows(np.isfinite(cos), emb.ids)
     seconds["clipscore"] = time.perf_counter() - t
 
     labels, source = None, None
@@ -246,9 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dissect-fast select-subset",
         description="Pick a subset of the training set from reference-model embeddings (random, clipscore, clipcov).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--embeddings", required=True, help="embeddings directory written by `dissect-fast embed`")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=METHODS,
+        help="random; clipscore (the highest reference-model scores); clipcov (the CLIPCov greedy)",
+    )
     p.add_argument("--fraction", required=True, type=float, help="share of the samples to keep, in (0, 1]")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -293,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "float64 references lazy / plain (small N only: they hold the embeddings in memory); same picks",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choices")
     p.add_argument("--out", required=True, help="output .npy of the chosen sample ids (int64, sorted)")
     return p
 

@@ -65,6 +65,27 @@ class HistoryBuffer:
         if dtype not in HISTORY_DTYPES.values():
             raise ValueError(f"history buffer dtype must be float32 or bfloat16, got {dtype}")
         self.values = torch.full((num_ids,), float("nan"), dtype=dtype, device=device)
+        #: the entries a step is about to overwrite, as (ids, old values), between ``begin`` and ``commit``;
+        #: None outside a step (``stage`` then keeps nothing)
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def begin(self) -> None:
+        """Open a step: the writes ``stage``d from now on are undone by ``commit`` if the step is not applied."""
+        self._staged = []
+
+    def stage(self, ids: torch.Tensor) -> None:
+        """Keep ``values[ids]`` before a write to them (a gather of the batch's entries, no host sync)."""
+        if self._staged is not None:
+            self._staged.append((ids, self.values[ids]))
+
+    @torch.no_grad()
+    def commit(self, applied: torch.Tensor) -> None:
+        """Close the step: keep its writes where the device flag ``applied`` is true, else put every staged entry
+        back bit for bit (undone newest first, so an id written twice gets its value from before the step). The
+        flag is read on the device: a skipped optimizer step costs no host sync here either."""
+        staged, self._staged = self._staged or [], None
+        for ids, old in reversed(staged):
+            self.values[ids] = torch.where(applied, self.values[ids], old)
 
     def __len__(self) -> int:
         return self.values.numel()
@@ -79,6 +100,7 @@ class HistoryBuffer:
 
         Computed in float32 and rounded once to the buffer's dtype, like the fused op's update.
         """
+        self.stage(ids)
         old = self.values[ids].float()
         score = score.float()
         new = torch.where(torch.isnan(old), score, momentum * old + (1.0 - momentum) * score)

@@ -189,9 +189,26 @@ class Strategy:
         """The momentum the selection op applies in place: this epoch's update in a single process, else None."""
         return self.history_updates(epoch) if self.local_updates else None
 
-    def _score_select(self, *args, **kw):
-        """`score_and_select` with this run's selection backend (--select-backend)."""
-        return score_and_select(*args, backend=getattr(self.cfg, "backend", "auto"), **kw)
+    def _score_select(self, *args, momentum: float | None, **kw):
+        """`score_and_select` (image_features, text_features, ids, history, k, ...) with this run's selection backend
+        (--select-backend). When the op writes the history in place (``momentum`` given), the entries it overwrites
+        are staged first: a step that is then skipped leaves them as they were (``commit_step``)."""
+        if momentum is not None and self.history is not None:
+            self.history.stage(args[2])
+        return score_and_select(*args, momentum=momentum, backend=getattr(self.cfg, "backend", "auto"), **kw)
+
+    def begin_step(self) -> None:
+        """Before a step's selection: from here its history writes are staged (see ``commit_step``)."""
+        if self.history is not None:
+            self.history.begin()
+
+    def commit_step(self, applied: torch.Tensor) -> None:
+        """After the optimizer step: the step's history writes stay only where the device flag ``applied`` is
+        true (the step was not skipped as non-finite), else every entry it wrote is put back bit for bit. Score,
+        then commit: a skipped step leaves the history as it found it, on every rank (``applied`` is agreed
+        across ranks, and every rank staged the same all-gathered ids). No host synchronisation."""
+        if self.history is not None:
+            self.history.commit(applied)
 
     def needs_scoring(self, epoch: int) -> bool:
         """Whether this step needs the no-grad scoring forward over the whole batch."""

@@ -1,0 +1,162 @@
+"""Cost of crafted bad input: one huge one-word caption (epoch time) and one huge PNG (peak memory).
+
+Two targets, each measured against the same input without the bad sample:
+
+* ``caption``: 80 good pairs (webdataset ``TarWriter``, jpg + txt, keys as pixparse's cc3m shards) trained for
+  one epoch with and without an 81st sample whose caption is one word of ``--caption-chars`` characters
+  (default 200,000). Target: the epoch with it takes under 2x the epoch without it. Runs alternate
+  (plain, long, plain, long, ...); the result keeps every epoch time and the medians.
+* ``png``: peak resident memory added by ``samples.decode_image`` on a ``--png-side`` x ``--png-side`` PNG (default
+  13,000: 169 Mpx, under PIL's own bomb limit) in a fresh process; target < 100 MB. For comparison, the same
+  process then decodes it in full with PIL (what the loader did before the pixel limit).
+
+    python benchmarks/bench_bad_input.py [--repeats 3] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
+import benchkit  # noqa: E402
+
+
+def huge_png(side: int) -> bytes:
+    """A solid black RGB PNG of ``side`` x ``side`` pixels, written chunk by chunk (small on disk, huge decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _png_child(side: int) -> None:
+    """In a fresh process: peak RSS (MB) added by the loader's decode, then by a full PIL decode; prints JSON."""
+    import resource
+
+    from PIL import Image
+
+    from dissect_fast.data import samples
+
+    png = huge_png(side)
+    small = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(small, "PNG")
+    samples.decode_image(small.getvalue())  # imports and first-call allocations outside the measured window
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+    before = peak_mb()
+    try:
+        samples.decode_image(png)
+        outcome = "decoded"
+    except samples.BadSample as e:
+        outcome = e.reason
+    loader_mb = peak_mb() - before
+    Image.MAX_IMAGE_PIXELS = None
+    before = peak_mb()
+    Image.open(io.BytesIO(png)).convert("RGB")
+    full_mb = peak_mb() - before
+    print(
+        json.dumps({"png_bytes": len(png), "outcome": outcome, "added_peak_mb": loader_mb, "full_decode_mb": full_mb})
+    )
+
+
+def _shards(folder: str, chars: int | None) -> str:
+    """80 good pairs in 2 shards (+ one pair whose caption is a ``chars``-character word), indexed; returns the
+    shard folder."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from dissect_fast.data.index_tool import index_shards
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for s in range(2):
+        path = os.path.join(folder, f"cc3m-train-{s:04d}.tar")
+        with wds.TarWriter(path) as w:
+            for i in range(40):
+                key = f"{s * 40 + i:09d}"
+                img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=90)
+                w.write({"__key__": key, "jpg": buf.getvalue(), "txt": f"a photo number {s * 40 + i}"})
+                if chars and s == 0 and i == 20:
+                    w.write({"__key__": f"{key}x", "jpg": buf.getvalue(), "txt": "q" * chars})
+        paths.append(path)
+    index_shards(paths, folder, verify="header", workers=1, progress=False)
+    return folder
+
+
+def _epoch_s(data: str, logs: str, name: str) -> tuple[float, dict]:
+    """Wall seconds of one training epoch (micro-vit, CPU, batch 40) on ``data``, and its data/* counts."""
+    from dissect_fast.config import config_from_args
+    from dissect_fast.trainer import Trainer
+
+    argv = ["--train-data", data, "--model", "micro-vit", "--batch-size", "40", "--epochs", "1", "--warmup", "1"]
+    argv += ["--workers", "0", "--logs", logs, "--name", name, "--no-progress", "--no-tensorboard", "--no-plots"]
+    m = Trainer(config_from_args([*argv, "--device", "cpu"])).fit()[-1]
+    return m["epoch_wall_s"], {k: v for k, v in m.items() if k.startswith("data/")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_bad_input.py", description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3, help="epochs timed per input (alternating)")
+    p.add_argument("--caption-chars", type=int, default=200_000, help="length of the one-word caption")
+    p.add_argument("--png-side", type=int, default=13_000, help="side of the square PNG, pixels")
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/bad-input-cpu-DATE.json)")
+    p.add_argument("--png-child", action="store_true", help=argparse.SUPPRESS)  # the fresh process's entry
+    a = p.parse_args(argv)
+    if a.png_child:
+        _png_child(a.png_side)
+        return 0
+    doc = benchkit.header("bad_input", "bench_bad_input.py", device="cpu", argv=argv)
+    child = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--png-child", "--png-side", str(a.png_side)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc["png"] = {"side": a.png_side, **json.loads(child.stdout.strip().splitlines()[-1]), "target_mb": 100}
+    print("png:", doc["png"], flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_bad_input_") as tmp:
+        plain = _shards(os.path.join(tmp, "plain"), None)
+        long = _shards(os.path.join(tmp, "long"), a.caption_chars)
+        times: dict[str, list[float]] = {"plain": [], "long": []}
+        counts = {}
+        for r in range(a.repeats):
+            for name, data in (("plain", plain), ("long", long)):
+                s, counts[name] = _epoch_s(data, os.path.join(tmp, "logs"), f"{name}-{r}")
+                times[name].append(s)
+                print(f"{name} epoch {r + 1}: {s:.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    doc["caption"] = {
+        "chars": a.caption_chars,
+        "epoch_s": times,
+        "median_epoch_s": med,
+        "ratio_long_over_plain": med["long"] / med["plain"],
+        "target_ratio": 2.0,
+        "data_counts": counts,
+    }
+    out = benchkit.write_json(benchkit.result_path("bad-input", "cpu", a.out), doc)
+    print(f"caption ratio {doc['caption']['ratio_long_over_plain']:.2f}x; png +{doc['png']['added_peak_mb']:.1f} MB")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
