@@ -3,9 +3,10 @@
 Two targets, each measured against the same input without the bad sample:
 
 * ``caption``: 80 good pairs (webdataset ``TarWriter``, jpg + txt, keys as pixparse's cc3m shards) trained for
-  one epoch with and without an 81st sample whose caption is one word of ``--caption-chars`` characters
-  (default 200,000). Target: the epoch with it takes under 2x the epoch without it. Runs alternate
-  (plain, long, plain, long, ...); the result keeps every epoch time and the medians.
+  one epoch with and without an 81st sample whose caption is one word of ``--caption-chars`` random lowercase
+  letters (default 200,000; a repeated letter would be cheap, as CLIP's BPE has no merges for it). Target: the
+  epoch with it takes under 2x the epoch without it. Runs alternate (plain, long, plain, long, ...); the result
+  keeps every epoch time and the medians.
 * ``png``: peak resident memory added by ``samples.decode_image`` on a ``--png-side`` x ``--png-side`` PNG (default
   13,000: 169 Mpx, under PIL's own bomb limit) in a fresh process; target < 100 MB. For comparison, the same
   process then decodes it in full with PIL (what the loader did before the pixel limit).
@@ -96,7 +97,8 @@ def _shards(folder: str, chars: int | None) -> str:
                 img.save(buf, "JPEG", quality=90)
                 w.write({"__key__": key, "jpg": buf.getvalue(), "txt": f"a photo number {s * 40 + i}"})
                 if chars and s == 0 and i == 20:
-                    w.write({"__key__": f"{key}x", "jpg": buf.getvalue(), "txt": "q" * chars})
+                    word = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, chars))  # BPE's worst case
+                    w.write({"__key__": f"{key}x", "jpg": buf.getvalue(), "txt": word})
         paths.append(path)
     index_shards(paths, folder, verify="header", workers=1, progress=False)
     return folder
