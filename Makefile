@@ -37,13 +37,16 @@ clean:
 	rm -rf $(VENV) runs build *.egg-info .mypy_cache
 
 # ---------------------------------------------------------------------------------------- GPU session
-# The GPU machine is offline and lacks these (it has torch, triton, torchvision, numpy, pandas, pytest, regex,
-# timm, tqdm, huggingface_hub, safetensors, ...): pinned to the versions in .venv, wheels for CPython 3.12
-# manylinux x86_64 in .whl/ (ignored; pass it with carry: [".whl"]). gpu_check.py installs the ones that do
-# not import. PyYAML (webdataset's dependency) is already there through timm/huggingface_hub; its wheel is
-# a fallback, installed only if `import yaml` fails.
-GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4
+# The GPU machine is offline and lacks these (it has torch, triton, torchvision, numpy, pandas, pytest, timm,
+# tqdm, huggingface_hub, safetensors, ...): pinned to the versions in .venv, wheels for CPython 3.12 manylinux
+# x86_64 in .whl/ (ignored; pass it with carry: [".whl"]). gpu_check.py installs the ones whose module does not
+# import (regex: open_clip's tokenizer; PyYAML: webdataset's) and stops, exit code 3, if one still does not.
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4 regex==2026.12.2
 CHECK_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+# CALL=1: pytest -m gpu, bench_select, eager end to end, torch loader on photo JPEGs; CALL=2: compiled rows,
+# the profile window, the sync check, --data-backend gpu vs torch. Each <= 5 minutes; no CALL: both, one after
+# the other (results in call-1/ and call-2/)
+CALL ?= all
 
 gpu-wheels:
 	$(CHECK_PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -51,11 +54,12 @@ gpu-wheels:
 		-d .whl $(GPU_WHEELS)
 	@du -ch .whl/*.whl | tail -1
 
-# every GPU claim in one command (benchmarks/gpu_check.py): results to $OUT, else benchmarks/results/gpu-check-DATE/
+# the GPU check (benchmarks/gpu_check.py): results to $OUT, else benchmarks/results/gpu-check-DATE/
 gpu-check:
-	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --out "$${OUT:-benchmarks/results/gpu-check-$$(date +%F)}" \
-		$(GPU_CHECK_ARGS)
+	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --call $(CALL) --wheel-list "$(GPU_WHEELS)" \
+		--out "$${OUT:-benchmarks/results/gpu-check-$$(date +%F)}" $(GPU_CHECK_ARGS)
 
-# the same phases on CPU with a tiny model, seconds each: run it before spending GPU time
+# both calls' phases on CPU with a tiny model (about 2 minutes): run it before spending GPU time
 gpu-check-dry:
-	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --dry-run --out "$${OUT:-/tmp/gpu-check-dry}" $(GPU_CHECK_ARGS)
+	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --dry-run --call $(CALL) --wheel-list "$(GPU_WHEELS)" \
+		--out "$${OUT:-/tmp/gpu-check-dry}" $(GPU_CHECK_ARGS)

@@ -12,6 +12,13 @@ the same way). `fused_k0_ms` is the same launch with k = 0 (no top-k), which iso
 cost of the selection tail. The op's share of a training step uses an open_clip ViT-B-32
 bf16-autocast forward + backward + AdamW step at batch 1024 (random init and data) when
 open_clip is importable. Results go to benchmarks/results/select-<device>-<date>.json.
+
+Sizes run largest B first (the row a short GPU session most needs); the compiled reference is compiled once
+per size before its timing starts. ``--thresholds PATH`` also times, at each B of a grid, the kernel with the
+top-k inside the launch against the score-only kernel followed by torch's stable sort, and writes the largest
+B up to which the fused top-k wins (``fused_topk_max_b``) for this device into PATH (merged with the other
+devices there); ``fused_select``'s ``auto`` routing reads it from ``$DISSECT_SELECT_THRESHOLDS`` or
+``kernels/select_thresholds.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-from dissect_fast.kernels.fused_select import KernelConfig, _fused_select_triton, fused_select, fused_select_reference
+from dissect_fast.kernels.fused_select import (
+    KernelConfig,
+    _fused_select_triton,
+    fused_select,
+    fused_select_reference,
+    save_thresholds,
+)
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is not a package
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default=None, help="comma-separated BxD list overriding the default sizes, e.g. 4096x512")
     p.add_argument("--sweep", action="store_true", help="also time kernel configs at B in {4096, 65536}, D = 512")
     p.add_argument("--no-train-step", action="store_true", help="skip the ViT-B-32 training step")
+    p.add_argument(
+        "--thresholds",
+        type=Path,
+        default=None,
+        help="also measure the fused top-k vs score-then-sort crossover and write it to this JSON "
+        "(e.g. kernels/select_thresholds.json)",
+    )
     return p.parse_args(argv)
 
 
@@ -91,6 +111,9 @@ def bench_size(B: int, D: int, copy_gbps: float) -> dict:
     ref = functools.partial(fused_select_reference, momentum=0.9)
     torch._dynamo.reset()
     compiled = torch.compile(ref, fullgraph=True, dynamic=False)
+    compiled(f, t, ids, history, k)  # compiled here, outside the timed region
+    fused_select(f, t, ids, history, k, momentum=0.9)  # the Triton kernel's compilation too
+    torch.cuda.synchronize()
     providers = {
         "fused": lambda: fused_select(f, t, ids, history, k, momentum=0.9),
         "fused_k0": lambda: fused_select(f, t, ids, history, 0, momentum=0.9),
@@ -137,6 +160,31 @@ def sweep() -> list[dict]:
             )
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def routing_sweep(sizes=(1024, 2048, 4096, 8192, 16384, 32768, 65536), D: int = 512) -> dict:
+    """At each B (k = 0.2 B, at most the in-launch sort's 1,024): the top-k inside the launch vs the score-only
+    kernel + torch's stable sort. ``fused_topk_max_b``: the largest B up to which the fused top-k is never slower
+    (0: the sort wins from the smallest B)."""
+    fused_cfg, sort_cfg = KernelConfig(fused_topk_max_b=max(sizes)), KernelConfig(fused_topk_max_b=0)
+    rows, best = [], 0
+    winning = True
+    for B in sizes:
+        f, t, ids, history = make_inputs(B, D)
+        k = min(int(SELECT_RATE * B), fused_cfg.max_sort)
+        ms = {}
+        for name, cfg in (("fused_topk", fused_cfg), ("score_then_sort", sort_cfg)):
+            run = functools.partial(_fused_select_triton, f, t, ids, history, k, 0.9, 100.0, False, "delta", cfg)
+            run()  # compiled outside the timed region
+            ms[name] = bench(run)
+        row = {"B": B, "D": D, "k": k, **{f"{n}_ms": round(v, 5) for n, v in ms.items()}}
+        row["fused_wins"] = ms["fused_topk"] <= ms["score_then_sort"]
+        winning = winning and row["fused_wins"]
+        if winning:
+            best = B
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"fused_topk_max_b": best, "k_rule": "k = min(0.2 B, 1024)", "rows": rows}
 
 
 def train_step_ms(batch: int = 1024) -> tuple[float | None, str]:
@@ -201,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         benchkit.write_json(out, result)
 
+    sizes.sort(key=lambda bd: -bd[0])  # largest B first: a session cut short keeps the rows it most needs
     copy_gbps = copy_bandwidth_gbps()
     result["copy_bandwidth_gbps"] = round(copy_gbps, 1)
     print(f"{name}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     rows = result["rows"] = []
     for B, D in sizes:
         rows.append(bench_size(B, D, copy_gbps))
+        save()
+    if args.thresholds is not None:
+        result["routing"] = routing_sweep()
+        save_thresholds(args.thresholds, name, result["routing"]["fused_topk_max_b"], result["routing"]["rows"])
+        result["routing"]["written_to"] = str(args.thresholds)
         save()
     result["sweep"] = sweep() if args.sweep else []
     save()

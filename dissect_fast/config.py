@@ -145,10 +145,12 @@ class DataConfig:
     workers: int = opt(2, "loader worker processes per rank")
     data_backend: str = opt(
         "auto",
-        "loader: auto = DALI when CUDA and DALI are there, else torch; synthetic = random images and tokens "
-        "made once on the device, fresh ids every step (times the training loop without loader cost; "
+        "loader: auto = DALI when CUDA and DALI are there, else gpu on CUDA, else torch; torch = CPU workers "
+        "decode and transform, ship uint8; gpu = CPU workers ship the encoded bytes, the training device decodes "
+        "(torchvision's nvjpeg) and transforms (on a CPU device too: for testing); synthetic = random images and "
+        "tokens made once on the device, fresh ids every step (times the training loop without loader cost; "
         "--train-data not read; never picked by auto)",
-        choices=("auto", "torch", "dali", "synthetic"),
+        choices=("auto", "torch", "gpu", "dali", "synthetic"),
     )
     subset: str | None = opt(None, ".npy of sample ids to train on (from select-subset)")
     data_index: str | None = opt(

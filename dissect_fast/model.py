@@ -606,6 +606,35 @@ class ScoringModule(torch.nn.Module):
         return self._image(images), self.model.encode_text(tokens, normalize=True)  # type: ignore[operator]
 
 
+#: torch.compile's backend for the training and scoring forwards; tests put a recording backend (e.g. one that
+#: wraps ``aot_eager``) here to check the graphs: how many, and that their shapes are static
+COMPILE_BACKEND: Any = "inductor"
+
+
+def compile_static(module: torch.nn.Module, mode: str | None = None) -> Any:
+    """``torch.compile`` with static shapes (``dynamic=False``): each distinct input shape gets a graph of its own,
+    specialised to it, instead of automatic dynamic turning the batch dimension symbolic once a second batch size is
+    seen (e.g. B in the full-batch warm-up, then the selected k: two static graphs, never a dynamic one)."""
+    if mode is not None:  # a mode (reduce-overhead: CUDA graphs) is inductor's option
+        return torch.compile(module, dynamic=False, mode=mode)
+    return torch.compile(module, dynamic=False, backend=COMPILE_BACKEND)
+
+
+class NoGradForward(torch.nn.Module):
+    """``module``'s forward without grad (--accum-freq's first pass, whose features are only cached), as a module
+    of its own. Compiled, its forward is a frame apart from ``module``'s, with grad mode switched off inside the
+    graph: the grad and no-grad forwards get one graph each, and neither invalidates the other's grad-mode guard
+    (compiling ``module`` once and calling it under ``torch.no_grad`` recompiles it on every switch of grad mode)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return self.module(images, tokens)
+
+
 class ScoringPass:
     """A callable scoring pass: bf16 autocast (on GPU), inference mode, optionally compiled at its fixed
     shape (``dynamic=False``) and, with ``cudagraphs`` on CUDA, replayed as a CUDA graph.
@@ -630,8 +659,7 @@ class ScoringPass:
         self.input_dtype = input_dtype(precision)  #: bf16/fp16 weights take images in their dtype
         self.cudagraphs = bool(cudagraphs and compile and device.type == "cuda")
         if compile:
-            mode = "reduce-overhead" if self.cudagraphs else None
-            self._fn = torch.compile(self.module, dynamic=False, mode=mode)
+            self._fn = compile_static(self.module, mode="reduce-overhead" if self.cudagraphs else None)
         else:
             self._fn = self.module
 
@@ -648,10 +676,13 @@ class ScoringPass:
 
 
 class Forwards:
-    """The training forward (with grad) and the scoring forward (no grad, whole batch).
+    """The training forward (with grad; ``train_no_grad``: without, for --accum-freq's cached features) and the
+    scoring forward (no grad, whole batch).
 
-    Both may be torch.compile'd; the scoring pass is compiled separately because it runs at the
-    fixed full-batch shape under inference mode, the training pass at the selected sub-batch shape.
+    All may be torch.compile'd, each with static shapes (``compile_static``) and as a frame of its own: the
+    scoring pass at the full-batch shape under inference mode, the training forward at the selected sub-batch
+    shape k (and at B too with a full-batch warm-up: a second static graph), the no-grad training forward
+    likewise. A step therefore never recompiles once each shape has been seen, and never runs a dynamic graph.
     """
 
     def __init__(
@@ -674,7 +705,10 @@ class Forwards:
 
             train_module = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         self._ddp = train_module if ddp else None
-        self._train = torch.compile(train_module) if compile else train_module
+        self._train = compile_static(train_module) if compile else train_module
+        #: no grad, no all-reduce: the bare model (DDP's forward would only broadcast buffers)
+        no_grad = NoGradForward(model)
+        self._train_no_grad = compile_static(no_grad) if compile else no_grad
         self.scoring = ScoringPass(
             model,
             scoring_precision(score_precision, precision),
@@ -690,6 +724,15 @@ class Forwards:
             images = images.to(self.input_dtype)
         with autocast(self.precision, self.device):
             return self._train(images, tokens)
+
+    def train_no_grad(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """The training forward without grad (training mode, same precision): --accum-freq's first pass, whose
+        features are cached as the negatives. Call it with grad enabled: grad is switched off inside its own
+        (compiled) frame, so the training forward's graph is never recompiled for a grad-mode change."""
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
+        with autocast(self.precision, self.device):
+            return self._train_no_grad(images, tokens)
 
     def score(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scoring(images, tokens)

@@ -94,6 +94,7 @@ class TrainData:
                 f"x {dist.world_size} rank(s) x --accum-freq {accum}: lower the batch size or --accum-freq"
             )
         self.backend = self._backend()
+        self._device_tf: dict = {}  #: the gpu backend's DeviceTransform per split (set by build_loaders)
         #: set by build_loaders: a TorchLoader, DaliLoader or SyntheticLoader (the val loader: None without --val-data)
         self.train_loader: Any = None
         self.val_loader: Any = None
@@ -137,36 +138,68 @@ class TrainData:
         return mask, min(n, int(ids.size))
 
     def _backend(self) -> str:
-        """``auto``: DALI when the device is CUDA and DALI imports (and the shards are local files read once per
-        epoch); the torch loader otherwise."""
+        """The loader, logged in one line with the reason. ``auto``: DALI when the device is CUDA and DALI imports
+        (and the shards are local files read once per epoch), else ``gpu`` (decode on the device) on CUDA, else the
+        torch loader."""
         want = self.cfg.data.data_backend
         if want == "synthetic":
             return want
+        cuda = self.device.type == "cuda"
         urls = any(is_url(s) for s in self.train_shards)
         if want == "dali" and (urls or self.cfg.data.dataset_resampled):
             raise ValueError(
-                "--data-backend dali reads local shard files in passes: use --data-backend torch for "
+                "--data-backend dali reads local shard files in passes: use --data-backend gpu or torch for "
                 "webdataset URLs (pipe:, http://, ...) and --dataset-resampled"
             )
-        if want == "torch" or urls or self.cfg.data.dataset_resampled:
-            return "torch"
-        from dissect_fast.data.dali_loader import dali_unavailable_reason
+        if want in ("torch", "gpu"):
+            choice, why = want, "--data-backend " + want
+            if want == "gpu" and not cuda:
+                why += f" on a {self.device.type} device: decoding there with the same code (for testing)"
+        elif urls or self.cfg.data.dataset_resampled:
+            choice = "gpu" if cuda else "torch"
+            why = "auto: webdataset URLs or --dataset-resampled (DALI reads local files once per epoch)"
+        else:
+            from dissect_fast.data.dali_loader import dali_unavailable_reason
 
-        reason = dali_unavailable_reason()
-        if want == "dali":
-            if reason:
-                raise ValueError(
-                    f"--data-backend dali: {reason}; install nvidia-dali-cuda130 or use --data-backend torch"
-                )
-            return "dali"
-        if self.device.type != "cuda" or reason:
-            return "torch"
-        return "dali"
+            reason = dali_unavailable_reason()
+            if want == "dali":
+                if reason:
+                    raise ValueError(
+                        f"--data-backend dali: {reason}; install nvidia-dali-cuda130 or use --data-backend gpu/torch"
+                    )
+                choice, why = "dali", "--data-backend dali"
+            elif cuda and not reason:
+                choice, why = "dali", "auto: CUDA device and DALI imports"
+            elif cuda:
+                choice, why = "gpu", f"auto: CUDA device, DALI not usable ({reason})"
+            else:
+                choice, why = "torch", f"auto: {self.device.type} device"
+        log.info("data backend: %s (%s)", choice, why)
+        return choice
+
+    def _gpu_transforms(self, pre_train, pre_val) -> None:
+        """The ``gpu`` backend's device transforms; ``auto`` falls back to the torch loader (logged) when the model's
+        transform has a step the device cannot reproduce, ``--data-backend gpu`` stops with the reason."""
+        from dissect_fast.data.device_decode import device_transform_or_reason
+
+        for name, tf in (("train", pre_train), ("val", pre_val if self.val_shards else None)):
+            if tf is None:
+                continue
+            dtf, reason = device_transform_or_reason(tf)
+            if dtf is None:
+                if self.cfg.data.data_backend == "gpu":
+                    raise ValueError(reason)
+                log.info("data backend: torch (auto: %s)", reason)
+                self.backend = "torch"
+                return
+            self._device_tf[name] = dtf
 
     def build_loaders(self, model, pre_train, pre_val, context_length: int) -> None:
         """The training loader and, with --val-data, the validation loader (the model fixes image size,
         preprocessing and context length)."""
         self.context_length = context_length
+        if self.backend == "gpu":
+            self._gpu_transforms(pre_train, pre_val)
         self.train_loader = self._loader(self.train_shards, pre_train, True, model)
         self.val_loader = self._loader(self.val_shards, pre_val, False, model) if self.val_shards else None
 
@@ -205,6 +238,8 @@ class TrainData:
                 max_image_pixels=d.max_image_pixels,
                 max_member_bytes=d.max_member_bytes,
             )
+        if self.backend == "gpu":
+            return self._gpu_loader(shards, train)
         if not train:
             return eval_loader(
                 shards,
@@ -236,6 +271,37 @@ class TrainData:
             max_member_bytes=d.max_member_bytes,
         )
         return TorchLoader(ds, d.workers, self.device, drop_last=True)
+
+    def _gpu_loader(self, shards, train: bool):
+        """The ``gpu`` backend: the torch loader's pipeline up to the encoded image, decoded on the device."""
+        from dissect_fast.data.device_decode import DeviceDecodeLoader, EncodedShardDataset
+
+        d, seed = self.cfg.data, self.cfg.run.seed
+        index = self.index if train else self.val_index
+        kw: dict = dict(train=False, need_ids=False)
+        if train:
+            kw = dict(
+                train=True,
+                seed=seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                subset_mask=self.subset_mask,
+                num_ids=self.num_ids,
+                resampled=d.dataset_resampled,
+            )
+        ds = EncodedShardDataset(
+            shards,
+            d.batch_size,
+            None,
+            self.context_length,
+            first_ids=index.first_ids() if index is not None else None,
+            tokenizer=self.tokenizer,
+            max_image_pixels=d.max_image_pixels,
+            max_member_bytes=d.max_member_bytes,
+            **kw,
+        )
+        tf = self._device_tf["train" if train else "val"]
+        return DeviceDecodeLoader(ds, tf, d.workers, self.device, drop_last=train, seed=seed, rank=self.dist.rank)
 
     def epoch_batches(self):
         """What each of the epoch's ``steps_per_epoch`` steps trains on: a batch, or with --accum-freq N the

@@ -782,8 +782,7 @@ class Trainer:
         self.strategy.begin_step()  # the N batches' history writes are kept only if the step is applied
         for j in range(n):
             sel, t_images, t_tokens, t_ids = self._select(epoch, images[j], tokens[j], ids[j])
-            with torch.no_grad():
-                out = self.forwards.train(t_images, t_tokens)
+            out = self.forwards.train_no_grad(t_images, t_tokens)  # its own graph: no grad-mode recompile
             cached_f.append(out["image_features"])
             cached_g.append(out["text_features"])
             subs.append((t_images, t_tokens))

@@ -1,4 +1,4 @@
-"""Fused DISSect selection: CLIPScore, delta, history update and top-k in one launch.
+"""Fused DISSect selection: CLIPScore, delta, history update and top-k (in one launch for small B and k).
 
 One training step of online selection needs, for a batch of B pairs with features f_i, g_i:
 
@@ -15,20 +15,26 @@ blend, a scatter and a sort, each paying its launch latency. The fused kernel re
 feature row exactly once, keeps every per-row value in registers and touches history with
 one gather and one scatter; nothing leaves the launch but the outputs, and nothing syncs.
 
-Top-k. Keys are mapped to order-preserving int32 (`_order_key`: -0 == +0, NaN largest).
-  * Small batches (B <= `fused_topk_max_b` = 16384 and B <= 1024 or k <= 1024, the usual
-    per-GPU CLIP batch): ONE launch. The last program to finish (an atomic ticket, acq_rel)
-    selects. B <= 1024: one in-register bitonic sort (`tl.sort`) of composite keys
-    (key << 16 | 65535 - position: unique, ties resolve to the smaller position).
-    Otherwise an MSB-first radix select finds the k-th key with 8-bit digit histograms
-    (the first digit's histogram is built by all programs with atomics while scoring), a
-    position pass resolves ties at the threshold, and the k survivors are compacted and
-    sorted in registers.
-  * Larger batches or k: one program's serial passes would cost more than the scoring, so
-    the kernel only scores (leaner, higher occupancy) and torch's stable radix sort of the
-    order keys (multi-block CUB, a few launches) ranks them: still no host sync, and the
-    same tie rule. `KernelConfig(segmented=True)` keeps any k inside the launch instead
-    (sorted in segments, each found by its own radix select: correct but slow).
+Top-k. Keys are mapped to order-preserving int32 (`_order_key`: -0 == +0, NaN largest). Which path a
+launch takes (defaults of `KernelConfig`; `auto` may lower or raise `fused_topk_max_b`, below):
+  * B <= 1,024 (`full_sort_max`, and B <= `fused_topk_max_b`), any k >= 1: ONE launch. The last program to finish (an atomic ticket,
+    acq_rel) sorts all B composite keys in registers (`tl.sort`, bitonic; key << 16 | 65535 - position:
+    unique, ties resolve to the smaller position).
+  * 1,024 < B <= 16,384 (`fused_topk_max_b`) and k <= 1,024 (`max_sort`): ONE launch. The last program runs
+    an MSB-first radix select for the k-th key with 8-bit digit histograms (the first digit's histogram is
+    built by all programs with atomics while scoring), a position pass resolves ties at the threshold, and
+    the k survivors are compacted and sorted in registers.
+  * Everything else: B > 16,384 (any k), or B > 1,024 with k > 1,024 (at the paper's r = 0.2 that is every
+    B >= 5,125): the kernel only SCORES (leaner, higher occupancy), then torch's stable radix sort of all B
+    order keys ranks them (`torch.sort`, multi-block CUB, a few launches): still no host sync, and the same
+    tie rule. `KernelConfig(segmented=True)` keeps any k inside the launch instead (sorted in segments, each
+    found by its own radix select: correct but slow).
+  * k = 0: scoring only, no top-k.
+Measured thresholds: `benchmarks/bench_select.py --thresholds PATH` times the fused top-k against
+score-then-sort per B on a GPU and records the largest B where the fused top-k still wins, per device name.
+`backend="auto"` (the default) reads that file, `$DISSECT_SELECT_THRESHOLDS` or else
+`kernels/select_thresholds.json`, and uses its `fused_topk_max_b` for the device it runs on; with no file or
+no entry for the device, the constants above apply. (An explicit `KernelConfig` is used as given.)
 
 The plain-torch reference `fused_select_reference` (no Python loop over samples, no host
 sync) defines the semantics; `fused_select` dispatches to the Triton kernel on CUDA and to
@@ -58,7 +64,7 @@ except ImportError:  # CPU-only installs: the torch reference still works
     tl = None
     HAS_TRITON = False
 
-__all__ = ["MAX_B", "MAX_D", "fused_select", "fused_select_reference"]
+__all__ = ["MAX_B", "MAX_D", "auto_config", "fused_select", "fused_select_reference", "measured_thresholds"]
 
 MAX_B = 65536  # positions are packed into 16 bits of the composite sort key
 MAX_D = 2048
@@ -444,6 +450,60 @@ def _scratch(device: torch.device) -> torch.Tensor:
     return buf
 
 
+THRESHOLDS_ENV = "DISSECT_SELECT_THRESHOLDS"
+THRESHOLDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "select_thresholds.json")
+_AUTO_CONFIG: dict[str, KernelConfig] = {}
+
+
+def measured_thresholds(device_name: str, path: str | None = None) -> dict:
+    """The routing thresholds bench_select measured on ``device_name`` ({"fused_topk_max_b": int}), from ``path``,
+    else ``$DISSECT_SELECT_THRESHOLDS``, else ``kernels/select_thresholds.json``; {} when none applies."""
+    import json
+
+    path = path or os.environ.get(THRESHOLDS_ENV) or THRESHOLDS_FILE
+    try:
+        with open(path) as f:
+            entry = json.load(f).get("devices", {}).get(device_name) or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    v = entry.get("fused_topk_max_b")
+    return {"fused_topk_max_b": int(v)} if isinstance(v, int) and 0 <= v <= MAX_B else {}
+
+
+def auto_config(device_name: str) -> KernelConfig:
+    """The KernelConfig of ``backend="auto"`` on ``device_name``: the defaults with the measured thresholds (read
+    once per device and process)."""
+    cfg = _AUTO_CONFIG.get(device_name)
+    if cfg is None:
+        cfg = _AUTO_CONFIG[device_name] = KernelConfig(**measured_thresholds(device_name))
+    return cfg
+
+
+def save_thresholds(path, device_name: str, fused_topk_max_b: int, rows: list | None = None) -> None:
+    """Record ``fused_topk_max_b`` measured on ``device_name`` in the JSON at ``path`` (other devices kept)."""
+    import datetime
+    import json
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        doc = {}
+    doc.setdefault("devices", {})[device_name] = {
+        "fused_topk_max_b": int(fused_topk_max_b),
+        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows or [],
+    }
+    doc["about"] = (
+        "kernels/fused_select.py routing: the largest B where the top-k inside the launch beat score + torch.sort "
+        "(benchmarks/bench_select.py --thresholds)"
+    )
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _sort_block(n: int, cfg: KernelConfig) -> int:
     s = cfg.min_sort
     while s < n:
@@ -471,9 +531,9 @@ def _fused_select_triton(
         raise RuntimeError("backend='triton' needs the triton package")
     if not f.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    cfg = cfg or KernelConfig()
     B, D = f.shape
     dev = f.device
+    cfg = cfg or auto_config(torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type)
     block_d = cfg.block_d or min(_next_pow2(D), 512)
     block_b = cfg.block_b or max(1, min(64, 4096 // block_d))
     full_sort = B <= cfg.full_sort_max

@@ -12,6 +12,15 @@ Per worker, one ``webdataset.DataPipeline``:
    counted by reason and shard, ids assigned from the dataset index's ``first_id`` where the shard has none;
 5. ``webdataset.shuffle`` (training) and ``webdataset.batched``.
 
+**uint8 batches.** An open_clip transform (PIL steps, then ``ToTensor`` + ``Normalize``) is split by
+:func:`split_uint8`: workers run the PIL steps and ship uint8 [B, 3, H, W] (150,528 bytes a 224 px sample instead of
+602,112 as float32, through ``/dev/shm``, pinned memory and the host-to-device copy); the training process
+normalises on the device (:func:`normalize_uint8`, the same float ops as ``ToTensor`` + ``Normalize``, so the
+batch is bit-identical on the CPU). A transform with tensor steps after ``ToTensor`` (e.g. timm's RandomErasing),
+or any callable that is not such a ``Compose``, keeps the float path: workers ship its float32 output.
+The ``gpu`` data backend (:mod:`dissect_fast.data.device_decode`) subclasses both classes here: its workers ship
+the encoded bytes and the training process decodes.
+
 Each worker yields full batches and one remainder, which the main process merges so that an epoch
 drops fewer than B samples per rank. Skip counts travel in-band with every batch and are summed in
 ``TorchLoader.stats``, so an epoch cut short (``--train-num-samples`` below the data size, or a resampled
@@ -56,6 +65,39 @@ class _Counting:
         samples.count_bad(self.stats, "not_a_tar", url)
         log.warning("cannot read shard %s: %s", url, exn)
         return True
+
+
+class _ToUint8:
+    """PIL image -> uint8 [3, H, W] tensor (``ToTensor`` without the division: the device divides and normalises)."""
+
+    def __call__(self, pic) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pic if isinstance(pic, torch.Tensor) else pil_to_tensor(pic)
+
+
+def split_uint8(transform) -> tuple[object, tuple[float, ...], tuple[float, ...]] | None:
+    """(worker transform to uint8, mean, std) of a ``Compose`` of PIL steps, then ``ToTensor``/``MaybeToTensor``,
+    then ``Normalize`` (open_clip's train and eval transforms); None for anything else (the float path)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or not isinstance(steps[-2], T.ToTensor):
+        return None
+    norm = steps[-1]
+    mean = tuple(float(m) for m in torch.as_tensor(norm.mean).flatten())
+    std = tuple(float(x) for x in torch.as_tensor(norm.std).flatten())
+    if len(mean) != 3 or len(std) != 3:
+        return None
+    return T.Compose([*steps[:-2], _ToUint8()]), mean, std
+
+
+def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 normalised, on the images' device: ``ToTensor``'s ``/ 255`` then ``Normalize``'s
+    ``(x - mean) / std``, the same float ops in the same order (bit-identical to the worker float path on a CPU)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.to(torch.float32).div_(255).sub_(m).div_(s)
 
 
 class ShardDataset(IterableDataset):
@@ -112,6 +154,13 @@ class ShardDataset(IterableDataset):
         self._tokenizer = tokenizer
         self.stored_tokens = tokenizer is None  #: stored ``tok`` ids are CLIP BPE: only a CLIP BPE model reads them
         self.max_image_pixels, self.max_member_bytes = max_image_pixels, max_member_bytes
+        split = split_uint8(transform)
+        #: (mean, std) the training process normalises uint8 batches with; None: workers ship the float transform's output
+        self.normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._worker_transform = transform
+        if split is not None:
+            self._worker_transform, mean, std = split
+            self.normalize = (mean, std)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -188,12 +237,13 @@ class ShardDataset(IterableDataset):
             return None
         if sid < 0:
             seen = None  # an evaluation sample without id: nothing to check
-        if seen is not None and _seen(sid, seen):
+        repeat = seen is not None and _seen(sid, seen)
+        if repeat and not self.defer_repeats:
             raise BadSample("duplicate_id")
         use_tok = "tok" in s and self.stored_tokens
         if not use_tok and "txt" not in s:  # a `tok`-only sample and a model whose tokenizer is not CLIP BPE
             raise BadSample("missing_field")
-        img = self.transform(samples.decode_image(s[samples.image_field(s)], stats, self.max_image_pixels))
+        img = self.image(s[samples.image_field(s)], stats, repeat)
         if use_tok:
             tok = fit_tokens(np.frombuffer(s["tok"], dtype="<i4"), self.context_length)
         else:
@@ -205,6 +255,18 @@ class ShardDataset(IterableDataset):
             _seen(sid, seen, mark=True)
         return img, torch.from_numpy(tok.astype(np.int64)), sid
 
+    #: a repeated id is passed on (the ``gpu`` backend judges it after decoding) instead of counted ``duplicate_id``
+    defer_repeats = False
+
+    def image(self, data: bytes, stats: Counter, repeat: bool):
+        """What a sample's image becomes in the worker: the transform's output (uint8 when split, see
+        :func:`split_uint8`); BadSample when the bytes are unusable."""
+        return self._worker_transform(samples.decode_image(data, stats, self.max_image_pixels))
+
+    def collate(self, batch):
+        """A list of decoded samples -> the tuple a batch travels as (ids last)."""
+        return _collate(batch)
+
     def pipeline(self, stats: Counter) -> wds.DataPipeline:
         """This worker's pipeline; ``stats`` receives the skip counts. Samples are shuffled as raw bytes,
         before decoding (a buffer of decoded 224 px images would cost 0.6 MB each)."""
@@ -215,16 +277,16 @@ class ShardDataset(IterableDataset):
             rng = random.Random(hash((self.seed, self.epoch, self.rank, _worker_seed(self.rank))))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         stages.append(self._decoded(stats))
-        stages.append(wds.batched(self.batch_size, collation_fn=_collate, partial=True))
+        stages.append(wds.batched(self.batch_size, collation_fn=self.collate, partial=True))
         return wds.DataPipeline(*stages)
 
     def __iter__(self):
         stats: Counter[str] = Counter()
         sent: Counter[str] = Counter()
-        for imgs, toks, ids in self.pipeline(stats):
+        for batch in self.pipeline(stats):
             delta = stats - sent  # the counts since the last batch travel with this one
             sent.update(delta)
-            yield ("batch" if ids.shape[0] == self.batch_size else "partial", imgs, toks, ids, dict(delta))
+            yield ("batch" if batch[-1].shape[0] == self.batch_size else "partial", *batch, dict(delta))
         yield ("stats", dict(stats - sent))  # whatever was counted after the last batch
 
 
@@ -286,12 +348,25 @@ class TorchLoader:
             it._shutdown_workers()
 
     def _to_device(self, imgs, toks, ids):
+        """A merged batch on the device; uint8 images normalised there (``ShardDataset.normalize``)."""
         nb = self.device.type == "cuda"
-        return (
-            imgs.to(self.device, non_blocking=nb),
-            toks.to(self.device, non_blocking=nb),
-            ids.to(self.device, non_blocking=nb),
-        )
+        imgs = imgs.to(self.device, non_blocking=nb)
+        if self.dataset.normalize is not None and imgs.dtype == torch.uint8:
+            imgs = normalize_uint8(imgs, *self.dataset.normalize)
+        return (imgs, toks.to(self.device, non_blocking=nb), ids.to(self.device, non_blocking=nb))
+
+    def _prepare(self, batch: list, full: bool, seen) -> tuple[tuple, bool]:
+        """A worker's batch as this loader merges it, and whether it is still a full batch: here the ids another
+        worker already yielded are dropped (counted ``duplicate_id``)."""
+        if seen is not None:
+            keep = _first_copies(batch[2].numpy(), seen)
+            if keep is not None:  # an id another worker already yielded: dropped, counted, the batch refilled
+                n_dup = int((~keep).sum())
+                self.stats["duplicate_id"] += n_dup
+                self.stats["bad_samples"] += n_dup
+                self.stats["ok"] -= n_dup  # the worker counted it good
+                return tuple(x[torch.from_numpy(keep)] for x in batch), False
+        return tuple(batch), full
 
     def _seen_ids(self, workers: int):
         """The ids yielded in this pass, kept on the main process (a bitmap by id): each worker drops the
@@ -308,11 +383,8 @@ class TorchLoader:
             return self.workers
         return min(self.workers, max(1, len(ds.shards) // max(1, ds.world_size)))
 
-    def __iter__(self):
-        if not self.dataset.train:  # evaluation passes are not bracketed by set_epoch
-            self.stats = Counter()
-        workers = self._num_workers()
-        dl = DataLoader(
+    def _dataloader(self, workers: int) -> DataLoader:
+        return DataLoader(
             self.dataset,
             batch_size=None,
             num_workers=workers,
@@ -321,28 +393,27 @@ class TorchLoader:
             persistent_workers=False,
             worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         )
+
+    def __iter__(self):
+        """Batches of exactly B (the last one smaller only without ``drop_last``): a worker's full batch goes
+        through as it is, remainders and batches that lost samples are merged."""
+        if not self.dataset.train:  # evaluation passes are not bracketed by set_epoch
+            self.stats = Counter()
+        workers = self._num_workers()
         B = self.dataset.batch_size
         pending: list[tuple] = []
         seen = self._seen_ids(workers)
-        self._active = it = iter(dl)
+        self._active = it = iter(self._dataloader(workers))
         for kind, *rest in it:
             self.stats.update(rest[-1])
             if kind == "stats":
                 continue
-            batch = rest[:3]
-            if seen is not None:
-                keep = _first_copies(batch[2].numpy(), seen)
-                if keep is not None:  # an id another worker already yielded: dropped, counted, the batch refilled
-                    n_dup = int((~keep).sum())
-                    self.stats["duplicate_id"] += n_dup
-                    self.stats["bad_samples"] += n_dup
-                    self.stats["ok"] -= n_dup  # the worker counted it good
-                    batch, kind = [x[torch.from_numpy(keep)] for x in batch], "partial"
-            if kind == "batch":
+            batch, full = self._prepare(rest[:-1], kind == "batch", seen)
+            if full:
                 yield self._to_device(*batch)
                 continue
             pending.append(batch)
-            n = sum(p[2].shape[0] for p in pending)
+            n = sum(p[-1].shape[0] for p in pending)
             if n >= B:
                 merged = [torch.cat(x) for x in zip(*pending)]
                 yield self._to_device(*(m[:B] for m in merged))
@@ -350,10 +421,10 @@ class TorchLoader:
         self._active = None
         if pending and not self.drop_last:
             merged = [torch.cat(x) for x in zip(*pending)]
-            if merged[2].numel():
+            if merged[-1].numel():
                 yield self._to_device(*merged)
         elif pending:
-            self.stats["dropped_tail"] += sum(p[2].shape[0] for p in pending)
+            self.stats["dropped_tail"] += sum(p[-1].shape[0] for p in pending)
 
 
 def eval_loader(
