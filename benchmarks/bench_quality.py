@@ -33,8 +33,8 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchkit  # noqa: E402
 
-from dissect_fast.selection.strategies import STRATEGIES as _ALL
-from dissect_fast.selection.strategies import WARMUP_STRATEGIES
+from dissect_fast.selection.names import STRATEGIES as _ALL
+from dissect_fast.selection.names import WARMUP_STRATEGIES
 
 STRATEGIES = list(_ALL)
 #: grid presets: data size, model, epochs, warm-up point, noise levels, seeds, strategies, sweeps

@@ -38,7 +38,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is
 import benchkit  # noqa: E402
 from bench_quality import group_means, machine_load  # noqa: E402
 
-from dissect_fast.selection.strategies import WARMUP_STRATEGIES  # noqa: E402
+from dissect_fast.selection.names import WARMUP_STRATEGIES  # noqa: E402
 
 RATE = 0.3
 NOISE_MAIN = 0.4

@@ -32,7 +32,7 @@ from dissect_fast.diagnostics import plot_epoch, plot_history, write_record
 from dissect_fast.distributed import check_in_sync, elastic_restart_count
 from dissect_fast.evaluate import evaluate
 from dissect_fast.logging_utils import StepLog, init_wandb
-from dissect_fast.selection.strategies import WARMUP_STRATEGIES
+from dissect_fast.selection.names import WARMUP_STRATEGIES
 
 log = logging.getLogger("dissect_fast")
 

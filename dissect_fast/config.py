@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dissect_fast.openclip_flags import check_unsupported
-from dissect_fast.selection.strategies import STRATEGIES, WARMUP_STRATEGIES, resolve_strategy
+from dissect_fast.selection.names import STRATEGIES, WARMUP_STRATEGIES, resolve_strategy
 
 
 class ConfigError(ValueError):

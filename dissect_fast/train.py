@@ -32,13 +32,14 @@ def remove_unstarted_run(run_dir: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from dissect_fast.callbacks import StepsSeen
     from dissect_fast.config import config_from_args
+
+    cfg = config_from_args(argv)  # first, without torch: --help and flag errors answer at once
+    from dissect_fast.callbacks import StepsSeen
     from dissect_fast.distributed import cleanup
     from dissect_fast.reliability import RunStopped
     from dissect_fast.trainer import Trainer
 
-    cfg = config_from_args(argv)
     fresh = new_run_folder(cfg.run)
     try:
         trainer = Trainer(cfg)

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from dissect_fast.config import SelectConfig
+from dissect_fast.selection import strategies
 from dissect_fast.selection.history import HistoryBuffer
-from dissect_fast.selection.strategies import (
-    STRATEGIES,
-    make_strategy,
-    per_sample_clip_loss,
-    resolve_strategy,
-    topk_positions,
-)
+from dissect_fast.selection.names import STRATEGIES, WARMUP_STRATEGIES, resolve_strategy
+from dissect_fast.selection.strategies import make_strategy, per_sample_clip_loss, topk_positions
 
 
 def feats_with_cos(cos):
@@ -225,3 +221,20 @@ def test_warmup_snapshot_ranks_never_scored_samples_last():
     s.history.values[:2] = torch.tensor([5.0, 0.0])
     sel = s.select(1, torch.tensor([7, 1, 8, 0]), None, torch.tensor(1.0), 100.0, None)
     assert sel.index.tolist() == [3, 1]  # w 5 and w 0 before the unseen ids 7 and 8
+
+
+def test_the_light_name_lists_agree_with_the_strategy_classes():
+    """selection/names.py declares the names without torch (for --help); the classes are what runs."""
+    assert list(STRATEGIES) == list(strategies._CLASSES)
+    warmup = tuple(n for n, c in strategies._CLASSES.items() if issubclass(c, strategies.DissectWarmup))
+    assert WARMUP_STRATEGIES == warmup
+
+
+def test_parsing_flags_imports_no_torch():
+    """`dissect-fast train --help` and config errors answer without importing torch (seconds on a cold start)."""
+    import subprocess
+    import sys
+
+    code = "import sys, dissect_fast.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -16,42 +16,6 @@ import torch.nn.functional as F
 from dissect_fast.kernels.fused_select import fused_select
 from dissect_fast.selection.history import HISTORY_DTYPES, HistoryBuffer, float32_window
 
-#: name -> reference-code alias (METHOD.md table)
-STRATEGIES: dict[str, str | None] = {
-    "full": None,
-    "random": "random",
-    "clipscore": "clipscore",
-    "small_loss": "small_loss",
-    "big_loss": "big_loss",
-    "dissect-momentum": "historical_base_sampling",
-    "dissect-warmup": "warmup_base_sampling",
-    "dissect-gain": None,  # this project's sign-flipped variant (not in the reference code)
-    "warmup-clipscore": None,  # this project's score-level variant (not in the reference code)
-    "warmup-snapshot": None,  # this project's frozen-score variant, no scoring pass after the warm-up
-}
-_ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
-_ALIASES.update(
-    {
-        "none": "full",
-        "dissect_momentum": "dissect-momentum",
-        "dissect_warmup": "dissect-warmup",
-        "dissect_gain": "dissect-gain",
-        "warmup_clipscore": "warmup-clipscore",
-        "warmup_snapshot": "warmup-snapshot",
-        "ours": "dissect-warmup",
-    }
-)  # the reference code's default --select-strategy name
-
-
-def resolve_strategy(name: str) -> str:
-    """Canonical strategy name for a name or a reference alias; KeyError with the valid names otherwise."""
-    if name in STRATEGIES:
-        return name
-    if name in _ALIASES:
-        return _ALIASES[name]
-    valid = ", ".join(list(STRATEGIES) + sorted(a for a in _ALIASES if a not in STRATEGIES))
-    raise KeyError(f"--select-strategy: unknown strategy {name!r}; choose one of: {valid}")
-
 
 def topk_positions(key: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k largest keys, descending by key; ties go to the smaller position.
@@ -496,7 +460,7 @@ class WarmupSnapshot(DissectWarmup):
         return Selection(index=topk_positions(key, self.k))
 
 
-_CLASSES = {
+_CLASSES: dict[str, type[Strategy]] = {
     c.name: c
     for c in (
         Full,
@@ -511,8 +475,6 @@ _CLASSES = {
         WarmupSnapshot,
     )
 }
-#: strategies with a warm-up phase and a frozen snapshot (--warmup-point, --warmup-train apply)
-WARMUP_STRATEGIES = tuple(n for n, c in _CLASSES.items() if issubclass(c, DissectWarmup))
 #: strategies that index a per-sample history buffer by sample id
 HISTORY_STRATEGIES = tuple(n for n, c in _CLASSES.items() if c.uses_history)
 
