@@ -82,7 +82,7 @@ def _shards(folder: str, chars: int | None) -> str:
     import webdataset as wds
     from PIL import Image
 
-    from dissect_fast.data.index_tool import index_shards
+    from dissect_fast.data.index import index_shards
 
     rng = np.random.default_rng(0)
     os.makedirs(folder, exist_ok=True)
@@ -107,7 +107,7 @@ def _shards(folder: str, chars: int | None) -> str:
 def _epoch_s(data: str, logs: str, name: str) -> tuple[float, dict]:
     """Wall seconds of one training epoch (micro-vit, CPU, batch 40) on ``data``, and its data/* counts."""
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     argv = ["--train-data", data, "--model", "micro-vit", "--batch-size", "40", "--epochs", "1", "--warmup", "1"]
     argv += ["--workers", "0", "--logs", logs, "--name", name, "--no-progress", "--no-tensorboard", "--no-plots"]

@@ -108,7 +108,7 @@ def make_shards(out: str, unique: int, samples: int, per_shard: int, workers: in
     """``samples`` samples in shards; ``unique`` distinct JPEGs cycled (decoding cost is per sample). ``source``:
     flickr8k-dev photos (``auto`` when the folder is there) or generated ones."""
     from dissect_fast.data.shards import tokenize, tokenizer_for
-    from dissect_fast.data.writer import ShardWriter
+    from dissect_fast.tools.writer import ShardWriter
 
     t0 = time.time()
     files = sorted(glob.glob(os.path.join(FLICKR, "images", "*.jpg")))[:unique]

@@ -227,7 +227,7 @@ def machine_load() -> dict:
 
 def ensure_data(root: str, noise: float, num_train: int, num_val: int) -> str:
     from dissect_fast.data.shards import INDEX_NAME
-    from dissect_fast.data.synthetic import make_synthetic
+    from dissect_fast.tools.synthetic import make_synthetic
 
     d = os.path.join(root, f"data-n{num_train}-noise{int(round(100 * noise))}")
     if not os.path.isfile(os.path.join(d, "train", INDEX_NAME)):
@@ -253,10 +253,10 @@ def group_means(score: np.ndarray, trained_after: np.ndarray, clean: np.ndarray)
 
 
 def train_one(r: dict, g: dict, data: str, work: str, device: str) -> dict:
-    from dissect_fast.callbacks import Callback
     from dissect_fast.config import config_from_args
     from dissect_fast.data.dali_loader import dali_if_available
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.callbacks import Callback
+    from dissect_fast.training.loop import Trainer
 
     name = f"{r['sweep']}-noise{int(100 * r['noise'])}-{r['strategy']}-r{r['rate']}-s{r['seed']}-{abs(hash(run_key(r))) % 10**6}"
     argv = [

@@ -160,8 +160,8 @@ def shrink_images(src: str, dst: str, names: list[str], px: int) -> None:
 
 def ensure_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str]:
     """(train shards, val shards) for one noise level; built once per work folder."""
-    from dissect_fast.data.csv_shards import csv_to_shards
     from dissect_fast.data.shards import INDEX_NAME, DatasetIndex
+    from dissect_fast.tools.csv_shards import csv_to_shards
 
     by = read_captions(folder)
     names = sorted(by)
@@ -202,7 +202,7 @@ def ensure_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str
 def _train_images(images: str, candidates: list[str], val: list[str], n: int) -> list[str]:
     """The first ``n`` of ``candidates`` whose bytes are not those of a validation image (the split is by image,
     also when one photo is stored under two names)."""
-    from dissect_fast.data.csv_shards import content_key
+    from dissect_fast.tools.csv_shards import content_key
 
     def key(name: str) -> bytes:
         with open(os.path.join(images, name), "rb") as f:
@@ -249,9 +249,9 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def train_one(r: dict, g: dict, train: str, val: str, work: str, device: str) -> dict:
-    from dissect_fast.callbacks import Callback
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.callbacks import Callback
+    from dissect_fast.training.loop import Trainer
 
     name = f"{r['sweep']}-noise{round(100 * r['noise'])}-{r['strategy']}-W{r['warmup_point']}-s{r['seed']}"
     run_dir = os.path.join(work, "runs", name)

@@ -48,7 +48,7 @@ from bench_subset import provenance
 def train(a, data: Path, logs: Path, name: str, epochs: int, select: dict, subset: Path | None = None) -> dict:
     """One training run in this process (``select``: its SelectConfig fields); its last metrics row and wall-clock."""
     from dissect_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SelectConfig, TrainConfig
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     cfg = TrainConfig(
         data=DataConfig(
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from dissect_fast.data.shards import INDEX_NAME, DatasetIndex
-    from dissect_fast.data.synthetic import make_synthetic
     from dissect_fast.offline.embed import main_embed
     from dissect_fast.offline.subset import main_select_subset
+    from dissect_fast.tools.synthetic import make_synthetic
 
     work = Path(a.work)
     data, logs = work / "data", work / "runs"

@@ -9,7 +9,7 @@ Every configuration trains the same model on the same shards in this one process
 the loop users run: a ``Trainer`` built from a ``TrainConfig`` (``train_config``), then ``Trainer.fit`` limited to
 ``--warmup-steps`` untimed steps (compilation, autotuning, loader start-up) plus ``--rounds`` x ``--steps`` timed
 steps (``Trainer.max_steps``). A step is one iteration of the fit's loop: the wait for the batch, the trainer's LR
-schedule, ``train_step`` and the loop's bookkeeping. A ``dissect_fast.timing.TimedSteps`` callback attaches a
+schedule, ``train_step`` and the loop's bookkeeping. A ``dissect_fast.training.timing.TimedSteps`` callback attaches a
 ``PhaseTimer`` to the timed steps only and splits each into phases (data wait, scoring forward, selection, train
 forward + backward, optimizer, sync, other) with CUDA events on GPU and perf_counter on CPU; row numbers come from
 ``benchkit.step_stats``. The fit starts in epoch 1 (``trainer.start_epoch = 1``), the epoch after the warm-up
@@ -205,7 +205,7 @@ def configurations(a: argparse.Namespace, device: torch.device) -> list[tuple[st
 
 
 def _write_part(job: tuple) -> None:
-    from dissect_fast.data.synthetic import write_split
+    from dissect_fast.tools.synthetic import write_split
 
     part_dir, n, first_id, image_size, seed, per_shard = job
     write_split(part_dir, n, first_id, 0.4, image_size, seed, per_shard, progress=False)
@@ -309,8 +309,8 @@ class ConfigRun:
     runs it in a thread up to the first timed block and ``next_block()`` lets it run one more block."""
 
     def __init__(self, a, data: str, name: str, settings: dict, logs: str, dataset_samples: int | None) -> None:
-        from dissect_fast.timing import TimedSteps
-        from dissect_fast.trainer import Trainer
+        from dissect_fast.training.loop import Trainer
+        from dissect_fast.training.timing import TimedSteps
 
         self.a, self.name, self.settings, self.dataset_samples = a, name, settings, dataset_samples
         n = a.warmup_steps + a.steps * a.rounds
@@ -630,7 +630,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    from dissect_fast.timing import PHASES
+    from dissect_fast.training.timing import PHASES
 
     head = [
         "config",
@@ -676,7 +676,7 @@ def plot_breakdown(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dissect_fast.timing import PHASES
+    from dissect_fast.training.timing import PHASES
 
     rows = [r for r in result["rows"] if r.get("phases_ms_per_step")]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from dissect_fast.model import resolve_device
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     logging.getLogger("dissect_fast").setLevel(logging.WARNING)
     device = resolve_device(a.device)

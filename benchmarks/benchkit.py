@@ -6,7 +6,7 @@ of timed training steps.
 
 A result file is ``header(...)`` (benchmark name, then commit, date, device, host, versions and command from
 ``dissect_fast.provenance.provenance``, the one place they are computed) plus the benchmark's own fields, written
-by :func:`write_json`. Training steps are timed through ``Trainer.fit`` with a ``dissect_fast.timing.TimedSteps``
+by :func:`write_json`. Training steps are timed through ``Trainer.fit`` with a ``dissect_fast.training.timing.TimedSteps``
 callback; :func:`step_stats` turns its per-step durations into a row's fields. Importing this module imports no
 torch (gpu_check's parent process uses it before any phase starts).
 """

@@ -978,7 +978,7 @@ def trainer_argv(spec: dict, name: str, flags: list[str], compile: bool, backend
 
 def make_trainer(spec: dict, name: str, flags: list[str], compile: bool, backend: str | None = None):
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     return Trainer(config_from_args(trainer_argv(spec, name, flags, compile, backend)))
 
@@ -1012,7 +1012,7 @@ def time_config(spec: dict, run: dict) -> dict:
     (and without the last, which carries the epoch's end)."""
     import torch
 
-    from dissect_fast.timing import PhaseTimer
+    from dissect_fast.training.timing import PhaseTimer
 
     mode = "compiled" if run["compile"] else "eager"
     t = make_trainer(spec, f"{run['name']}-{mode}", run["flags"], run["compile"], run.get("backend"))
@@ -1167,7 +1167,7 @@ def write_photo_shards(data: dict) -> dict:
     import numpy as np
 
     from dissect_fast.data.shards import tokenize, tokenizer_for
-    from dissect_fast.data.writer import ShardWriter
+    from dissect_fast.tools.writer import ShardWriter
 
     root = Path(data["shards"])
     info_path = root / "photos.json"
@@ -1209,7 +1209,7 @@ def no_checkpoints(trainer) -> None:
 def run_profile(spec: dict, run: dict) -> dict:
     """f: ``Trainer.fit()`` with ``--profile-steps`` (NVTX ranges on CUDA), no checkpoint; top_ops and phases."""
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     argv = [*run["flags"], "--logs", spec["logs"]]
     t = Trainer(config_from_args(argv))
@@ -1241,7 +1241,7 @@ def run_sync_check(spec: dict, run: dict) -> dict:
 
     import torch
 
-    from dissect_fast.callbacks import Callback
+    from dissect_fast.training.callbacks import Callback
 
     t = make_trainer(spec, run["name"], run["flags"], False)
     cuda = t.device.type == "cuda"

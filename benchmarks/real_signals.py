@@ -33,11 +33,11 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # benchmarks/ is
 import benchkit  # noqa: E402
 from bench_real import GRIDS, auc, ensure_data  # noqa: E402
 
-from dissect_fast.callbacks import Callback  # noqa: E402
 from dissect_fast.config import config_from_args  # noqa: E402
 from dissect_fast.data.loader import eval_loader  # noqa: E402
 from dissect_fast.data.shards import resolve_data  # noqa: E402
-from dissect_fast.trainer import Trainer  # noqa: E402
+from dissect_fast.training.callbacks import Callback  # noqa: E402
+from dissect_fast.training.loop import Trainer  # noqa: E402
 
 RATE = 0.3
 SIGNALS = ("cos", "cos_mean", "margin", "neg_loss", "neg_rank")

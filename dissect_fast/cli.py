@@ -23,7 +23,7 @@ def _synth(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the images, captions and noise")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per .tar shard")
     a = p.parse_args(argv)
-    from dissect_fast.data.synthetic import make_synthetic
+    from dissect_fast.tools.synthetic import make_synthetic
 
     try:
         train, val = make_synthetic(a.out, a.num_train, a.num_val, a.noise, a.image_size, a.seed, a.samples_per_shard)
@@ -37,7 +37,7 @@ def _synth(argv: list[str]) -> int:
 
 
 def _shards(argv: list[str]) -> int:
-    from dissect_fast.data.writer import DEFAULT_LOADER_WORKERS, DEFAULT_WORLD_SIZE, SHARDS_PER_LOADER
+    from dissect_fast.tools.writer import DEFAULT_LOADER_WORKERS, DEFAULT_WORLD_SIZE, SHARDS_PER_LOADER
 
     p = argparse.ArgumentParser(
         prog="dissect-fast shards",
@@ -90,7 +90,7 @@ def _shards(argv: list[str]) -> int:
         help="loader workers per rank you will train with (the trainer's --workers)",
     )
     a = p.parse_args(argv)
-    from dissect_fast.data.csv_shards import csv_to_shards
+    from dissect_fast.tools.csv_shards import csv_to_shards
 
     try:
         train, val, skipped = csv_to_shards(
@@ -154,9 +154,9 @@ def _eval(argv: list[str]) -> int:
         p.error("--zeroshot-classnames needs --zeroshot-data")
     from dissect_fast.data.loader import eval_loader
     from dissect_fast.data.shards import resolve_data, tokenizer_for
-    from dissect_fast.evaluate import evaluate
+    from dissect_fast.evaluation.retrieval import evaluate
+    from dissect_fast.evaluation.zeroshot import run_zeroshot, zeroshot_sets
     from dissect_fast.model import model_from_checkpoint, resolve_device, resolve_precision, text_tokenizer
-    from dissect_fast.zeroshot import run_zeroshot, zeroshot_sets
 
     try:  # user errors end in one line, not a traceback
         device = resolve_device(a.device)
@@ -209,13 +209,13 @@ def _embed(argv: list[str]) -> int:
 
 
 def _index(argv: list[str]) -> int:
-    from dissect_fast.data.index_tool import main_index
+    from dissect_fast.data.index import main_index
 
     return main_index(argv) or 0
 
 
 def _noise(argv: list[str]) -> int:
-    from dissect_fast.data.noise import main_noise
+    from dissect_fast.tools.noise import main_noise
 
     return main_noise(argv) or 0
 

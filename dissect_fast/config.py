@@ -565,7 +565,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        from dissect_fast.logging_utils import parse_report_to
+        from dissect_fast.training.logs import parse_report_to
 
         try:
             self.report_to = parse_report_to(self.report_to)
@@ -793,7 +793,7 @@ def _images_dir_of(csv_path: str, img_key: str | None, sep: str | None) -> str |
     import csv
     import gzip
 
-    from dissect_fast.data.csv_shards import IMG_KEYS
+    from dissect_fast.tools.csv_shards import IMG_KEYS
 
     opener = gzip.open if csv_path.lower().endswith(".gz") else open
     try:
@@ -855,7 +855,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(msg)
     values = vars(parser.parse_args(argv))
     try:
-        from dissect_fast.resume import fill_resume_values
+        from dissect_fast.training.resume import fill_resume_values
 
         values = fill_resume_values(values, args)  # --resume: a flag not given takes the checkpoint's value
         sections = {}

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=None, help="comma-separated subset of: full,dissect-warmup,clipscore,random,warmup-clipscore"
     )
     a = p.parse_args(argv)
-    from dissect_fast.reliability import Interrupted
+    from dissect_fast.training.reliability import Interrupted
 
     try:
         return _run(p, a)
@@ -221,8 +221,8 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     from dissect_fast.config import ConfigError
     from dissect_fast.data.dali_loader import dali_if_available
     from dissect_fast.data.shards import INDEX_NAME
-    from dissect_fast.data.synthetic import make_synthetic
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.tools.synthetic import make_synthetic
+    from dissect_fast.training.loop import Trainer
 
     data = os.path.join(a.out, "data")
     backend = dali_if_available() if a.data_backend == "auto" else a.data_backend

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dissect_fast.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
+from dissect_fast.training.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
 
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 _registered = False

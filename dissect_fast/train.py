@@ -15,7 +15,7 @@ def new_run_folder(run_cfg) -> bool:
     """Whether the run folder this process is about to use does not exist yet (read before the Trainer names and
     makes it): only such a folder may be removed again when the run fails before its first step. A run without
     --name gets a fresh name unless it is a torchelastic restart, which reuses its first attempt's folder."""
-    from dissect_fast.distributed import elastic_restart_count
+    from dissect_fast.training.distributed import elastic_restart_count
 
     if run_cfg.name is None:
         return elastic_restart_count() == 0
@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from dissect_fast.config import config_from_args
 
     cfg = config_from_args(argv)  # first, without torch: --help and flag errors answer at once
-    from dissect_fast.callbacks import StepsSeen
-    from dissect_fast.distributed import cleanup
-    from dissect_fast.reliability import RunStopped
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.callbacks import StepsSeen
+    from dissect_fast.training.distributed import cleanup
+    from dissect_fast.training.loop import Trainer
+    from dissect_fast.training.reliability import RunStopped
 
     fresh = new_run_folder(cfg.run)
     try:

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small synthetic noisy set (240 train in 3 shards, 64 val), made once per test session."""
-    from dissect_fast.data.synthetic import make_synthetic
+    from dissect_fast.tools.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("synth")
     make_synthetic(

@@ -20,7 +20,7 @@ def load_bench():
 
 
 def test_tiny_benchmark_rows_complete(tmp_path, capsys):
-    from dissect_fast.timing import PHASES
+    from dissect_fast.training.timing import PHASES
 
     bench = load_bench()
     argv = shlex.split(
@@ -125,7 +125,7 @@ def test_cheap_scorer_semantics():
 
 def test_trainer_runs_with_cheap_scoring_flags(tiny_data, tmp_path):
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     argv = ["--train-data", str(tiny_data / "train"), "--logs", str(tmp_path)] + shlex.split(
         "--model micro-vit --batch-size 40 --epochs 1 --workers 0 --name cheap --no-progress --no-tensorboard "

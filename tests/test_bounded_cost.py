@@ -18,7 +18,7 @@ from fixtures_ecosystem import encode, make_photo, photo_sizes, pixparse_shards
 from tiny_run import tiny_fit
 
 from dissect_fast.data import samples
-from dissect_fast.data.index_tool import index_shards, load_shard_meta, scan_shard
+from dissect_fast.data.index import index_shards, load_shard_meta, scan_shard
 from dissect_fast.data.loader import ShardDataset, TorchLoader
 from dissect_fast.data.shards import DatasetIndex, shard_stem, tokenizer_for
 

@@ -18,9 +18,9 @@ from fixtures_ecosystem import make_photo
 from tiny_run import tiny_fit
 
 import dissect_fast
-from dissect_fast.checkpoint import load_checkpoint, save_checkpoint
 from dissect_fast.cli import main as cli_main
 from dissect_fast.model import create_model, model_from_checkpoint, model_name_for
+from dissect_fast.training.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "checkpoints.md"

@@ -24,7 +24,7 @@ B = 16
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """200 samples of 32 px in 4 shards (ShardWriter writes the .idx files)."""
-    from dissect_fast.data.synthetic import make_synthetic
+    from dissect_fast.tools.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("dali_synth")
     make_synthetic(
@@ -140,7 +140,7 @@ def test_eval_resize_from_40x30(tmp_path):
     DALI's antialiased bicubic filters differ slightly, so the bound is looser than the decode check."""
     from open_clip.constants import OPENAI_DATASET_STD
 
-    from dissect_fast.data.index_tool import index_shards
+    from dissect_fast.data.index import index_shards
 
     _write_tar(tmp_path / "r-0.tar", _samples(24, 0, size=(40, 30)))
     _write_tar(tmp_path / "r-1.tar", _samples(24, 100, size=(30, 43)))  # portrait, odd crop offset
@@ -211,7 +211,7 @@ def test_subset_mask(synth):
 
 # ----------------------------------------------------------------------------- bad data
 def test_corrupt_jpeg_truncated_tar_missing_field(tmp_path):
-    from dissect_fast.data.index_tool import main_index
+    from dissect_fast.data.index import main_index
     from dissect_fast.data.shards import DatasetIndex
 
     good = _samples(40, 0)
@@ -244,7 +244,7 @@ def test_corrupt_jpeg_truncated_tar_missing_field(tmp_path):
 
 def test_cut_inside_last_read_component(tmp_path):
     """A tar cut inside a field DALI reads (here tok, after id) must not reach DALI's reader."""
-    from dissect_fast.data.index_tool import index_shards
+    from dissect_fast.data.index import index_shards
 
     samples = _samples(12, 0)
     for s in samples:  # move tok last
@@ -263,7 +263,7 @@ def test_cut_inside_last_read_component(tmp_path):
 def test_decode_failure_at_run_time_is_counted_not_fatal(tmp_path):
     """An .idx built without image checks lets a corrupt JPEG through: DALI fails mid-epoch; the loader
     ends the epoch (counted), re-checks the shards by decoding, and the next epoch runs clean."""
-    from dissect_fast.data.index_tool import build_shard_index
+    from dissect_fast.data.index import build_shard_index
 
     samples = _samples(40, 0)
     samples[20]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 20
@@ -282,7 +282,7 @@ def test_decode_failure_at_run_time_is_counted_not_fatal(tmp_path):
 def test_decode_failure_recheck_of_a_filtered_shard_with_assigned_ids(tmp_path):
     """The re-check after a DALI failure of a shard without id field whose .idx is a filtered copy (here: an id
     out of range) and whose sidecar is in the index directory, not beside the tar: its first_id is kept."""
-    from dissect_fast.data.index_tool import index_shards
+    from dissect_fast.data.index import index_shards
 
     (tmp_path / "data").mkdir()
     samples = _samples(40, 0, with_id=False)
@@ -300,7 +300,7 @@ def test_decode_failure_recheck_of_a_filtered_shard_with_assigned_ids(tmp_path):
 
 def test_assigned_ids_and_txt_captions(tmp_path):
     """Shards without id and tok fields: ids first_id + position, captions tokenised from txt."""
-    from dissect_fast.data.index_tool import index_shards
+    from dissect_fast.data.index import index_shards
 
     a = _samples(20, 0, with_id=False, with_tok=False)
     b = _samples(25, 500, with_id=False, with_tok=False)
@@ -321,7 +321,7 @@ def test_assigned_ids_and_txt_captions(tmp_path):
 def test_idx_agrees_with_wds2idx(synth, tmp_path):
     """Our .idx offsets are the ones DALI's own wds2idx tool writes (components renamed, fields subset)."""
     wds2idx = pytest.importorskip("wds2idx")
-    from dissect_fast.data.index_tool import idx_paths
+    from dissect_fast.data.index import idx_paths
 
     shard = _shards(synth)[0]
     ref = str(tmp_path / "ref.idx")

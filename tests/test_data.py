@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dissect_fast.data.csv_shards import csv_to_shards
 from dissect_fast.data.loader import ShardDataset, TorchLoader
 from dissect_fast.data.samples import fit_tokens
 from dissect_fast.data.shards import DatasetIndex, resolve_data
-from dissect_fast.data.synthetic import make_synthetic, noisy_permutation
-from dissect_fast.data.writer import ShardWriter
+from dissect_fast.tools.csv_shards import csv_to_shards
+from dissect_fast.tools.synthetic import make_synthetic, noisy_permutation
+from dissect_fast.tools.writer import ShardWriter
 
 
 def eval_transform(size=32):
@@ -179,7 +179,7 @@ def test_resolve_data_patterns(tiny_data, tmp_path):
 
 def test_csv_open_clip_layout_needs_no_flags(tmp_path):
     """open_clip's CSV (tab-separated, columns filepath/title) with commas in captions: no key flags needed."""
-    from dissect_fast.data.csv_shards import _read_rows
+    from dissect_fast.tools.csv_shards import _read_rows
 
     p = tmp_path / "train.csv"
     p.write_text("filepath\ttitle\na.jpg\ta dog, a ball, and a park\nb.jpg\tone, two, three, four\n")

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from dissect_fast.data import samples
-from dissect_fast.data.index_tool import index_shards, scan_shard
+from dissect_fast.data.index import index_shards, scan_shard
 from dissect_fast.data.loader import ShardDataset, TorchLoader
 from dissect_fast.data.shards import check_ids_known, resolve_data, shard_stem
 

@@ -235,8 +235,8 @@ def test_auto_backend_choice_is_logged(tmp_path, monkeypatch, caplog):
     """auto: torch on a CPU device; on CUDA without DALI the gpu backend; each choice logged in one line."""
     from dissect_fast.config import config_from_args
     from dissect_fast.data import dali_loader
-    from dissect_fast.distributed import DistInfo
-    from dissect_fast.train_data import TrainData
+    from dissect_fast.data.pipeline import TrainData
+    from dissect_fast.training.distributed import DistInfo
 
     s = pixparse_shards(tmp_path / "pix", 80, 40, image_size=32, seed=0)
     index(tmp_path / "pix", s.pattern)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from tiny_run import tiny_argv, tiny_fit
 
-from dissect_fast.checkpoint import load_checkpoint
 from dissect_fast.selection import history as history_mod
 from dissect_fast.selection.history import HistoryBuffer, buffer_checksum
 from dissect_fast.selection.strategies import score_and_select
+from dissect_fast.training.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def even_data(tmp_path_factory):
     """4 shards of 60: two per rank, so both ranks see 120 samples an epoch (6 steps of 20)."""
-    from dissect_fast.data.synthetic import make_synthetic
+    from dissect_fast.tools.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("dist")
     make_synthetic(str(root), 240, 40, 0.4, 32, seed=9, samples_per_shard=60, progress=False)

@@ -14,12 +14,12 @@ import pytest
 import torch
 from tiny_run import tiny_argv, tiny_fit
 
-from dissect_fast import checkpoint as ckpt_io
 from dissect_fast.config import OptimConfig, RunConfig, config_from_args
-from dissect_fast.logging_utils import parse_report_to, truncate_steps
-from dissect_fast.reliability import Interrupted
-from dissect_fast.train_setup import lr_at, make_scheduler, set_cuda_defaults
-from dissect_fast.trainer import Trainer, cosine_lr
+from dissect_fast.training import checkpoint as ckpt_io
+from dissect_fast.training.logs import parse_report_to, truncate_steps
+from dissect_fast.training.loop import Trainer, cosine_lr
+from dissect_fast.training.reliability import Interrupted
+from dissect_fast.training.schedule import lr_at, make_scheduler, set_cuda_defaults
 
 STEPS_PER_EPOCH = 15  # 240 samples / batch 16
 STEP_FIELDS = {

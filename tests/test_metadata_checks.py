@@ -10,10 +10,10 @@ import webdataset as wds
 from fixtures_ecosystem import encode, make_photo, photo_sizes, pixparse_shards
 from tiny_run import tiny_fit, tiny_trainer
 
-from dissect_fast.data.index_tool import check_idx_pairing, index_shards, load_shard_meta
+from dissect_fast.data.index import check_idx_pairing, index_shards, load_shard_meta
 from dissect_fast.data.loader import ShardDataset, TorchLoader
+from dissect_fast.data.pipeline import IndexMismatch
 from dissect_fast.data.shards import encode_id, shard_stem
-from dissect_fast.train_data import IndexMismatch
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tiny_run import tiny_trainer
 
-from dissect_fast.checkpoint import load_checkpoint
 from dissect_fast.config import PRECISIONS, config_from_args
 from dissect_fast.model import autocast, input_dtype, uses_grad_scaler, weight_dtype
-from dissect_fast.trainer import Trainer
+from dissect_fast.training.checkpoint import load_checkpoint
+from dissect_fast.training.loop import Trainer
 
 
 def make(tiny_data, logs, name, *extra, model="micro-vit", batch=16):

@@ -72,7 +72,7 @@ def _run_main(argv: list[str]):
 def test_failure_before_the_first_step_leaves_no_run_folder(tmp_path, tiny_data, monkeypatch):
     """A new run that fails before its first step removes the folder it made, so the same --name starts next
     time; a run that already holds a checkpoint keeps its folder when a resume of it fails the same way."""
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     argv = tiny_argv(tmp_path, "first", data=tiny_data, epochs=1, model="micro-rn")
 
@@ -171,7 +171,7 @@ def test_warmup_warning_only_past_the_run():
     """The warning's edge: a warm-up of exactly the run's steps is fine, one step more is not."""
     from types import SimpleNamespace
 
-    from dissect_fast.callbacks import warmup_warning
+    from dissect_fast.training.callbacks import warmup_warning
 
     def trainer(warmup: int):
         optim = SimpleNamespace(warmup=warmup, epochs=2, lr=1e-3)
@@ -202,7 +202,7 @@ class _Terminal:
 def test_progress_bar_counts_epochs_from_1(tmp_path, tiny_data, monkeypatch, capsys):
     """On a terminal the bar says `epoch 1/2` for the first epoch (it said `epoch 0`), and no log lines."""
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)

@@ -13,9 +13,9 @@ from fixtures_ecosystem import Awkward, img2dataset_shards, openclip_csv
 
 from dissect_fast.cli import main as cli_main
 from dissect_fast.data import samples
-from dissect_fast.data.index_tool import index_shards
-from dissect_fast.data.noise import add_noise
+from dissect_fast.data.index import index_shards
 from dissect_fast.data.shards import DatasetIndex, expand_shards
+from dissect_fast.tools.noise import add_noise
 
 NOISE = 0.4
 
@@ -97,7 +97,7 @@ def test_same_seed_same_noise_other_seed_other_noise(i2d, noised, tmp_path):
 
 def test_trainer_diagnostics_see_the_clean_flags(noised, tmp_path):
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     flags = DatasetIndex.load(str(noised)).clean_flags()
     ids = np.load(noised / "caption_source.npy") >= 0
@@ -114,7 +114,7 @@ def test_trainer_diagnostics_see_the_clean_flags(noised, tmp_path):
 
 
 def test_pretokenised_shards_move_tokens_and_keep_existing_noise(tmp_path):
-    from dissect_fast.data.synthetic import write_split
+    from dissect_fast.tools.synthetic import write_split
 
     src_dir = tmp_path / "synth"
     write_split(str(src_dir), 24, 100, 0.25, 16, 0, 10, progress=False)  # ids 100.., 6 pairs already noisy

@@ -477,7 +477,7 @@ def subset_file(tiny_data, tmp_path_factory):
 def test_subset_file_round_trips_into_trainer(tiny_data, subset_file, tmp_path, backend, strategy):
     from dissect_fast.config import config_from_args
     from dissect_fast.data.dali_loader import dali_unavailable_reason
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     if backend == "dali" and dali_unavailable_reason():
         pytest.skip(dali_unavailable_reason())

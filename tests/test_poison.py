@@ -13,15 +13,15 @@ import torch
 import torch.multiprocessing as mp
 from tiny_run import tiny_argv, tiny_trainer
 
-from dissect_fast import checkpoint as ckpt_io
 from dissect_fast import config as config_mod
-from dissect_fast.callbacks import Callback
 from dissect_fast.config import config_from_args
 from dissect_fast.offline.embeddings_io import Embeddings, EmbeddingsError, EmbeddingWriter, load_embeddings
 from dissect_fast.offline.subset import main_select_subset, select_subset
-from dissect_fast.reliability import NonFiniteError, NonFiniteGuard, agree_on_all_ranks, nonfinite_state
 from dissect_fast.selection.strategies import make_strategy
-from dissect_fast.trainer import Trainer
+from dissect_fast.training import checkpoint as ckpt_io
+from dissect_fast.training.callbacks import Callback
+from dissect_fast.training.loop import Trainer
+from dissect_fast.training.reliability import NonFiniteError, NonFiniteGuard, agree_on_all_ranks, nonfinite_state
 
 SYNTH = ["--data-backend", "synthetic", "--device", "cpu"]
 

@@ -239,7 +239,7 @@ def _write_csv(directory: Path, n: int = 60) -> None:
 @pytest.fixture(scope="module")
 def toy_env(tmp_path_factory):
     """The toy data every block shares, the environment blocks run in, and a working directory."""
-    from dissect_fast.data.synthetic import make_synthetic
+    from dissect_fast.tools.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("readme")
     values = {k: v.format(root=root) for k, v in TOY.items()}

@@ -243,7 +243,7 @@ def test_dissect_momentum_differs_from_the_reference_only_in_the_first_score():
 # ----------------------------------------------------------------------------------------------- in a real run
 def _tiny_run(tiny_data, tmp_path, name, *extra):
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     argv = [
         *("--train-data", str(tiny_data / "train"), "--model", "micro-rn", "--batch-size", "50"),
@@ -273,7 +273,7 @@ def test_run_reports_the_share_of_samples_without_a_warmup_score(tiny_data, tmp_
 
 def test_score_precision_sets_the_scoring_autocast_and_refuses_low_precision_weights(tiny_data, tmp_path):
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     t, _ = _tiny_run(tiny_data, tmp_path, "bf16", "--select-strategy", "clipscore", "--score-precision", "bf16")
     assert t.forwards.scoring.precision == "amp_bf16" and t.forwards.precision == "fp32"

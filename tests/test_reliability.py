@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dissect_fast import checkpoint as ckpt_io
 from dissect_fast import ioutil
 from dissect_fast.config import config_from_args
 from dissect_fast.data.shards import DatasetIndex, ShardInfo, encode_id
-from dissect_fast.data.writer import ShardWriter
-from dissect_fast.reliability import NonFiniteError, RunStopped, TooManyBadSamples
-from dissect_fast.trainer import Trainer
+from dissect_fast.tools.writer import ShardWriter
+from dissect_fast.training import checkpoint as ckpt_io
+from dissect_fast.training.loop import Trainer
+from dissect_fast.training.reliability import NonFiniteError, RunStopped, TooManyBadSamples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
@@ -60,7 +60,7 @@ ARGS = [
 # 0.3 s per step), ckpt:E (in the middle of writing epoch_E.pt, after its first bytes).
 CHILD = r"""
 import os, sys, time
-from dissect_fast import checkpoint as C, trainer as T
+from dissect_fast.training import checkpoint as C, loop as T
 mode, arg = os.environ["FAULT"].split(":")
 arg, marker = int(arg), os.environ["FAULT_MARKER"]
 def mark():
@@ -406,7 +406,7 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(tiny_data, tmp_p
         return out
 
     monkeypatch.setattr(Trainer, "train_step", spy)
-    from dissect_fast.reliability import NonFiniteGuard
+    from dissect_fast.training.reliability import NonFiniteGuard
 
     reads, in_step = [], [False]  # host reads of a tensor while the guard handles a step: there must be none
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
@@ -480,9 +480,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_pat
 
 # --------------------------------------------------------------------------------- bad config
 def test_bad_configuration_fails_before_any_model_or_data_work(tiny_data, tmp_path, reference, monkeypatch, capsys):
-    from dissect_fast import train_data as train_data_mod
-    from dissect_fast import trainer as trainer_mod
+    from dissect_fast.data import pipeline as train_data_mod
     from dissect_fast.train import main
+    from dissect_fast.training import loop as trainer_mod
 
     def forbidden(*a, **k):
         raise AssertionError("model or loader built before the configuration was checked")

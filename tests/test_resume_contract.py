@@ -12,11 +12,12 @@ import pytest
 import torch
 from tiny_run import tiny_argv, tiny_fit
 
-from dissect_fast import callbacks, logging_utils
-from dissect_fast.checkpoint import load_checkpoint
 from dissect_fast.config import config_from_args
 from dissect_fast.train import main
-from dissect_fast.trainer import Trainer, cosine_lr
+from dissect_fast.training import callbacks
+from dissect_fast.training import logs as logging_utils
+from dissect_fast.training.checkpoint import load_checkpoint
+from dissect_fast.training.loop import Trainer, cosine_lr
 
 STEPS_PER_EPOCH = 6  # 240 samples / batch 40
 #: a dissect-warmup run with validation and an LR schedule of its own (none of these are the parser's defaults)

@@ -101,7 +101,7 @@ def test_failed_setup_leaves_no_run_folder(tiny_data, tmp_path, capsys):
 def test_retrieval_plot_with_val_every(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from dissect_fast.diagnostics import plot_history
+    from dissect_fast.training.diagnostics import plot_history
 
     drawn = []
     orig = matplotlib.axes.Axes.plot

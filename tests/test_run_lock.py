@@ -12,19 +12,19 @@ import time
 import pytest
 from tiny_run import tiny_argv
 
-from dissect_fast import checkpoint as ckpt_io
 from dissect_fast.config import config_from_args
-from dissect_fast.distributed import DistInfo
-from dissect_fast.run_folder import LOCK_FILE, RunFolderBusy, RunLock, make_run_dir
 from dissect_fast.train import main
-from dissect_fast.trainer import Trainer
+from dissect_fast.training import checkpoint as ckpt_io
+from dissect_fast.training.distributed import DistInfo
+from dissect_fast.training.loop import Trainer
+from dissect_fast.training.run_folder import LOCK_FILE, RunFolderBusy, RunLock, make_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A run that pauses for good after its 2nd step (before its first checkpoint), once it wrote the marker file.
 CHILD = r"""
 import os, sys, time
-from dissect_fast import trainer as T
+from dissect_fast.training import loop as T
 marker = os.environ["MARKER"]
 orig = T.Trainer.train_step
 def step(self, *a):

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from dissect_fast.distributed import LaunchError, init_distributed, world_from_env
+from dissect_fast.training.distributed import LaunchError, init_distributed, world_from_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
 CHILD = """
 import json, torch, torch.distributed as dist
-from dissect_fast.distributed import cleanup, init_distributed
+from dissect_fast.training.distributed import cleanup, init_distributed
 info = init_distributed("cpu", 1.0)
 t = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(t)
@@ -107,7 +107,7 @@ def test_launcher_precedence(monkeypatch):
 def test_lone_task_times_out_with_a_hint():
     """python run directly in a batch script with --ntasks 2: the missing peer is named, not a bare timeout."""
     code = (
-        "from dissect_fast.distributed import LaunchError, init_distributed\n"
+        "from dissect_fast.training.distributed import LaunchError, init_distributed\n"
         "try:\n    init_distributed('cpu', 0.05)\nexcept LaunchError as e:\n    print(e)\n"
     )
     env = slurm_env(0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

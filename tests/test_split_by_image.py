@@ -16,9 +16,9 @@ import pytest
 from fixtures_ecosystem import openclip_csv
 
 from dissect_fast.cli import main as cli_main
-from dissect_fast.data.csv_shards import csv_to_shards, grouped_noisy_permutation
-from dissect_fast.data.noise import add_noise
-from dissect_fast.data.writer import shard_sizes
+from dissect_fast.tools.csv_shards import csv_to_shards, grouped_noisy_permutation
+from dissect_fast.tools.noise import add_noise
+from dissect_fast.tools.writer import shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ def test_val_fraction_with_one_image_is_refused(tmp_path):
 def test_grouped_permutation_rules():
     """Distinct images: the ungrouped rule's draw (same seed, same result). Two images: every moved row lands on the
     other image. One image: nothing can move (a warning)."""
-    from dissect_fast.data.synthetic import noisy_permutation
+    from dissect_fast.tools.synthetic import noisy_permutation
 
     src, clean = grouped_noisy_permutation(np.arange(500), 0.3, np.random.default_rng(7))
     ref_src, ref_clean = noisy_permutation(500, 0.3, np.random.default_rng(7))

@@ -11,8 +11,8 @@ from tiny_run import tiny_argv, tiny_trainer
 
 from dissect_fast.config import config_from_args
 from dissect_fast.data.synthetic_loader import EOT_TOKEN, SOT_TOKEN, SyntheticLoader, model_image_size
-from dissect_fast.profiling import PHASES, RangeMarker, phase_totals
-from dissect_fast.trainer import Trainer
+from dissect_fast.training.loop import Trainer
+from dissect_fast.training.profiling import PHASES, RangeMarker, phase_totals
 
 #: a micro-rn run on synthetic data at batch 16 (``tiny_run``; the trainer's default LR and workers)
 SYNTH = {"synthetic": True, "model": "micro-rn", "batch": 16, "lr": None, "workers": None}
@@ -261,7 +261,7 @@ def test_cuda_window_brackets_nvtx_ranges_with_cuda_profiler_calls(tmp_path, mon
     """The CUDA path without a GPU: the device calls are recorded instead of run. The window starts the CUDA
     profiler (nsys --capture-range=cudaProfilerApi) after a synchronize, pushes balanced NVTX ranges named like
     the trace's, and stops it after a synchronize; its summary adds the CUDA views."""
-    from dissect_fast.profiling import StepProfiler
+    from dissect_fast.training.profiling import StepProfiler
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_run import tiny_fit
 
-from dissect_fast.checkpoint import load_checkpoint
+from dissect_fast.training.checkpoint import load_checkpoint
 
 METRIC_KEYS = {
     "epoch",

@@ -7,14 +7,14 @@ import torch
 from PIL import Image
 
 from dissect_fast.data.shards import tokenizer_for
-from dissect_fast.model import create_model
-from dissect_fast.zeroshot import (
+from dissect_fast.evaluation.zeroshot import (
     GENERIC_TEMPLATES,
     evaluate_zeroshot,
     load_zeroshot_set,
     zeroshot_classifier,
     zeroshot_loader,
 )
+from dissect_fast.model import create_model
 
 COLOURS = {"red_apple": (220, 30, 30), "green_leaf": (30, 200, 40), "blue_sky": (40, 60, 230)}
 
@@ -82,7 +82,7 @@ def test_zeroshot_metrics_during_training(tiny_data, tmp_path):
     import json
 
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     folder = tmp_path / "zs"
     for c, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):

@@ -56,7 +56,7 @@ def tiny_argv(
 def tiny_trainer(logs, name: str | None, *extra: str, **kw):
     """A Trainer of ``tiny_argv(logs, name, *extra, **kw)``."""
     from dissect_fast.config import config_from_args
-    from dissect_fast.trainer import Trainer
+    from dissect_fast.training.loop import Trainer
 
     return Trainer(config_from_args(tiny_argv(logs, name, *extra, **kw)))
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from dissect_fast.data import samples
-from dissect_fast.data.index_tool import (
+from dissect_fast.data.index import (
     ShardMeta,
     build_shard_index,
     check_idx_pairing,

@@ -95,7 +95,7 @@ def resume_source(resume: str | None, logs: str, name: str | None) -> tuple[str,
     will resume from: ``latest`` = the run's newest intact checkpoint, kept loaded for it), else, for ``latest`` in
     a run that has no checkpoint yet, its RUN/config.json. None: nothing to continue (no --resume, no --name to
     find the run by, a missing file, a checkpoint without a config such as open_clip's)."""
-    from dissect_fast import checkpoint as ckpt_io
+    from dissect_fast.training import checkpoint as ckpt_io
 
     if resume is None:
         return None
@@ -129,8 +129,8 @@ def _read_json(path: str) -> dict:
 def fill_resume_values(values: dict[str, Any], argv: list[str]) -> dict[str, Any]:
     """The parsed options ``values`` with every option not given in ``argv`` set to the resumed run's value (see
     the module's docstring); ``values`` unchanged without --resume or without a config to resume."""
-    from dissect_fast.checkpoint import CheckpointError
-    from dissect_fast.distributed import elastic_restart_count
+    from dissect_fast.training.checkpoint import CheckpointError
+    from dissect_fast.training.distributed import elastic_restart_count
 
     if values.get("resume_override") and values.get("resume") is None:
         raise ConfigError("--resume-override applies to a resumed run: add --resume latest (or a checkpoint path)")

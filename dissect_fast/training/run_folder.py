@@ -18,7 +18,9 @@ import time
 import torch
 
 from dissect_fast.config import save_config
-from dissect_fast.distributed import (
+from dissect_fast.ioutil import atomic_write, write_json_atomic
+from dissect_fast.provenance import provenance
+from dissect_fast.training.distributed import (
     ELASTIC_ID_FILE,
     DistInfo,
     barrier,
@@ -27,8 +29,6 @@ from dissect_fast.distributed import (
     elastic_run_id,
     find_elastic_run,
 )
-from dissect_fast.ioutil import atomic_write, write_json_atomic
-from dissect_fast.provenance import provenance
 
 log = logging.getLogger("dissect_fast")
 _LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -207,7 +207,7 @@ def write_run_start(run_dir: str, cfg, device: torch.device, resumed: dict | Non
     resolved config) and RUN/provenance.json; they are never rewritten. A resume (``resumed``: what it resumed
     from and changed, flag -> [old, new]) or a torchelastic restart appends one record to RUN/resumes.jsonl
     instead: time, command line, ``resumed``, its resolved config and provenance."""
-    from dissect_fast.logging_utils import append_jsonl
+    from dissect_fast.training.logs import append_jsonl
 
     prov = provenance(device)
     log.info("provenance: %s", json.dumps(prov), extra={"file_only": True})

@@ -20,37 +20,10 @@ import types
 import numpy as np
 import torch
 
-from dissect_fast import checkpoint as ckpt_io
-from dissect_fast import reliability, zeroshot
-from dissect_fast.callbacks import (
-    HOOKS,
-    Callback,
-    EpochEndFunction,
-    Evaluation,
-    FaultInjection,
-    HistorySync,
-    MetricsLog,
-    PhaseTiming,
-    Plots,
-    ProgressBar,
-    Record,
-    TensorBoard,
-    Wandb,
-    log_run_start,
-    overrides,
-)
 from dissect_fast.config import TrainConfig
+from dissect_fast.data.pipeline import TrainData
 from dissect_fast.data.shards import tokenizer_for
-from dissect_fast.diagnostics import EpochDiagnostics
-from dissect_fast.distributed import (
-    DistInfo,
-    all_gather_cat,
-    barrier,
-    cuda_device_index,
-    elastic_restart_count,
-    init_distributed,
-)
-from dissect_fast.logging_utils import StepWindow, check_wandb_installed, truncate_steps
+from dissect_fast.evaluation import zeroshot
 from dissect_fast.model import (
     Forwards,
     check_scoring_options,
@@ -67,9 +40,39 @@ from dissect_fast.model import (
     text_tokenizer,
     uses_grad_scaler,
 )
-from dissect_fast.profiling import PhaseMarker, StepProfiler
-from dissect_fast.resume import resume_changes, resume_source
-from dissect_fast.run_folder import (
+from dissect_fast.selection.strategies import make_strategy
+from dissect_fast.training import checkpoint as ckpt_io
+from dissect_fast.training import reliability
+from dissect_fast.training.callbacks import (
+    HOOKS,
+    Callback,
+    EpochEndFunction,
+    Evaluation,
+    FaultInjection,
+    HistorySync,
+    MetricsLog,
+    PhaseTiming,
+    Plots,
+    ProgressBar,
+    Record,
+    TensorBoard,
+    Wandb,
+    log_run_start,
+    overrides,
+)
+from dissect_fast.training.diagnostics import EpochDiagnostics
+from dissect_fast.training.distributed import (
+    DistInfo,
+    all_gather_cat,
+    barrier,
+    cuda_device_index,
+    elastic_restart_count,
+    init_distributed,
+)
+from dissect_fast.training.logs import StepWindow, check_wandb_installed, truncate_steps
+from dissect_fast.training.profiling import PhaseMarker, StepProfiler
+from dissect_fast.training.resume import resume_changes, resume_source
+from dissect_fast.training.run_folder import (
     RunLock,
     make_run_dir,
     rewrite_metrics,
@@ -77,9 +80,7 @@ from dissect_fast.run_folder import (
     setup_logging,
     write_run_start,
 )
-from dissect_fast.selection.strategies import make_strategy
-from dissect_fast.train_data import TrainData
-from dissect_fast.train_setup import make_scheduler, set_cuda_defaults
+from dissect_fast.training.schedule import make_scheduler, set_cuda_defaults
 
 log = logging.getLogger("dissect_fast")
 
@@ -243,7 +244,7 @@ class Trainer:
             self.callbacks.append(faults)
         self._fit_callbacks: list[Callback] = []
         self._hooks: dict[str, list] = {h: [] for h in HOOKS}
-        #: a dissect_fast.profiling.PhaseMarker told each phase's end: a timing.PhaseTimer (benchmarks), or the
+        #: a dissect_fast.training.profiling.PhaseMarker told each phase's end: a timing.PhaseTimer (benchmarks), or the
         #: profiler's during its window; None (default) = the step runs no timing or profiling code at all
         self.timer: PhaseMarker | None = None
         self.stop = reliability.StopSignal()  # SIGTERM/SIGINT -> checkpoint after the current step, exit

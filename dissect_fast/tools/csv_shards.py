@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dissect_fast.data.shards import DEFAULT_CONTEXT_LENGTH, tokenize, tokenizer_for
-from dissect_fast.data.writer import DEFAULT_LOADER_WORKERS, DEFAULT_WORLD_SIZE, ShardWriter, shard_sizes
+from dissect_fast.tools.writer import DEFAULT_LOADER_WORKERS, DEFAULT_WORLD_SIZE, ShardWriter, shard_sizes
 
 log = logging.getLogger("dissect_fast")
 
@@ -94,7 +94,7 @@ def _derangeable(groups: np.ndarray) -> bool:
 def grouped_noisy_permutation(
     groups: np.ndarray, noise: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(caption_source, clean) like :func:`~dissect_fast.data.synthetic.noisy_permutation`, but a noisy pair never
+    """(caption_source, clean) like :func:`~dissect_fast.tools.synthetic.noisy_permutation`, but a noisy pair never
     gets a caption of its own image (``groups[i]``: the image of row i).
 
     ``round(noise * n)`` rows are chosen at random; when they are all of different images the result is the same
@@ -187,7 +187,7 @@ def csv_to_shards(
     """Write ``out/train`` (and ``out/val`` when val_fraction > 0); returns (train index, val index, skips).
 
     Validation holds whole images (rows grouped by image file and by image bytes). ``samples_per_shard`` None:
-    :func:`~dissect_fast.data.writer.shard_sizes` picks it for ``world_size`` ranks x ``workers`` loader workers."""
+    :func:`~dissect_fast.tools.writer.shard_sizes` picks it for ``world_size`` ranks x ``workers`` loader workers."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"--csv {csv_path}: no such file")
     if not os.path.isdir(images):

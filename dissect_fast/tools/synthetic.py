@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dissect_fast.data.shards import DEFAULT_CONTEXT_LENGTH, tokenize, tokenizer_for
-from dissect_fast.data.writer import ShardWriter
+from dissect_fast.tools.writer import ShardWriter
 
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring", "star", "bar"]
 COLOURS = {

@@ -305,7 +305,7 @@ def remove_stale_temporaries(ckpt_dir: str) -> list[str]:
 def disk_full_stop(e: BaseException, run_dir: str, latest: str | None) -> BaseException | None:
     """A RunStopped (exit 3) for ENOSPC/EDQUOT raised anywhere in a run (a log line, metrics, TensorBoard, a
     plot), naming what to do; None for any other error (and for a RunStopped, already worded)."""
-    from dissect_fast.reliability import RunStopped
+    from dissect_fast.training.reliability import RunStopped
 
     if isinstance(e, RunStopped) or not _is_enospc(e):
         return None
@@ -368,7 +368,7 @@ class Checkpointer:
     def write(self, state: dict, name: str) -> str:
         """Atomic, verified write of checkpoints/<name>; latest.pt then names the same file. A full disk stops
         the run (RunStopped) with the previous checkpoint intact."""
-        from dissect_fast.reliability import RunStopped, check_finite_state
+        from dissect_fast.training.reliability import RunStopped, check_finite_state
 
         path = os.path.join(self.dir, name)
         check_finite_state(state, name, self.latest())  # NaN/Inf weights or optimizer state: not written, run stops

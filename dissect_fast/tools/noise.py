@@ -7,7 +7,7 @@ have, so that selection under noisy correspondence can be studied on it:
   project's sample rules (:mod:`dissect_fast.data.samples`), so its id is its stored ``id`` or, in shards without
   one, ``first_id + position`` from the dataset index (run ``dissect-fast index`` first). Bad samples are counted
   by reason and left out. Among the good samples a share ``noise`` (exactly ``round(noise * n)``) is chosen with
-  :func:`~dissect_fast.data.csv_shards.grouped_noisy_permutation` (seeded); every chosen pair gets the caption of
+  :func:`~dissect_fast.tools.csv_shards.grouped_noisy_permutation` (seeded); every chosen pair gets the caption of
   another chosen pair of a different image (samples with the same image bytes are one image: several captions of
   one photo never trade captions and count as noisy); ``txt`` and, when present, the stored ``tok`` ids move
   together.
@@ -44,8 +44,7 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 
 from dissect_fast.data import samples
-from dissect_fast.data.csv_shards import content_key, group_ids, grouped_noisy_permutation, load_jpeg, read_table
-from dissect_fast.data.index_tool import index_shards
+from dissect_fast.data.index import index_shards
 from dissect_fast.data.samples import VERIFY_LEVELS, BadSample, MissingIdsError, missing_ids_message
 from dissect_fast.data.shards import (
     DEFAULT_CONTEXT_LENGTH,
@@ -59,7 +58,8 @@ from dissect_fast.data.shards import (
     tokenize,
     tokenizer_for,
 )
-from dissect_fast.data.writer import ShardWriter, shard_sizes
+from dissect_fast.tools.csv_shards import content_key, group_ids, grouped_noisy_permutation, load_jpeg, read_table
+from dissect_fast.tools.writer import ShardWriter, shard_sizes
 
 log = logging.getLogger("dissect_fast")
 
@@ -313,7 +313,7 @@ def noise_csv(
     Image paths are relative to ``images`` (default: the CSV's folder). Rows with an empty caption, a missing or
     unreadable image are skipped and counted (``empty_caption``, ``missing_image``, ``corrupt_image``,
     ``tiny_image``). Rows naming the same file, or files with the same bytes, are one image: a noisy row gets the
-    caption of another image. ``samples_per_shard`` None: ``dissect_fast.data.writer.shard_sizes``'s choice."""
+    caption of another image. ``samples_per_shard`` None: ``dissect_fast.tools.writer.shard_sizes``'s choice."""
 
     _check_noise(noise)
     if verify not in VERIFY_LEVELS:

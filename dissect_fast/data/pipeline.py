@@ -27,9 +27,9 @@ from dissect_fast.data.synthetic_loader import (
     SyntheticLoader,
     model_image_size,
 )
-from dissect_fast.distributed import DistInfo
-from dissect_fast.reliability import RunStopped
 from dissect_fast.selection.strategies import HISTORY_STRATEGIES
+from dissect_fast.training.distributed import DistInfo
+from dissect_fast.training.reliability import RunStopped
 
 log = logging.getLogger("dissect_fast")
 

@@ -13,7 +13,7 @@ import tarfile
 
 import numpy as np
 
-from dissect_fast.data.index_tool import build_shard_index
+from dissect_fast.data.index import build_shard_index
 from dissect_fast.data.shards import DatasetIndex, ShardInfo, encode_id
 
 #: what ``shard_sizes`` plans for when not told: ranks (more shards than a run needs cost little) and loader

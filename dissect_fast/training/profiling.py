@@ -5,7 +5,7 @@ The trainer splits every step into :data:`PHASES` and reports their boundaries t
 begins (its first phase, ``data``, is the wait for the batch), ``mark(phase)`` as ``phase`` ends
 and the next phase of :data:`PHASES` begins. The phases are defined here once; two markers read them:
 
-* :class:`dissect_fast.timing.PhaseTimer` (benchmarks): per-phase durations from CUDA events;
+* :class:`dissect_fast.training.timing.PhaseTimer` (benchmarks): per-phase durations from CUDA events;
 * :class:`RangeMarker`: a named range per phase, and ``ProfilerStep#N`` per step, in a torch.profiler
   trace (``record_function``) and, on CUDA, as NVTX ranges for Nsight Systems.
 

@@ -1,7 +1,7 @@
 """Per-phase step timing for benchmarks: CUDA events on GPU, perf_counter on CPU.
 
-A :class:`dissect_fast.profiling.PhaseMarker`: the trainer calls ``mark(phase)`` at the end of each
-phase of a step (the phases: ``dissect_fast.profiling.PHASES``) when a timer is attached
+A :class:`dissect_fast.training.profiling.PhaseMarker`: the trainer calls ``mark(phase)`` at the end of each
+phase of a step (the phases: ``dissect_fast.training.profiling.PHASES``) when a timer is attached
 (``Trainer.timer``; None by default, and then the step runs no timing code at all). A segment
 between two consecutive marks is charged to the later mark's phase. On CUDA every mark records
 an event into the current stream (no host synchronisation), so phases are measured on the GPU's
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from dissect_fast.callbacks import PhaseTiming
-from dissect_fast.profiling import PHASES
+from dissect_fast.training.callbacks import PhaseTiming
+from dissect_fast.training.profiling import PHASES
 
 __all__ = ["PHASES", "PhaseTimer", "TimedSteps"]
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from dissect_fast.diagnostics import plot_epoch, plot_history, write_record
-from dissect_fast.distributed import check_in_sync, elastic_restart_count
-from dissect_fast.evaluate import evaluate
-from dissect_fast.logging_utils import StepLog, init_wandb
+from dissect_fast.evaluation.retrieval import evaluate
 from dissect_fast.selection.names import WARMUP_STRATEGIES
+from dissect_fast.training.diagnostics import plot_epoch, plot_history, write_record
+from dissect_fast.training.distributed import check_in_sync, elastic_restart_count
+from dissect_fast.training.logs import StepLog, init_wandb
 
 log = logging.getLogger("dissect_fast")
 
