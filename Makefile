@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-gpu bench lint clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install demo test test-gpu bench lint docs clean gpu-wheels gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-gpu: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py --device cpu --tiny
+
+# the tables of measured numbers in README.md and docs/ from their result files (scripts/render_docs.py)
+docs: install
+	$(BIN)/python scripts/render_docs.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .mypy_cache
