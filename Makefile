@@ -31,7 +31,7 @@ test-gpu: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu tests
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py --device cpu --tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_train --device cpu --tiny
 
 # the tables of measured numbers in README.md and docs/ from their result files (scripts/render_docs.py)
 docs: install
@@ -58,12 +58,12 @@ gpu-wheels:
 		-d .whl $(GPU_WHEELS)
 	@du -ch .whl/*.whl | tail -1
 
-# the GPU check (benchmarks/gpu_check.py): results to $OUT, else benchmarks/results/gpu-check-DATE/
+# the GPU check (python -m benchmarks.gpu_check): results to $OUT, else benchmarks/results/gpu-check-DATE/
 gpu-check:
-	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --call $(CALL) --wheel-list "$(GPU_WHEELS)" \
+	HF_HUB_OFFLINE=1 $(CHECK_PY) -m benchmarks.gpu_check --call $(CALL) --wheel-list "$(GPU_WHEELS)" \
 		--out "$${OUT:-benchmarks/results/gpu-check-$$(date +%F)}" $(GPU_CHECK_ARGS)
 
-# both calls' phases on CPU with a tiny model (about 2 minutes): run it before spending GPU time
+# both calls' phases on CPU with a tiny model (about 3 minutes): run it before spending GPU time
 gpu-check-dry:
-	HF_HUB_OFFLINE=1 $(CHECK_PY) benchmarks/gpu_check.py --dry-run --call $(CALL) --wheel-list "$(GPU_WHEELS)" \
+	HF_HUB_OFFLINE=1 $(CHECK_PY) -m benchmarks.gpu_check --dry-run --call $(CALL) --wheel-list "$(GPU_WHEELS)" \
 		--out "$${OUT:-/tmp/gpu-check-dry}" $(GPU_CHECK_ARGS)

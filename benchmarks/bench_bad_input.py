@@ -11,7 +11,7 @@ Two targets, each measured against the same input without the bad sample:
   13,000: 169 Mpx, under PIL's own bomb limit) in a fresh process; target < 100 MB. For comparison, the same
   process then decodes it in full with PIL (what the loader did before the pixel limit).
 
-    python benchmarks/bench_bad_input.py [--repeats 3] [--out FILE]
+    python -m benchmarks.bench_bad_input [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import sys
 import tempfile
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
-import benchkit  # noqa: E402
+from benchmarks import harness
 
 
 def huge_png(side: int) -> bytes:
@@ -116,7 +115,7 @@ def _epoch_s(data: str, logs: str, name: str) -> tuple[float, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_bad_input.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bad_input", description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3, help="epochs timed per input (alternating)")
     p.add_argument("--caption-chars", type=int, default=200_000, help="length of the one-word caption")
     p.add_argument("--png-side", type=int, default=13_000, help="side of the square PNG, pixels")
@@ -126,13 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.png_child:
         _png_child(a.png_side)
         return 0
-    doc = benchkit.header("bad_input", "bench_bad_input.py", device="cpu", argv=argv)
-    child = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--png-child", "--png-side", str(a.png_side)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    doc = harness.header("bad_input", "bench_bad_input", device="cpu", argv=argv)
+    cmd = [sys.executable, "-m", "benchmarks.bench_bad_input", "--png-child", "--png-side", str(a.png_side)]
+    env = {**os.environ, "PYTHONPATH": str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     doc["png"] = {"side": a.png_side, **json.loads(child.stdout.strip().splitlines()[-1]), "target_mb": 100}
     print("png:", doc["png"], flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_bad_input_") as tmp:
@@ -146,15 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(s)
                 print(f"{name} epoch {r + 1}: {s:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    doc["caption"] = {
-        "chars": a.caption_chars,
-        "epoch_s": times,
-        "median_epoch_s": med,
-        "ratio_long_over_plain": med["long"] / med["plain"],
-        "target_ratio": 2.0,
-        "data_counts": counts,
-    }
-    out = benchkit.write_json(benchkit.result_path("bad-input", "cpu", a.out), doc)
+    doc["caption"] = {"chars": a.caption_chars, "epoch_s": times, "median_epoch_s": med, "target_ratio": 2.0,
+                      "ratio_long_over_plain": med["long"] / med["plain"], "data_counts": counts}  # fmt: skip
+    out = harness.write_json(harness.result_path("bad-input", "cpu", a.out), doc)
     print(f"caption ratio {doc['caption']['ratio_long_over_plain']:.2f}x; png +{doc['png']['added_peak_mb']:.1f} MB")
     print(f"wrote {out}")
     return 0

@@ -220,50 +220,69 @@ def _noise(argv: list[str]) -> int:
     return main_noise(argv) or 0
 
 
-def _benchmarks_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+_NO_BENCHMARKS = (
+    "the benchmarks ship with the repository, not with the package: run from a checkout "
+    "(`python -m benchmarks.bench_NAME` in its root, or `dissect-fast bench NAME` with the package installed from it)"
+)
+#: the checkout this package runs from (an editable install), whose benchmarks/ a console script cannot import
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _benchmark_folders() -> list[str]:
+    """Where ``benchmarks`` is: the importable package's folders, else the checkout's, else none."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("benchmarks")
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)
+    folder = os.path.join(_CHECKOUT, "benchmarks")
+    return [folder] if os.path.isfile(os.path.join(folder, "__init__.py")) else []
 
 
 def benchmark_list() -> dict[str, str]:
-    """``{name: first line of its docstring}`` of every benchmarks/bench_NAME.py, by name."""
+    """``{name: first line of its docstring}`` of every ``benchmarks.bench_NAME`` module (read, not imported)."""
     import ast
     import glob
 
-    out = {}
-    for path in sorted(glob.glob(os.path.join(_benchmarks_dir(), "bench_*.py"))):
-        with open(path) as f:
-            doc = ast.get_docstring(ast.parse(f.read())) or ""
-        out[os.path.basename(path)[len("bench_") : -len(".py")]] = doc.strip().splitlines()[0] if doc else ""
+    out: dict[str, str] = {}
+    for folder in _benchmark_folders():
+        for path in sorted(glob.glob(os.path.join(folder, "bench_*.py"))):
+            with open(path) as f:
+                doc = ast.get_docstring(ast.parse(f.read())) or ""
+            out[os.path.basename(path)[len("bench_") : -len(".py")]] = doc.strip().splitlines()[0] if doc else ""
     return out
 
 
 def _bench_usage() -> None:
     benches = benchmark_list()
     print("usage: dissect-fast bench [NAME] [flags]   (NAME defaults to train; `dissect-fast bench NAME --help`)")
-    print("\nbenchmarks:" if benches else "\nno benchmarks found: they ship with the repository (benchmarks/)")
+    print("\nbenchmarks:" if benches else f"\nno benchmarks found: {_NO_BENCHMARKS}")
     for name, doc in benches.items():
         print(f"  {name:<15} {doc}")
 
 
 def _bench(argv: list[str]) -> int:
+    """``benchmarks.bench_NAME.main(flags)``: imported when ``benchmarks`` is importable (a checkout's root), else run
+    as ``python -m benchmarks.bench_NAME`` with the checkout this package is installed from on its path."""
+    import importlib
     import importlib.util
+    import subprocess
 
     if argv[:1] in (["-h"], ["--help"]):  # the list of benchmarks; `bench NAME --help` gives one's flags
         _bench_usage()
         return 0
     which = argv[0] if argv and not argv[0].startswith("-") else "train"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
-    path = os.path.join(_benchmarks_dir(), f"bench_{which}.py")
-    if not os.path.isfile(path):
-        names = ", ".join(benchmark_list())
-        where = f"the benchmarks are {names}" if names else f"{path} is missing; benchmarks ship with the repository"
+    names = benchmark_list()
+    if which not in names:
+        where = f"the benchmarks are {', '.join(names)}" if names else _NO_BENCHMARKS
         print(f"dissect-fast bench: no benchmark {which!r}: {where}", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location(f"bench_{which}", path)
-    assert spec is not None and spec.loader is not None  # a .py file that exists
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(rest) or 0
+    if importlib.util.find_spec("benchmarks") is not None:
+        return importlib.import_module(f"benchmarks.bench_{which}").main(rest) or 0
+    path = os.pathsep.join([_CHECKOUT, *filter(None, [os.environ.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{which}", *rest]
+    return subprocess.call(cmd, env={**os.environ, "PYTHONPATH": path})
 
 
 COMMANDS = {

@@ -2,9 +2,14 @@
 
 Each field is declared once, with :func:`opt`: its default, help text, flag names, choices and section of
 ``--help``; :func:`build_parser` generates the argparse parser from those fields and :func:`config_from_args`
-reads the parsed values back into the dataclasses. Every check that can fail on user input runs in the
-dataclasses' ``__post_init__``, before any data is read or any GPU work starts, and its message names the flag
-and the fix.
+reads the parsed values back into the dataclasses. Every message names the flag and the fix.
+
+The checks run in two stages, each rule once. Stage 1 (this module) is pure and imports no torch: parsing and the
+dataclasses' ``__post_init__`` (types, ranges, finite floats, ``choices`` with their aliases, cross-field rules),
+so ``--help`` answers at once and a config can be rebuilt on a machine where its paths do not exist. Stage 2,
+:func:`dissect_fast.preflight.preflight`, checks what needs the disk, the model registry or torch, before the run is
+built. The one exception is ``--resume``: a flag not given takes the resumed run's value, so the checkpoint's
+config is read while the flags are parsed (:func:`resume_source`; torch is imported only then).
 """
 
 from __future__ import annotations
@@ -12,23 +17,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from dissect_fast.openclip_flags import check_unsupported
-from dissect_fast.selection.names import STRATEGIES, WARMUP_STRATEGIES, resolve_strategy
+from dissect_fast.selection.names import STRATEGIES, STRATEGY_ALIASES, WARMUP_STRATEGIES
 
 
 class ConfigError(ValueError):
     """Invalid user configuration; the message names the flag and how to fix it."""
 
 
-#: --precision: open_clip's values (amp_bfloat16 = amp_bf16) plus auto; dissect_fast.model.precision_spec gives
-#: each one's weight dtype, input dtype, autocast and grad scaler
-PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "pure_bf16", "fp16", "pure_fp16")
+#: --precision: open_clip's modes plus auto (dissect_fast.model gives each one's weight dtype, input dtype, autocast
+#: and grad scaler), and open_clip's other spelling of amp_bf16
+PRECISION_CHOICES = ("auto", "fp32", "amp", "amp_bf16", "bf16", "pure_bf16", "fp16", "pure_fp16")
+PRECISION_ALIASES = {"amp_bfloat16": "amp_bf16"}
+#: every value --precision accepts
+PRECISIONS = PRECISION_CHOICES + tuple(PRECISION_ALIASES)
+#: precisions that store the weights in 16 bits (fp32 scoring and bf16 autocast need float32 weights)
+HALF_WEIGHT_PRECISIONS = ("bf16", "pure_bf16", "fp16", "pure_fp16")
+#: --lr-scheduler: open_clip's schedules (open_clip_train.scheduler), all after the linear --warmup
+LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
+#: --report-to's targets (``all`` = both, ``none`` = neither)
+REPORT_TARGETS = ("tensorboard", "wandb")
+#: the reference code's defaults, which apply when its switch --select is given and the flag is not
+#: (the project's own --select-strategy keeps the project's defaults, the fields' own)
+REFERENCE_DEFAULTS = {"select_rate": 0.5, "warmup_point": 5}
 
 #: the sections of --help, in order; a field goes into its dataclass's section (TrainConfig's field name)
 #: unless its opt() names another
@@ -51,6 +70,8 @@ def opt(
     *,
     flags: tuple[str, ...] = (),
     choices: tuple[str, ...] | None = None,
+    aliases: dict[str, str] | None = None,
+    refused: dict[str, str] | None = None,
     section: str | None = None,
     action: type[argparse.Action] | None = None,
     metavar: str | None = None,
@@ -60,7 +81,10 @@ def opt(
     """A config field and its command-line option, declared together.
 
     ``flags``: the option strings (default ``--field-name``; the first names the argparse destination).
-    ``choices``: checked by argparse and again in ``__post_init__`` (:func:`_check_choices`).
+    ``choices``: the closed set of values, checked once, in ``__post_init__`` (:func:`_check_fields`); a choice
+    ending in ``:N`` also takes that prefix with a number (``cuda:N``: ``cuda:0``, ``cuda:1``, ...).
+    ``aliases``: other spellings, replaced by the value they stand for. ``refused``: values that are refused with
+    their own message (what to do instead).
     ``negate``: a bool field set by a ``--no-...`` switch (the field is ``not`` the switch).
     ``flag_default``: the option's default when it differs from the field's (None: "not given").
     A bool field is a store_true switch unless ``action`` names another (e.g. BooleanOptionalAction).
@@ -69,6 +93,8 @@ def opt(
         "help": help,
         "flags": flags,
         "choices": choices,
+        "aliases": aliases or {},
+        "refused": refused or {},
         "section": section,
         "action": action,
         "metavar": metavar,
@@ -88,31 +114,38 @@ def _dest(f: dataclasses.Field) -> str:
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
-    return ", ".join(choices[:-1]) + " or " + choices[-1]
+    listed = ", ".join(choices[:-1]) + " or " + choices[-1]
+    return "one of " + listed if len(choices) > 2 else listed
 
 
-def _check_choices(cfg: Any) -> None:
-    """Every field declared with choices holds one of them (for configs built without the parser)."""
+def _is_choice(value: Any, choices: tuple[str, ...]) -> bool:
+    if value in choices:
+        return True
+    return isinstance(value, str) and any(
+        c.endswith(":N") and re.fullmatch(re.escape(c[:-1]) + r"\d+", value) for c in choices
+    )
+
+
+def _check_fields(cfg: Any) -> None:
+    """The checks every section's fields get from their declaration: a value in ``choices`` (an alias replaced
+    by the value it stands for, a refused value with its own message) and a finite number in every float field.
+    A NaN or Inf hyper-parameter passes every range check written as ``not a < x`` and poisons the first
+    optimizer step (the weights, then every checkpoint after it)."""
     for f in dataclasses.fields(cfg):
-        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
-        if choices and value not in choices:
-            raise ConfigError(f"{_flags(f)[0]} must be {_one_of(choices)}, got {value!r}")
-
-
-def _check_finite(cfg: Any) -> None:
-    """Every float field holds a finite number: a NaN or Inf hyper-parameter passes every range check written as
-    ``not a < x`` and poisons the first optimizer step (the weights, then every checkpoint after it)."""
-    import math
-
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+        value, m = getattr(cfg, f.name), f.metadata
         if "float" in str(f.type) and isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{_flags(f)[0]} must be a finite number, got {value}")
-
-
-def _looks_like_path(value: str) -> bool:
-    """A --pretrained value meant as a file (a folder in it, or a checkpoint suffix), not an open_clip tag."""
-    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"))
+        if not m.get("choices"):
+            continue
+        if value in m["refused"]:
+            raise ConfigError(f"{_flags(f)[0]} {value}: {m['refused'][value]}")
+        value = m["aliases"].get(value, value)
+        if not _is_choice(value, m["choices"]):
+            also = ", ".join(f"{a} = {v}" for a, v in m["aliases"].items())
+            raise ConfigError(
+                f"{_flags(f)[0]} must be {_one_of(m['choices'])}{f' (also: {also})' if also else ''}, got {value!r}"
+            )
+        setattr(cfg, f.name, value)
 
 
 @dataclass
@@ -134,7 +167,16 @@ class DataConfig:
         "(100 x batch size x ranks)",
     )
     dataset_type: str = opt(
-        "webdataset", "webdataset | auto (both read .tar shards); csv: convert first with `dissect-fast shards`"
+        "webdataset",
+        "webdataset | auto (both read .tar shards); csv: convert first with `dissect-fast shards`",
+        choices=("webdataset", "auto"),
+        refused={
+            "csv": "is not read directly: convert the CSV to shards with `dissect-fast shards --csv FILE --images "
+            "DIR --out DIR` and pass --train-data DIR/train",
+            "synthetic": "is not supported: for random data made on the device (timing) use --data-backend "
+            "synthetic; for a learnable synthetic set write shards with `dissect-fast synth --out DIR` and pass "
+            "--train-data DIR/train",
+        },
     )
     dataset_resampled: bool = opt(
         False,
@@ -186,20 +228,11 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        for flag, path in (
-            ("--imagenet-val", self.imagenet_val),
-            ("--imagenet-v2", self.imagenet_v2),
-            ("--zeroshot-data", self.zeroshot_data),
-        ):
-            if path is not None and not os.path.isdir(path):
-                raise ConfigError(f"{flag} {path}: no such folder (an ImageFolder: one sub-folder of images per class)")
-        if self.zeroshot_classnames is not None and (
-            self.zeroshot_data is None or not os.path.isfile(self.zeroshot_classnames)
-        ):
+        _check_fields(self)
+        if self.zeroshot_classnames is not None and self.zeroshot_data is None:
             raise ConfigError(
-                f"--zeroshot-classnames {self.zeroshot_classnames}: needs --zeroshot-data and an "
-                f"existing file (one class name per line, in the folders' order)"
+                f"--zeroshot-classnames {self.zeroshot_classnames}: needs --zeroshot-data (the ImageFolder whose "
+                f"class names it lists, one per line, in the folders' order)"
             )
         if self.data_backend == "synthetic":
             self._check_synthetic()
@@ -212,19 +245,6 @@ class DataConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        if self.dataset_type == "csv":
-            raise ConfigError(
-                "--dataset-type csv is not read directly: convert the CSV to shards with "
-                "`dissect-fast shards --csv FILE --images DIR --out DIR` and pass --train-data DIR/train"
-            )
-        if self.dataset_type == "synthetic":
-            raise ConfigError(
-                "--dataset-type synthetic is not supported: for random data made on the device (timing) "
-                "use --data-backend synthetic; for a learnable synthetic set write shards with "
-                "`dissect-fast synth --out DIR` and pass --train-data DIR/train"
-            )
-        if self.dataset_type not in ("webdataset", "auto"):
-            raise ConfigError(f"--dataset-type must be webdataset or auto, got {self.dataset_type!r}")
         if self.train_num_samples is not None and self.train_num_samples < 1:
             raise ConfigError("--train-num-samples must be >= 1 (or left out to use the dataset index)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -233,15 +253,6 @@ class DataConfig:
             raise ConfigError(f"--max-image-pixels must be >= 64 (an 8 x 8 image), got {self.max_image_pixels}")
         if self.max_member_bytes < 1024:
             raise ConfigError(f"--max-member-bytes must be >= 1024, got {self.max_member_bytes}")
-        if self.data_index is not None and not (
-            os.path.isfile(self.data_index) or os.path.isfile(os.path.join(self.data_index, "index.json"))
-        ):
-            raise ConfigError(
-                f"--data-index {self.data_index}: no index.json there (write one with `dissect-fast index "
-                f"SHARDS --out DIR`)"
-            )
-        if self.subset is not None and not os.path.isfile(self.subset):
-            raise ConfigError(f"--subset {self.subset}: no such file (write one with `dissect-fast select-subset`)")
 
     def _check_synthetic(self) -> None:
         """--data-backend synthetic reads no shards: the flags that describe shards contradict it."""
@@ -268,8 +279,10 @@ class ModelConfig:
         "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 (= amp_bfloat16: bf16 autocast), bf16 / "
         "fp16 (weights in bf16 / fp16, LayerNorms in fp32), pure_bf16 / pure_fp16 (every weight in bf16 / "
         "fp16), fp32; auto = amp_bf16 on CUDA, fp32 on CPU",
+        choices=PRECISION_CHOICES,
+        aliases=PRECISION_ALIASES,
     )
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", choices=("auto", "cpu", "cuda", "cuda:N"))
     compile: bool = opt(False, "torch.compile the training and scoring forwards", flags=("--compile", "--torchcompile"))
     score_scale: str = opt(
         "100",
@@ -316,11 +329,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.precision == "amp_bfloat16":  # open_clip's alias
-            self.precision = "amp_bf16"
+        _check_fields(self)
         for flag, n in (
             ("--lock-image-unlocked-groups", self.lock_image_unlocked_groups),
             ("--lock-text-unlocked-layers", self.lock_text_unlocked_layers),
@@ -335,21 +344,17 @@ class ModelConfig:
         ):
             if given and not getattr(self, lock[2:].replace("-", "_")):
                 raise ConfigError(f"{flag} applies to a locked tower: add {lock}, or drop {flag}")
-        if self.pretrained is not None and _looks_like_path(self.pretrained) and not os.path.isfile(self.pretrained):
-            raise ConfigError(
-                f"--pretrained {self.pretrained}: no such checkpoint file (give a .pt/.bin/.safetensors "
-                f"file, or an open_clip pretrained tag such as laion2b_s34b_b79k)"
-            )
         if self.score_resolution is not None and self.score_resolution < 1:
             raise ConfigError(f"--score-resolution must be >= 1 pixel (or left out), got {self.score_resolution}")
         if not 0.0 <= self.score_patch_dropout < 1.0:
             raise ConfigError(f"--score-patch-dropout must be in [0, 1), got {self.score_patch_dropout}")
         # the model-dependent checks (ViT only, <= image size, multiple of the patch size) run in
-        # dissect_fast.model.check_scoring_options once the model name is resolved
-        if self.model_config is not None and not os.path.isfile(self.model_config):
-            raise ConfigError(f"--model-config {self.model_config}: no such file")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # dissect_fast.preflight once the model name is resolved
+        if self.score_precision != "auto" and self.precision in HALF_WEIGHT_PRECISIONS:
+            raise ConfigError(
+                f"--score-precision {self.score_precision} needs float32 weights, but --precision {self.precision} "
+                f"stores them in 16 bits: use --precision amp_bf16, amp or fp32, or --score-precision auto"
+            )
 
 
 @dataclass
@@ -373,15 +378,14 @@ class OptimConfig:
         "cosine",
         "open_clip's LR schedules (open_clip_train.scheduler), all after the linear --warmup: cosine "
         "(decay to 0), const, const-cooldown (const, then a decay over the last --epochs-cooldown epochs)",
-        choices=("cosine", "const", "const-cooldown"),
+        choices=LR_SCHEDULERS,
     )
     epochs_cooldown: int | None = opt(None, "const-cooldown: the cooldown runs over the last N epochs")
     lr_cooldown_end: float = opt(0.0, "const-cooldown: the LR at the end")
     lr_cooldown_power: float = opt(1.0, "const-cooldown: polynomial decay (1 - e / es) ** power (1: linear)")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        _check_finite(self)
+        _check_fields(self)
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown N: the last N epochs decay the LR")
         if self.epochs_cooldown is not None and not 1 <= self.epochs_cooldown <= self.epochs:
@@ -420,9 +424,20 @@ class SelectConfig:
         "--select; None: full without --select, dissect-warmup with it",
         flags=("--select-strategy",),
         flag_default=None,
+        choices=tuple(STRATEGIES),
+        aliases=STRATEGY_ALIASES,
     )
-    rate: float = opt(0.2, "r: share of each batch trained on, k = floor(r * B)", flags=("--select-rate",))
-    warmup_point: int = opt(10, "dissect-warmup: warm-up epochs (epochs < W)")
+    rate: float = opt(
+        0.2,
+        f"r: share of each batch trained on, k = floor(r * B); {REFERENCE_DEFAULTS['select_rate']} when the "
+        f"reference's --select is given without it (the reference's default)",
+        flags=("--select-rate",),
+    )
+    warmup_point: int = opt(
+        10,
+        f"dissect-warmup: warm-up epochs (epochs < W); {REFERENCE_DEFAULTS['warmup_point']} when the reference's "
+        f"--select is given without it (the reference's default)",
+    )
     momentum: float = opt(0.9, "dissect-momentum: history momentum beta")
     warmup_train: str = opt(
         "random",
@@ -449,12 +464,7 @@ class SelectConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        try:
-            self.strategy = resolve_strategy(self.strategy)
-        except KeyError as e:
-            raise ConfigError(str(e.args[0])) from None
-        _check_finite(self)
+        _check_fields(self)
         if not 0.0 < self.rate <= 1.0:
             raise ConfigError(f"--select-rate must be in (0, 1], got {self.rate}")
         if not 0.0 <= self.momentum < 1.0:
@@ -483,6 +493,7 @@ class DistConfig:
     dist_timeout: float = opt(10.0, "minutes a collective waits for a dead peer before the rank fails")
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.check_sync_every < 0:
             raise ConfigError(
                 f"--check-sync-every must be >= 0 steps (0: epoch ends only), got {self.check_sync_every}"
@@ -565,12 +576,8 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        from dissect_fast.training.logs import parse_report_to
-
-        try:
-            self.report_to = parse_report_to(self.report_to)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        _check_fields(self)
+        self.report_to = parse_report_to(self.report_to)
         if not self.tensorboard:  # --no-tensorboard: an alias of leaving tensorboard out of --report-to
             self.report_to = ",".join(t for t in self.report_to.split(",") if t != "tensorboard") or "none"
         self.tensorboard = "tensorboard" in self.report_to.split(",")
@@ -592,15 +599,28 @@ class RunConfig:
             raise ConfigError(f"--zeroshot-frequency must be >= 0 epochs (0: never), got {self.zeroshot_frequency}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max-nonfinite-steps must be >= 1 step, got {self.max_nonfinite_steps}")
-        if self.resume not in (None, "latest") and not os.path.isfile(self.resume):
-            raise ConfigError(
-                f"--resume {self.resume}: no such checkpoint file (give a .pt path, or `latest` "
-                f"with the run's --logs and --name)"
-            )
+        if self.resume_override and self.resume is None:
+            raise ConfigError("--resume-override applies to a resumed run: add --resume latest (or a checkpoint path)")
 
     def profile_window(self) -> tuple[int, int] | None:
         """(A, B) of --profile-steps: profile global steps A..B-1; None without the flag."""
         return parse_profile_steps(self.profile_steps) if self.profile_steps is not None else None
+
+
+def parse_report_to(value: str) -> str:
+    """--report-to as open_clip takes it (``tensorboard``, ``wandb``, ``wandb,tensorboard``; ``all`` = both;
+    ``none`` or empty = neither), normalised to ``none``, ``tensorboard``, ``wandb`` or ``wandb,tensorboard``."""
+    parts = {p.strip() for p in str(value).split(",") if p.strip()}
+    if "all" in parts:
+        parts = (parts - {"all"}) | set(REPORT_TARGETS)
+    parts.discard("none")
+    unknown = parts - set(REPORT_TARGETS)
+    if unknown:
+        raise ConfigError(
+            f"--report-to takes tensorboard, wandb, 'wandb,tensorboard' or none, got {value!r} "
+            f"(unknown: {', '.join(sorted(unknown))})"
+        )
+    return ",".join(t for t in ("wandb", "tensorboard") if t in parts) or "none"
 
 
 def parse_profile_steps(value: str) -> tuple[int, int]:
@@ -633,8 +653,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         s, o = self.select, self.optim
-        for section in (self.data, self.model, self.optim, self.select, self.run, self.dist):
-            _check_finite(section)  # the float fields of every section, whatever its own checks
         k = s.k(self.data.batch_size)
         if k < 2:  # per rank and per batch (--accum-freq adds batches, not pairs to a batch's selection)
             rate = "" if s.strategy == "full" else f"--select-rate {s.rate} x "
@@ -659,11 +677,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """The inverse of to_dict; a section or field missing from an older config.json takes its default."""
-        return cls(**{name: section(**d.get(name, {})) for name, section in _sections().items()})
-
 
 def _sections() -> dict[str, type]:
     """TrainConfig's sections: field name -> dataclass, in order."""
@@ -684,10 +697,8 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
         kw["default"] = f.default if m["flag_default"] is _NO_FLAG_DEFAULT else m["flag_default"]
         if base in ("int", "float"):
             kw["type"] = {"int": int, "float": float}[base]
-        if m["choices"]:
-            kw["choices"] = list(m["choices"])
-        if m["metavar"]:
-            kw["metavar"] = m["metavar"]
+        if m["metavar"] or m["choices"]:  # choices are checked once, by the dataclass (aliases, refusals)
+            kw["metavar"] = m["metavar"] or "{" + ",".join(m["choices"]) + "}"
     group.add_argument(*_flags(f), **kw)
 
 
@@ -740,19 +751,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def select_strategy_from_flags(select: bool, strategy: str | None) -> str:
     """The strategy the reference's two flags name: --select alone = dissect-warmup, a strategy alone implies
-    selection, neither = full; --select with a no-selection strategy is a contradiction."""
+    selection, neither = full (SelectConfig resolves the name; :func:`config_from_values` refuses --select with a
+    strategy that trains on the whole batch)."""
     if strategy is None:
         return "dissect-warmup" if select else "full"
-    try:
-        name = resolve_strategy(strategy)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
-    if select and name == "full":
-        raise ConfigError(
-            f"--select with --select-strategy {strategy}: {strategy} trains on the whole batch; "
-            f"drop --select, or name a selection strategy"
-        )
-    return name
+    return strategy
 
 
 def _section_kwargs(section: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -842,29 +845,127 @@ def csv_data_message(argv: list[str]) -> str | None:
     return None
 
 
+def option_strings(parser: argparse.ArgumentParser | None = None) -> set[str]:
+    """Every option string of the training parser (``parser``: one already built)."""
+    return {s for a in (parser or build_parser())._actions for s in a.option_strings}
+
+
+def given_dests(argv: list[str]) -> set[str]:
+    """The argparse destinations given on the command line ``argv`` (parsed again with every default
+    suppressed, so a flag given with its default value counts as given)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    known, _ = parser.parse_known_args(argv)
+    return set(vars(known))
+
+
+#: options never taken from the resumed run: where the run is found (the command line's --logs/--name, even when the
+#: run folder was moved), the resume itself, and --resume-override (an override holds for the start that gives it)
+_NEVER_FILLED = frozenset({"run.logs", "run.name", "run.resume", "run.resume_override"})
+
+
+def resume_source(resume: str | None, logs: str, name: str | None) -> tuple[str, dict] | None:
+    """(where, resolved config dict) that ``--resume`` continues: the checkpoint's ``config`` (the one the Trainer
+    will resume from: ``latest`` = the run's newest intact checkpoint, kept loaded for it), else, for ``latest`` in
+    a run that has no checkpoint yet, its RUN/config.json. None: nothing to continue (no --resume, no --name to
+    find the run by, a missing file (preflight names it), a checkpoint without a config such as open_clip's).
+    Reads the disk and imports torch: called only with --resume."""
+    if resume is None or (resume == "latest" and name is None):
+        return None
+    if resume != "latest" and not os.path.isfile(resume):
+        return None
+    from dissect_fast.training import checkpoint as ckpt_io
+
+    try:
+        if resume == "latest":
+            run_dir = os.path.join(logs, name or "")
+            found = ckpt_io.find_resumable(os.path.join(run_dir, "checkpoints"), keep=True, report=False)
+            if found is None:
+                path = os.path.join(run_dir, "config.json")
+                return (path, _read_json(path)) if os.path.isfile(path) else None
+            path, state = found
+        else:
+            path, state = resume, ckpt_io.load_checkpoint(resume, keep=True)
+    except ckpt_io.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    cfg = state.get("config")
+    return (path, cfg) if isinstance(cfg, dict) else None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume latest: {path} cannot be read ({e}): restore it, or start a new --name") from e
+
+
+def fill_resume_values(values: dict[str, Any], given: set[str], old: dict | None) -> dict[str, Any]:
+    """The parsed options ``values`` with every option not ``given`` on the command line set to the resumed run's
+    value (``old``: its resolved config dict; None: nothing to resume, ``values`` unchanged). A flag given keeps its
+    value (dissect_fast.training.resume then allows or refuses the change)."""
+    if old is None:
+        return values
+    out = dict(values)
+    for section_name, section in _sections().items():
+        old_section = old.get(section_name) or {}
+        for f in dataclasses.fields(section):
+            dest = _dest(f)
+            if dest in given or f.name not in old_section or f"{section_name}.{f.name}" in _NEVER_FILLED:
+                continue
+            value = old_section[f.name]
+            out[dest] = (not value) if f.metadata["negate"] else value
+    # the reference's --select switch and --select-strategy: the checkpoint's strategy unless either is given
+    if "select" in given and "select_strategy" not in given:
+        out["select_strategy"] = values["select_strategy"]  # --select alone: dissect-warmup, as on a first start
+    # --no-tensorboard is derived from --report-to in the config: a --report-to given now decides alone
+    if "report_to" in given and "no_tensorboard" not in given:
+        out["no_tensorboard"] = values["no_tensorboard"]
+    return out
+
+
+def reference_defaults(values: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """With the reference's switch --select, the reference's defaults (:data:`REFERENCE_DEFAULTS`) for the flags
+    not given; without it (the project's --select-strategy alone), the project's defaults stay."""
+    if not values.get("select"):
+        return values
+    return {**values, **{dest: v for dest, v in REFERENCE_DEFAULTS.items() if dest not in given}}
+
+
+def config_from_values(values: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of parsed option values (the first invalid section's message wins); ConfigError."""
+    sections = {}
+    for name, section in _sections().items():
+        kwargs = _section_kwargs(section, values)
+        if name == "select":
+            kwargs["strategy"] = select_strategy_from_flags(values["select"], values["select_strategy"])
+        sections[name] = section(**kwargs)
+    if values["select"] and sections["select"].strategy == "full":
+        raise ConfigError(
+            f"--select with --select-strategy {values['select_strategy']}: it trains on the whole batch; "
+            f"drop --select, or name a selection strategy"
+        )
+    return TrainConfig(**sections)
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse flags into a validated TrainConfig; exits with a one-line message on invalid input."""
+    """Parse flags into a validated TrainConfig (stage 1: nothing on disk is checked, see
+    dissect_fast.preflight); exits with a one-line message on invalid input."""
     parser = build_parser()
     args = sys.argv[1:] if argv is None else list(argv)
     msg = csv_data_message(args)
     if msg:  # before the generic refusal of open_clip's --csv-* flags: the exact command to run instead
         parser.error(msg)
-    known = {s for act in parser._actions for s in act.option_strings}
-    msg = check_unsupported(args, known)
+    msg = check_unsupported(args, option_strings(parser))
     if msg:  # an open_clip flag we do not take: say what to use instead, not "unrecognized arguments"
         parser.error(msg)
-    values = vars(parser.parse_args(argv))
+    values = vars(parser.parse_args(args))
     try:
-        from dissect_fast.training.resume import fill_resume_values
-
-        values = fill_resume_values(values, args)  # --resume: a flag not given takes the checkpoint's value
-        sections = {}
-        for name, section in _sections().items():  # in order: the first invalid section's message wins
-            kwargs = _section_kwargs(section, values)
-            if name == "select":
-                kwargs["strategy"] = select_strategy_from_flags(values["select"], values["select_strategy"])
-            sections[name] = section(**kwargs)
-        return TrainConfig(**sections)
+        given = given_dests(args)
+        values = reference_defaults(values, given)
+        found = resume_source(values["resume"], values["logs"], values["name"])
+        return config_from_values(fill_resume_values(values, given, found[1] if found else None))
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits

@@ -160,15 +160,10 @@ def autocast(precision: str, device: torch.device):
 
 def scoring_precision(score_precision: str, precision: str) -> str:
     """The precision mode the scoring forward runs in (--score-precision): ``auto`` = the training's (--precision);
-    ``fp32`` = no autocast, float32 (the reference scores outside autocast); ``bf16`` = bf16 autocast. ValueError
-    (naming the flags) when the weights are not float32, which fp32 / bf16-autocast scoring would need."""
+    ``fp32`` = no autocast, float32 (the reference scores outside autocast); ``bf16`` = bf16 autocast. Both need
+    float32 weights: ModelConfig refuses them with a 16-bit --precision."""
     if score_precision == "auto":
         return precision
-    if weight_dtype(precision) is not None:
-        raise ValueError(
-            f"--score-precision {score_precision} needs float32 weights, but --precision {precision} stores "
-            f"them in {weight_dtype(precision)}: use --precision amp_bf16, amp or fp32, or --score-precision auto"
-        )
     return "fp32" if score_precision == "fp32" else "amp_bf16"
 
 

@@ -1,20 +1,18 @@
 """Every flag of open_clip's trainer (``open_clip_train.params``) and what dissect_fast does with it.
 
 Statuses: ``taken`` (same name, same meaning; the note gives any difference in defaults or values),
-``differs`` (same name, another meaning here), ``mapped`` (accepted as an alias of another dissect_fast flag),
-``planned`` (being added in this release: ``taken`` once our parser has it) and ``refused`` (not
-supported; the note says what to use instead). ``check_unsupported`` turns an open_clip flag our
-parser lacks into one line that says so, before argparse's bare "unrecognized arguments".
+``differs`` (same name, another meaning here), ``mapped`` (accepted as an alias of another dissect_fast flag) and
+``refused`` (not supported; the note says what to use instead). ``check_unsupported`` turns an open_clip flag our
+parser lacks into one line that says so, before argparse's bare "unrecognized arguments". This module is a table:
+it does not import the config (which imports it); tests/test_openclip_parity.py checks it against our parser.
 """
 
 from __future__ import annotations
 
-import argparse
-import types
 from collections.abc import Iterable, Sequence
 
-TAKEN, DIFFERS, MAPPED, PLANNED, REFUSED = "taken", "differs", "mapped", "planned", "refused"
-STATUSES = (TAKEN, DIFFERS, MAPPED, PLANNED, REFUSED)
+TAKEN, DIFFERS, MAPPED, REFUSED = "taken", "differs", "mapped", "refused"
+STATUSES = (TAKEN, DIFFERS, MAPPED, REFUSED)
 
 #: open_clip flag -> the dissect_fast flag it is an alias of (our parser takes both names)
 MAPPED_TO: dict[str, str] = {
@@ -47,8 +45,8 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--csv-separator": (REFUSED, _CSV),
     "--csv-img-key": (REFUSED, _CSV),
     "--csv-caption-key": (REFUSED, _CSV),
-    "--imagenet-val": (PLANNED, "zero-shot ImageNet top-1/top-5 (imagenet-zeroshot-val-top1/5)"),
-    "--imagenet-v2": (PLANNED, "zero-shot ImageNetV2 top-1/top-5 (imagenetv2-zeroshot-val-top1/5)"),
+    "--imagenet-val": (TAKEN, "zero-shot ImageNet top-1/top-5 (imagenet-zeroshot-val-top1/5)"),
+    "--imagenet-v2": (TAKEN, "zero-shot ImageNetV2 top-1/top-5 (imagenetv2-zeroshot-val-top1/5)"),
     "--cache-dir": (
         REFUSED,
         ("not supported: set HF_HOME or HF_HUB_CACHE (open_clip downloads through the Hugging Face cache)"),
@@ -59,7 +57,7 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--workers": (TAKEN, "default 2"),
     "--batch-size": (TAKEN, "per rank, before selection; default 256"),
     "--epochs": (TAKEN, ""),
-    "--epochs-cooldown": (PLANNED, "LR cooldown epochs (--lr-scheduler const-cooldown)"),
+    "--epochs-cooldown": (TAKEN, "LR cooldown epochs (--lr-scheduler const-cooldown)"),
     "--lr": (TAKEN, "default 5e-4 for every model"),
     "--beta1": (TAKEN, ""),
     "--beta2": (TAKEN, "default 0.98 for every model (open_clip: 0.999 for non-ViT models)"),
@@ -76,12 +74,12 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--opt": (REFUSED, "not supported: dissect_fast always uses AdamW (torch's fused one): drop --opt"),
     "--use-bn-sync": (REFUSED, "not supported: BatchNorm statistics stay per rank"),
     "--skip-scheduler": (REFUSED, "not supported: for a constant LR use --lr-scheduler const"),
-    "--lr-scheduler": (PLANNED, "cosine | const | const-cooldown"),
-    "--lr-cooldown-end": (PLANNED, "LR at the end of the cooldown"),
-    "--lr-cooldown-power": (PLANNED, "power of the polynomial cooldown"),
-    "--save-frequency": (PLANNED, "save a checkpoint every N epochs"),
-    "--save-most-recent": (PLANNED, "always on: checkpoints/latest.pt (open_clip: epoch_latest.pt) after every epoch"),
-    "--zeroshot-frequency": (PLANNED, "zero-shot evaluation every N epochs"),
+    "--lr-scheduler": (TAKEN, "cosine | const | const-cooldown"),
+    "--lr-cooldown-end": (TAKEN, "LR at the end of the cooldown"),
+    "--lr-cooldown-power": (TAKEN, "power of the polynomial cooldown"),
+    "--save-frequency": (TAKEN, "save a checkpoint every N epochs"),
+    "--save-most-recent": (TAKEN, "always on: checkpoints/latest.pt (open_clip: epoch_latest.pt) after every epoch"),
+    "--zeroshot-frequency": (TAKEN, "zero-shot evaluation every N epochs"),
     "--val-frequency": (MAPPED, "evaluate every N epochs (and after the last)"),
     "--resume": (TAKEN, "a checkpoint path or `latest`"),
     "--precision": (
@@ -90,17 +88,17 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
         "fp32) with its meaning, plus auto (default: amp_bf16 on CUDA, fp32 on CPU)",
     ),
     "--model": (TAKEN, "open_clip names plus dissect_fast's tiny configs; also --model-config FILE.json"),
-    "--pretrained": (PLANNED, "start from an open_clip pretrained tag or checkpoint file"),
+    "--pretrained": (TAKEN, "start from an open_clip pretrained tag or checkpoint file"),
     "--pretrained-image": (REFUSED, "not supported: use --pretrained for a whole CLIP checkpoint"),
-    "--lock-image": (PLANNED, "freeze the image tower"),
-    "--lock-image-unlocked-groups": (PLANNED, "leave the last N image-tower layer groups trainable"),
-    "--lock-image-freeze-bn-stats": (PLANNED, "freeze the BatchNorm statistics of the locked image layers"),
+    "--lock-image": (TAKEN, "freeze the image tower"),
+    "--lock-image-unlocked-groups": (TAKEN, "leave the last N image-tower layer groups trainable"),
+    "--lock-image-freeze-bn-stats": (TAKEN, "freeze the BatchNorm statistics of the locked image layers"),
     "--image-mean": (REFUSED, _PREPROCESS),
     "--image-std": (REFUSED, _PREPROCESS),
     "--image-interpolation": (REFUSED, _PREPROCESS),
     "--image-resize-mode": (REFUSED, _PREPROCESS),
     "--aug-cfg": (REFUSED, "not supported: the model's own open_clip training transform is used"),
-    "--grad-checkpointing": (PLANNED, "activation checkpointing in both towers"),
+    "--grad-checkpointing": (TAKEN, "activation checkpointing in both towers"),
     "--local-loss": (TAKEN, ""),
     "--gather-with-grad": (TAKEN, "default on here (--no-gather-with-grad to turn it off)"),
     "--force-context-length": (REFUSED, _FORCE),
@@ -112,14 +110,14 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--torchcompile": (MAPPED, "torch.compile the training and scoring forwards"),
     "--trace": (REFUSED, "not supported: use --compile"),
     "--accum-freq": (
-        PLANNED,
+        TAKEN,
         "gradient accumulation over N batches, composed with selection (selection per batch; "
         "the logit scale's gradient counted once, open_clip counts it N times)",
     ),
     "--device": (TAKEN, "auto | cpu | cuda | cuda:N; default auto"),
     "--dist-url": (REFUSED, "not needed: torchrun sets the rendezvous; under srun export MASTER_ADDR and MASTER_PORT"),
     "--dist-backend": (REFUSED, "not needed: nccl on CUDA, gloo on CPU, chosen from --device"),
-    "--report-to": (PLANNED, "tensorboard, wandb or both; default tensorboard (open_clip: none); wandb is optional"),
+    "--report-to": (TAKEN, "tensorboard, wandb or both; default tensorboard (open_clip: none); wandb is optional"),
     "--wandb-notes": (TAKEN, "with --report-to wandb"),
     "--wandb-project-name": (TAKEN, "default open-clip, as open_clip"),
     "--debug": (REFUSED, "not supported: RUN/out.log holds the run's log"),
@@ -135,10 +133,10 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     ),
     "--seed": (TAKEN, "rank r uses seed + r"),
     "--grad-clip-norm": (TAKEN, ""),
-    "--lock-text": (PLANNED, "freeze the text tower"),
-    "--lock-text-unlocked-layers": (PLANNED, "leave the last N text-tower layers trainable"),
+    "--lock-text": (TAKEN, "freeze the text tower"),
+    "--lock-text-unlocked-layers": (TAKEN, "leave the last N text-tower layers trainable"),
     "--lock-text-freeze-layer-norm": (
-        PLANNED,
+        TAKEN,
         "freeze the locked text layers' LayerNorms too (without it they "
         "train, also on native text towers, where open_clip asserts)",
     ),
@@ -148,66 +146,18 @@ OPENCLIP_FLAGS: dict[str, tuple[str, str]] = {
     "--remote-sync": (REFUSED, _REMOTE),
     "--remote-sync-frequency": (REFUSED, _REMOTE),
     "--remote-sync-protocol": (REFUSED, _REMOTE),
-    "--delete-previous-checkpoint": (PLANNED, "keep only the newest epoch checkpoint"),
+    "--delete-previous-checkpoint": (TAKEN, "keep only the newest epoch checkpoint"),
     "--distill-model": (REFUSED, _DISTILL),
     "--distill-pretrained": (REFUSED, _DISTILL),
     "--use-bnb-linear": (REFUSED, "not supported: bitsandbytes int8 layers"),
-    "--siglip": (PLANNED, "SigLIP's sigmoid loss instead of the softmax contrastive loss"),
+    "--siglip": (TAKEN, "SigLIP's sigmoid loss instead of the softmax contrastive loss"),
     "--loss-dist-impl": (REFUSED, "not supported: the loss's distributed implementation is fixed"),
 }
 
 
-def openclip_option_strings() -> list[str]:
-    """The option strings of the installed open_clip trainer's parser (``open_clip_train.params.parse_args``),
-    in its order, without ``-h/--help``. Builds the parser without parsing: ``parse_args`` is stopped at
-    its ``parser.parse_args`` call through a stand-in for the ``argparse`` module it uses."""
-    from open_clip_train import params
-
-    class _Built(Exception):
-        pass
-
-    class _Capture(argparse.ArgumentParser):
-        def parse_args(self, *args, **kwargs):
-            raise _Built(self)
-
-    shim = types.SimpleNamespace(**{k: getattr(argparse, k) for k in dir(argparse) if not k.startswith("__")})
-    shim.ArgumentParser = _Capture
-    real, params.argparse = params.argparse, shim
-    try:
-        params.parse_args([])
-    except _Built as built:
-        parser: argparse.ArgumentParser = built.args[0]
-    else:
-        raise RuntimeError("open_clip_train.params.parse_args did not build an argparse parser")
-    finally:
-        params.argparse = real
-    return [s for a in parser._actions if not isinstance(a, argparse._HelpAction) for s in a.option_strings]
-
-
-def our_option_strings() -> set[str]:
-    """Every option string of dissect_fast's training parser."""
-    from dissect_fast.config import build_parser
-
-    return {s for a in build_parser()._actions for s in a.option_strings}
-
-
-def flag_status(flag: str, known_option_strings: Iterable[str] | None = None) -> tuple[str, str]:
-    """(status, note) of an open_clip flag; a planned flag our parser already takes counts as ``taken``."""
-    status, note = OPENCLIP_FLAGS[flag]
-    if status == PLANNED:
-        known = our_option_strings() if known_option_strings is None else set(known_option_strings)
-        if flag in known:
-            return TAKEN, note
-    return status, note
-
-
 def _reason(flag: str) -> str:
     status, note = OPENCLIP_FLAGS[flag]
-    if status == MAPPED:
-        return f"use {MAPPED_TO[flag]} ({note})"
-    if status == PLANNED:
-        return f"not yet ({note}: planned for this release)"
-    return note
+    return f"use {MAPPED_TO[flag]} ({note})" if status == MAPPED else note
 
 
 def check_unsupported(argv: Sequence[str], known_option_strings: Iterable[str]) -> str | None:
@@ -226,22 +176,11 @@ def check_unsupported(argv: Sequence[str], known_option_strings: Iterable[str]) 
     return None
 
 
-def status_counts(known_option_strings: Iterable[str] | None = None) -> dict[str, int]:
-    """How many open_clip flags have each status (planned ones our parser takes count as taken)."""
-    known = our_option_strings() if known_option_strings is None else set(known_option_strings)
-    counts = dict.fromkeys(STATUSES, 0)
-    for flag in OPENCLIP_FLAGS:
-        counts[flag_status(flag, known)[0]] += 1
-    return counts
-
-
-def flag_table_markdown(known_option_strings: Iterable[str] | None = None) -> str:
-    """The table as Markdown, for the README: open_clip flag | dissect_fast | note."""
-    known = our_option_strings() if known_option_strings is None else set(known_option_strings)
-    shown = {TAKEN: "same", DIFFERS: "**differs**", PLANNED: "planned", REFUSED: "no"}
+def flag_table_markdown() -> str:
+    """The table as Markdown, for docs/openclip-flags.md: open_clip flag | dissect_fast | note."""
+    shown = {TAKEN: "same", DIFFERS: "**differs**", REFUSED: "no"}
     lines = ["| open_clip flag | dissect_fast | note |", "| --- | --- | --- |"]
-    for flag in OPENCLIP_FLAGS:
-        status, note = flag_status(flag, known)
+    for flag, (status, note) in OPENCLIP_FLAGS.items():
         cell = f"`{MAPPED_TO[flag]}`" if status == MAPPED else shown[status]
         lines.append(f"| `{flag}` | {cell} | {note.replace('|', '&#124;')} |")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,8 @@ def remove_unstarted_run(run_dir: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> list[dict]:
+    """Parse, build the run, train. ``callbacks``: added to the run's own (a test entry point's)."""
     from dissect_fast.config import config_from_args
 
     cfg = config_from_args(argv)  # first, without torch: --help and flag errors answer at once
@@ -41,26 +42,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from dissect_fast.training.reliability import RunStopped
 
     fresh = new_run_folder(cfg.run)
+    seen = StepsSeen()
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, callbacks=[seen, *(callbacks or [])])
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # set-up errors: a message, not a traceback
         print(f"dissect_fast.train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    seen = StepsSeen()
-    trainer.callbacks.append(seen)
     try:
         return trainer.fit()
     except BaseException as e:
-        if fresh and seen.steps == 0 and trainer.dist.is_main and remove_unstarted_run(trainer.run_dir):
+        if fresh and seen.steps == 0 and trainer.run.dist.is_main and remove_unstarted_run(trainer.run.run_dir):
             print(
-                f"dissect_fast.train: the run failed before its first step; removed {trainer.run_dir}", file=sys.stderr
+                f"dissect_fast.train: the run failed before its first step; removed {trainer.run.run_dir}",
+                file=sys.stderr,
             )
         if isinstance(e, RunStopped):  # a full disk, bad data, non-finite steps, SIGTERM/SIGINT: a message
             print(f"dissect_fast.train: {e}", file=sys.stderr)
             raise SystemExit(e.exit_code) from None
         raise
     finally:
-        cleanup(trainer.dist)
+        cleanup(trainer.run.dist)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ A generated block in a page::
     (the table: written by this script)
     <!-- end results -->
 
-``rows``: the key of the list of row dicts in the file (dots for nesting: ``caption``, ``rows``); a dict of dicts
+``archived=yes``: a GPU result of an earlier revision, kept because this machine has no GPU to re-make it: the
+freshness check is skipped (not for CPU results: those are re-made) and the source line says that the current
+code is not measured on a GPU yet. ``rows``: the key of the list of row dicts in the file (dots for nesting: ``caption``, ``rows``); a dict of dicts
 is read as rows with the key in ``name``. ``cols``: the columns, each a row key (dots for nesting) with an
 optional format (``.2f``, ``,d``) and an optional header label (spaces as ``_``). ``where``: keep rows whose
 column equals the value. ``group``: one row per group; each numeric column becomes ``mean ± SD (n)`` over the
@@ -41,9 +43,9 @@ BLOCK = re.compile(r"<!-- results: (?P<spec>.*?) -->\n(?P<body>.*?)<!-- end resu
 #: last commit that changed any of these paths
 MEASURES = {
     "train": ["dissect_fast/training", "dissect_fast/selection", "dissect_fast/model.py", "kernels"],
-    "quality": ["dissect_fast/selection", "kernels"],
-    "real": ["dissect_fast/selection", "kernels"],
-    "demo": ["dissect_fast/selection", "kernels", "dissect_fast/demo.py"],
+    "quality": ["dissect_fast/selection/strategies.py", "dissect_fast/selection/history.py", "kernels"],
+    "real": ["dissect_fast/selection/strategies.py", "dissect_fast/selection/history.py", "kernels"],
+    "demo": ["dissect_fast/selection/strategies.py", "dissect_fast/selection/history.py", "kernels"],
     "data": ["dissect_fast/data"],
     "bad_input": ["dissect_fast/data"],
     "subset": ["dissect_fast/offline"],
@@ -126,17 +128,19 @@ def table(doc: dict, opts: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-def source_line(path: str, doc: dict) -> str:
+def source_line(path: str, doc: dict, archived: bool = False) -> str:
     commit = str(doc.get("commit", "?"))
-    device = doc.get("device", "?")
-    return f"Source: `{path}` (commit {commit[:10]}, {str(doc.get('date', '?'))[:10]}, {device})."
+    line = f"Source: `{path}` (commit {commit[:10]}, {str(doc.get('date', '?'))[:10]}, {doc.get('device', '?')})."
+    if archived:
+        line += f" Made on revision {commit}; the current code is not measured on a GPU yet."
+    return line
 
 
 def render(text: str) -> str:
     def one(m: re.Match) -> str:
         path, opts = parse_spec(m.group("spec"))
         doc = json.loads((ROOT / path).read_text())
-        body = table(doc, opts) + "\n\n" + source_line(path, doc) + "\n"
+        body = table(doc, opts) + "\n\n" + source_line(path, doc, opts.get("archived") == "yes") + "\n"
         return f"<!-- results: {m.group('spec')} -->\n{body}<!-- end results -->\n"
 
     return BLOCK.sub(one, text)
@@ -191,10 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         text = (ROOT / page).read_text()
         new = render(text)
         for m in BLOCK.finditer(text):
-            path, _ = parse_spec(m.group("spec"))
+            path, opts = parse_spec(m.group("spec"))
             if a.list:
                 print(f"{page}: {path}")
-            why = stale(path, json.loads((ROOT / path).read_text()))
+            doc = json.loads((ROOT / path).read_text())
+            if opts.get("archived") == "yes":
+                why = (
+                    f"{path}: only a GPU result may be archived"
+                    if str(doc.get("device", "cpu")).startswith("cpu")
+                    else None
+                )
+            else:
+                why = stale(path, doc)
             if why:
                 problems.append(f"{page}: {why}")
         nums = outside_numbers(text)

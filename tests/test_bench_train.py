@@ -1,28 +1,18 @@
 """The training benchmark's --tiny CPU mode runs end to end (untimed: rows are checked for
 completeness and consistency, not for speed), and the cheap scoring options behave."""
 
-import importlib.util
 import math
 import shlex
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks import bench_train as bench
 
 
 def test_tiny_benchmark_rows_complete(tmp_path, capsys):
     from dissect_fast.training.timing import PHASES
 
-    bench = load_bench()
     argv = shlex.split(
         "--device cpu --tiny --model micro-vit --no-save --num-train 640 --batch-size 32 --steps 2 --rounds 2 "
         "--warmup-steps 1 --overlap-steps 3 --overlap-pool 2 --workers 0"

@@ -155,6 +155,23 @@ def test_select_subset_notebook_with_class_names_and_split_classes():
     assert res.ids.tolist() == sorted(500 + i for i in want) and res.stats["classes_split"] == n_split
 
 
+@pytest.mark.parametrize(("n", "fraction"), [(45, 0.3), (70, 0.35), (100, 0.29)])
+def test_notebook_budget_is_the_notebooks(n, fraction):
+    """docs/clipcov-notebook.md, "The budget": the notebook stops at int(N * fraction) picks (13, 24 and 28 here:
+    0.29 * 100 is 28.999... in floating point), and so does --clipcov-score notebook; the paper's score takes the
+    nearest integer, floor(fraction * N + 0.5) (14, 25, 29)."""
+    f, g, _, names = make_data(n, 8, 3, n)
+    emb = Embeddings.from_arrays(np.arange(n), f, g)
+    labels = (unit(f) @ unit(names).T).argmax(1)
+    notebook_m = int(n * fraction)  # the notebook's subset_size = int(len(full) * fraction)
+    want, _ = notebook_transcription(f, g, labels, own_label_sims(g, names, labels), notebook_m, 3)
+    cfg = ClipCovConfig(score="notebook", notebook_round=3, **F64)
+    ours = select_subset(emb, "clipcov", fraction, class_names_emb=names, config=cfg)
+    assert ours.budget == notebook_m and ours.ids.tolist() == sorted(want)
+    paper = select_subset(emb, "clipcov", fraction, class_names_emb=names, config=ClipCovConfig(**F64))
+    assert paper.budget == notebook_m + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The default (the paper's objective) is unchanged
 # ---------------------------------------------------------------------------------------------

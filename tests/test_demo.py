@@ -31,7 +31,8 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     s = res["_settings"]
     assert s["model"] == demo.DEFAULTS["model"] and s["data_backend"] in ("dali", "torch")
     names = ["full", "dissect-warmup", "clipscore", "random", "warmup-clipscore"]
-    assert [k for k in res if not k.startswith("_")] == names
+    assert [r["strategy"] for r in res["summary"]] == names
+    assert res["benchmark"] == "demo" and {"commit", "date", "device", "command", "versions"} <= set(res)
     for name in names:
         ms = res[name]["metrics"]
         assert [m["epoch"] for m in ms] == [1, 2]

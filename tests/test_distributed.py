@@ -18,6 +18,8 @@ from dissect_fast.selection.strategies import score_and_select
 from dissect_fast.training.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "dissect_fast", "train.py")
+FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")  #: train.py with the fault injection of its env vars
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def even_data(tmp_path_factory):
     return root
 
 
-def torchrun(data, logs, name, *extra, nproc=2, launcher=(), env=None, ok=True):
+def torchrun(data, logs, name, *extra, nproc=2, launcher=(), env=None, ok=True, script=TRAIN):
+    """``script`` (dissect_fast/train.py, or FAULT_TRAIN) under torchrun on ``nproc`` CPU ranks, a tiny run."""
     cmd = [
         sys.executable,
         "-m",
@@ -40,7 +43,7 @@ def torchrun(data, logs, name, *extra, nproc=2, launcher=(), env=None, ok=True):
         str(nproc),
         *launcher,
         "--",
-        os.path.join(ROOT, "dissect_fast", "train.py"),
+        script,
         *tiny_argv(logs, name, "--select-rate", "0.5", *extra, data=data, val=True, batch=20, workers=1),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
@@ -158,6 +161,7 @@ def test_sync_check_fails_loudly_on_drift(even_data, tmp_path):
         "0",
         env={"DISSECT_FAST_TEST_DRIFT_AT_STEP": "1:3"},
         ok=False,
+        script=FAULT_TRAIN,
     )
     out = r.stdout + r.stderr
     assert r.returncode != 0
@@ -182,6 +186,7 @@ def test_elastic_restart_resumes_from_latest_checkpoint(even_data, tmp_path):
         "0",
         launcher=("--max-restarts", "1"),
         env={"DISSECT_FAST_TEST_KILL_AT_STEP": "1:9"},
+        script=FAULT_TRAIN,
     )
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     log = (run_dir / "out.log").read_text()

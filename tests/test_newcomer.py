@@ -173,12 +173,13 @@ def test_warmup_warning_only_past_the_run():
 
     from dissect_fast.training.callbacks import warmup_warning
 
-    def trainer(warmup: int):
+    def context(warmup: int):
         optim = SimpleNamespace(warmup=warmup, epochs=2, lr=1e-3)
-        return SimpleNamespace(cfg=SimpleNamespace(optim=optim), total_steps=12, steps_per_epoch=6)
+        run = SimpleNamespace(total_steps=12, steps_per_epoch=6)
+        return SimpleNamespace(cfg=SimpleNamespace(optim=optim), run=run)
 
-    assert warmup_warning(trainer(12)) is None and warmup_warning(trainer(0)) is None
-    msg = warmup_warning(trainer(13))
+    assert warmup_warning(context(12)) is None and warmup_warning(context(0)) is None
+    msg = warmup_warning(context(13))
     assert msg is not None and msg.startswith("--warmup 13 steps is longer than the whole run (12 steps")
     assert "92% of --lr" in msg and "--warmup 1)" in msg
 

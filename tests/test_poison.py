@@ -144,10 +144,10 @@ class PoisonWeights(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, t, epoch, n_steps) -> None:
-        if t.step == self.step:
+    def on_step_end(self, ctx, epoch, n_steps) -> None:
+        if ctx.step == self.step:
             with torch.no_grad():
-                next(t.model.parameters()).view(-1)[0] = float("nan")
+                next(ctx.model.parameters()).view(-1)[0] = float("nan")
 
 
 def test_poisoned_weights_are_not_saved_and_the_named_checkpoint_is_finite(tiny_data, tmp_path):

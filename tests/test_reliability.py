@@ -226,9 +226,9 @@ def test_resume_latest_skips_damaged_checkpoints(tiny_data, tmp_path, reference)
         ]
     )
     t = Trainer(cfg)
-    assert t.resume_state[0] == str(ck / "epoch_1.pt")
+    assert t.run.resume.path == str(ck / "epoch_1.pt")
     assert (tmp_path / "run" / "out.log").read_text().count("--resume latest: skipping checkpoint") == 2
-    assert_same_state(t.resume_state[1], ckpt_io.load_checkpoint(str(ref_dir / "epoch_1.pt")))
+    assert_same_state(t.run.resume.state, ckpt_io.load_checkpoint(str(ref_dir / "epoch_1.pt")))
 
 
 # ----------------------------------------------------------------------------------- preempted
@@ -482,12 +482,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_pat
 def test_bad_configuration_fails_before_any_model_or_data_work(tiny_data, tmp_path, reference, monkeypatch, capsys):
     from dissect_fast.data import pipeline as train_data_mod
     from dissect_fast.train import main
-    from dissect_fast.training import loop as trainer_mod
+    from dissect_fast.training import build as build_mod
 
     def forbidden(*a, **k):
         raise AssertionError("model or loader built before the configuration was checked")
 
-    monkeypatch.setattr(trainer_mod, "create_model", forbidden)
+    monkeypatch.setattr(build_mod, "create_model", forbidden)
     monkeypatch.setattr(train_data_mod, "ShardDataset", forbidden)
     ref_dir, _ = reference
     ck = ckpt_io.load_checkpoint(str(ref_dir / "epoch_1.pt"))

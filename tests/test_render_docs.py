@@ -125,3 +125,22 @@ def test_this_repository_docs_match_their_results():
     its provenance and no measured number stands outside a generated block."""
     check = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr
+
+
+def test_only_a_gpu_result_may_be_archived(tree: Path):
+    """An old GPU result stays quotable with archived=yes (no GPU here to re-make it), labelled as such; an old
+    CPU result does not: it is re-made."""
+    doc = json.loads((tree / "benchmarks/results/r.json").read_text())
+    doc["commit"] = doc["commit"] + "+dirty"
+    (tree / "benchmarks/results/r.json").write_text(json.dumps(doc))
+    readme = tree / "README.md"
+    readme.write_text(readme.read_text().replace("group=method -->", "group=method archived=yes -->"))
+    assert render(tree).returncode == 0
+    check = render(tree, "--check")
+    assert check.returncode == 1 and "only a GPU result may be archived" in check.stderr, check.stderr
+    doc["device"] = "NVIDIA H100 80GB HBM3"
+    (tree / "benchmarks/results/r.json").write_text(json.dumps(doc))
+    assert render(tree).returncode == 0
+    assert "the current code is not measured on a GPU yet" in readme.read_text()
+    check = render(tree, "--check")
+    assert check.returncode == 0, check.stderr

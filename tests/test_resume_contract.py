@@ -17,7 +17,7 @@ from dissect_fast.train import main
 from dissect_fast.training import callbacks
 from dissect_fast.training import logs as logging_utils
 from dissect_fast.training.checkpoint import load_checkpoint
-from dissect_fast.training.loop import Trainer, cosine_lr
+from dissect_fast.training.loop import Trainer
 
 STEPS_PER_EPOCH = 6  # 240 samples / batch 40
 #: a dissect-warmup run with validation and an LR schedule of its own (none of these are the parser's defaults)
@@ -48,6 +48,14 @@ def warmup_run(finished_run, tmp_path):
     return tmp_path, "w", (tmp_path / "w" / "config.json").read_bytes()
 
 
+def openclip_cosine_lr(base: float, warmup: int, total: int, step: int) -> float:
+    """open_clip's cosine schedule (``open_clip_train.scheduler.cosine_lr``) at ``step``."""
+    from open_clip_train.scheduler import cosine_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    return cosine_lr(opt, base, warmup, total)(step)
+
+
 def test_resume_without_flags_keeps_the_run(warmup_run, finished_run):
     """`--resume latest --epochs 3` alone: selection, rate, warm-up, validation, model, LR and its schedule position
     are the checkpoint's (the parser's defaults would train k = B, no validation, lr 5e-4 warming up for 10,000
@@ -66,7 +74,7 @@ def test_resume_without_flags_keeps_the_run(warmup_run, finished_run):
     assert last["select/trained_samples"] == STEPS_PER_EPOCH * 12  # k = 0.3 x 40 per step, not the full batch
     assert "val/image_to_text_R@1" in last
     total = 3 * STEPS_PER_EPOCH
-    assert last["lr"] == pytest.approx(cosine_lr(total - 1, 2e-3, 3, total))  # the schedule's last step
+    assert last["lr"] == pytest.approx(openclip_cosine_lr(2e-3, 3, total, total - 1))  # the schedule's last step
     assert (logs / name / "config.json").read_bytes() == config_json
     (rec,) = read_jsonl(logs / name / "resumes.jsonl")
     assert rec["allowed"] == {"--epochs": [2, 3], "--logs": [str(finished_run.parent), str(logs)]}
@@ -119,14 +127,13 @@ def test_resume_without_a_checkpoint_empties_the_logs_it_rewrites(tiny_data, tmp
     `--resume latest` starts over from RUN/config.json's settings and writes each step once."""
 
     class Crash(callbacks.Callback):
-        def on_step_end(self, t, epoch, n_steps):
-            if t.step == 4:
+        def on_step_end(self, ctx, epoch, n_steps):
+            if ctx.step == 4:
                 raise RuntimeError("crash before the first checkpoint")
 
     selection = ["--select-strategy", "random", "--select-rate", "0.5"]
     argv = tiny_argv(tmp_path, "k", *selection, "--epochs", "1", "--log-every-n-steps", "1", data=tiny_data)
-    t = Trainer(config_from_args(argv))
-    t.callbacks.append(Crash())
+    t = Trainer(config_from_args(argv), callbacks=[Crash()])
     with pytest.raises(RuntimeError, match="crash"):
         t.fit()
     run = tmp_path / "k"

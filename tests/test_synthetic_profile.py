@@ -29,7 +29,7 @@ def train(logs, name, *extra, spy=None):
         step = t.train_step
 
         def spied(*a, **kw):
-            spy.append(t.timer)
+            spy.append(t.ctx.timer)
             return step(*a, **kw)
 
         t.train_step = spied
@@ -141,7 +141,7 @@ def test_profile_steps_writes_trace_top_ops_and_phases(tmp_path):
     )
     # the window's steps ran with the range marker; the others with no marker at all
     assert [type(m).__name__ for m in markers] == ["NoneType", "RangeMarker", "RangeMarker", "NoneType"]
-    assert t.timer is None
+    assert t.ctx.timer is None
     names = [e["name"] for e in _trace_events(tmp_path / "prof")]
     for phase in ("data", "score", "select", "train", "optim", "sync"):
         assert names.count(phase) == 2, (phase, names)

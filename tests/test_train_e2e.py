@@ -159,7 +159,7 @@ def test_short_epochs_record_every_warmup_epoch(tiny_data, tmp_path):
         "80",
         "--record",
     )
-    assert t.partial_epochs and t.strategy.record_every_warmup_epoch
+    assert t.data.partial_epochs and t.strategy.record_every_warmup_epoch
     recs = [np.load(tmp_path / "short" / "select_record" / f"record_{e}.npz") for e in (1, 2)]
     scored = [set(r["id"][~np.isnan(r["score"])].tolist()) for r in recs]
     assert all(len(s) == 80 for s in scored) and scored[0] - scored[1]  # epoch 0 read samples epoch 1 did not

@@ -15,8 +15,6 @@ import torch
 from dissect_fast.data.loader import ShardDataset, TorchLoader, eval_loader
 from dissect_fast.data.shards import (
     DatasetIndex,
-    check_id_ranges,
-    check_ids_known,
     count_mismatch,
     is_url,
     resolve_data,
@@ -27,7 +25,6 @@ from dissect_fast.data.synthetic_loader import (
     SyntheticLoader,
     model_image_size,
 )
-from dissect_fast.selection.strategies import HISTORY_STRATEGIES
 from dissect_fast.training.distributed import DistInfo
 from dissect_fast.training.reliability import RunStopped
 
@@ -53,14 +50,6 @@ class TrainData:
                 log.warning("--data-backend synthetic: --train-data %s is not read", d.train_data)
         else:
             self.train_shards, self.index = resolve_data(d.train_data, "--train-data", d.data_index)
-            if d.dataset_resampled and d.train_num_samples is None and self.index is None:
-                raise ValueError(
-                    "--dataset-resampled needs a known epoch size: give --train-num-samples, or shards "
-                    "with a dataset index (run `dissect-fast index` on them)"
-                )
-            check_ids_known(self.train_shards, self.index, "--train-data")
-            if self.index is not None:
-                check_id_ranges(self.index, "--train-data")
             if tokenizer is not None and self.index is not None and self.index.has_tokens:
                 log.warning(
                     "model %s does not use CLIP BPE: the shards' stored `tok` ids are ignored and captions "
@@ -87,12 +76,7 @@ class TrainData:
         )
         #: optimizer steps per epoch (the LR schedule counts these); each reads --accum-freq batches
         self.accum = accum
-        self.steps_per_epoch = self.num_samples // (d.batch_size * dist.world_size * accum)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{self.num_samples} training samples make no full batch of --batch-size {d.batch_size} "
-                f"x {dist.world_size} rank(s) x --accum-freq {accum}: lower the batch size or --accum-freq"
-            )
+        self.steps_per_epoch = self.num_samples // (d.batch_size * dist.world_size * accum)  # >= 1: preflight
         self.backend = self._backend()
         self._device_tf: dict = {}  #: the gpu backend's DeviceTransform per split (set by build_loaders)
         #: set by build_loaders: a TorchLoader, DaliLoader or SyntheticLoader (the val loader: None without --val-data)
@@ -108,33 +92,19 @@ class TrainData:
             return d.train_num_samples or DEFAULT_BATCHES * d.batch_size * self.dist.world_size
         if self.index is not None:
             return self.index.num_ids
-        if self.cfg.select.strategy in HISTORY_STRATEGIES or d.subset is not None:
-            raise ValueError(
-                f"--train-data {d.train_data}: no dataset index (index.json) beside the shards; "
-                f"the history buffer needs the id range: run `dissect-fast index` on them"
-            )
-        return d.train_num_samples or 1
+        return d.train_num_samples or 1  # no index: no history buffer and no --subset (preflight)
 
     def _subset_and_count(self) -> tuple[np.ndarray | None, int]:
         d = self.cfg.data
         if self.synthetic:
             return None, self.num_ids
-        n = d.train_num_samples or (self.index.num_samples if self.index is not None else None)
-        if n is None:
-            raise ValueError("--train-num-samples is needed: the shards have no dataset index (index.json)")
+        # an epoch size, a 1-D integer subset of unique ids in range: checked by preflight
+        n = d.train_num_samples or (self.index.num_samples if self.index is not None else 0)
         if d.subset is None:
             return None, n
         ids = np.load(d.subset)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"--subset {d.subset}: expected a 1-D integer array of sample ids")
-        if ids.size == 0:
-            raise ValueError(f"--subset {d.subset}: the subset is empty")
-        if ids.min() < 0 or ids.max() >= self.num_ids:
-            raise ValueError(f"--subset {d.subset}: ids outside [0, {self.num_ids}) of the training data")
         mask = np.zeros(self.num_ids, dtype=bool)
         mask[ids] = True
-        if mask.sum() != ids.size:
-            raise ValueError(f"--subset {d.subset}: duplicate ids")
         return mask, min(n, int(ids.size))
 
     def _backend(self) -> str:
@@ -146,11 +116,6 @@ class TrainData:
             return want
         cuda = self.device.type == "cuda"
         urls = any(is_url(s) for s in self.train_shards)
-        if want == "dali" and (urls or self.cfg.data.dataset_resampled):
-            raise ValueError(
-                "--data-backend dali reads local shard files in passes: use --data-backend gpu or torch for "
-                "webdataset URLs (pipe:, http://, ...) and --dataset-resampled"
-            )
         if want in ("torch", "gpu"):
             choice, why = want, "--data-backend " + want
             if want == "gpu" and not cuda:
@@ -162,11 +127,7 @@ class TrainData:
             from dissect_fast.data.dali_loader import dali_unavailable_reason
 
             reason = dali_unavailable_reason()
-            if want == "dali":
-                if reason:
-                    raise ValueError(
-                        f"--data-backend dali: {reason}; install nvidia-dali-cuda130 or use --data-backend gpu/torch"
-                    )
+            if want == "dali":  # DALI imports: checked by preflight
                 choice, why = "dali", "--data-backend dali"
             elif cuda and not reason:
                 choice, why = "dali", "auto: CUDA device and DALI imports"

@@ -235,12 +235,6 @@ def encode_id(i: int) -> bytes:
     return int(i).to_bytes(8, "little", signed=True)
 
 
-def decode_id(b: bytes) -> int:
-    if len(b) != 8:
-        raise ValueError(f"id field has {len(b)} bytes, expected 8")
-    return int.from_bytes(b, "little", signed=True)
-
-
 def tokenizer_for(context_length: int = DEFAULT_CONTEXT_LENGTH):
     """open_clip's default (CLIP BPE) tokenizer, which every open_clip model without an HF text tower uses."""
     from open_clip.tokenizer import SimpleTokenizer

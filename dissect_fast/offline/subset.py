@@ -1,9 +1,10 @@
 """Offline subset selection: ``dissect-fast select-subset`` (random | clipscore | clipcov).
 
 Reads an embeddings directory (``dissect-fast embed``), picks ``m = floor(fraction * N + 0.5)``
-samples (nearest integer, halves rounded up; at least one), and writes their ids, sorted, as an
+samples (nearest integer, halves rounded up; at least one; ``--clipcov-score notebook``: ``int(N * fraction)``,
+the notebook's budget), and writes their ids, sorted, as an
 int64 ``.npy`` that the trainer reads with ``--subset FILE``; a ``.json`` beside it records what
-was chosen. See METHOD.md, "Offline subset selection".
+was chosen. See docs/method.md and docs/clipcov-notebook.md.
 """
 
 from __future__ import annotations
@@ -98,17 +99,19 @@ class SubsetResult:
         return out
 
 
-def budget_for(fraction: float, n: int) -> int:
-    """m = floor(fraction * N + 0.5), validated: 0 < fraction <= 1 and m >= 1."""
+def budget_for(fraction: float, n: int, truncate: bool = False) -> int:
+    """m = floor(fraction * N + 0.5) (``truncate``: int(N * fraction), the reference notebook's rule), validated:
+    0 < fraction <= 1 and m >= 1."""
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or math.isnan(fraction):
         raise ValueError(f"--fraction must be a number in (0, 1], got {fraction!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"--fraction must be in (0, 1] (e.g. 0.3 keeps 30%), got {fraction}")
     if n < 1:
         raise ValueError("the embeddings directory holds no samples")
-    m = min(n, math.floor(fraction * n + 0.5))
+    m = min(n, int(n * fraction) if truncate else math.floor(fraction * n + 0.5))
     if m < 1:
-        raise ValueError(f"--fraction {fraction} of {n} samples selects none; use at least {0.5 / n:.3g}")
+        least = 1 / n if truncate else 0.5 / n
+        raise ValueError(f"--fraction {fraction} of {n} samples selects none; use at least {least:.3g}")
     return m
 
 
@@ -180,7 +183,7 @@ def select_subset(
             "or use --clipcov-score paper"
         )
     n = len(emb)
-    m = budget_for(fraction, n)
+    m = budget_for(fraction, n, truncate=cfg.score == "notebook")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     cos = pair_cosines(emb, device)

@@ -1,5 +1,6 @@
-"""The strategies' names, reference aliases and groups: what the flags need, without torch (``--help`` and
-config checks import this, not the strategies themselves)."""
+"""The strategies' names, reference aliases and groups: what the flags and the config checks need, without torch
+(``--help`` and the config import this, not the strategies themselves; tests/test_selection.py checks that the
+groups agree with the strategy classes)."""
 
 from __future__ import annotations
 
@@ -16,30 +17,18 @@ STRATEGIES: dict[str, str | None] = {
     "warmup-clipscore": None,  # this project's score-level variant (not in the reference code)
     "warmup-snapshot": None,  # this project's frozen-score variant, no scoring pass after the warm-up
 }
-_ALIASES = {alias: name for name, alias in STRATEGIES.items() if alias}
-_ALIASES.update(
-    {
-        "none": "full",
-        "dissect_momentum": "dissect-momentum",
-        "dissect_warmup": "dissect-warmup",
-        "dissect_gain": "dissect-gain",
-        "warmup_clipscore": "warmup-clipscore",
-        "warmup_snapshot": "warmup-snapshot",
-        "ours": "dissect-warmup",
-    }
-)  # the reference code's default --select-strategy name
-
-
-def resolve_strategy(name: str) -> str:
-    """Canonical strategy name for a name or a reference alias; KeyError with the valid names otherwise."""
-    if name in STRATEGIES:
-        return name
-    if name in _ALIASES:
-        return _ALIASES[name]
-    valid = ", ".join(list(STRATEGIES) + sorted(a for a in _ALIASES if a not in STRATEGIES))
-    raise KeyError(f"--select-strategy: unknown strategy {name!r}; choose one of: {valid}")
+#: every other spelling --select-strategy takes -> the name it stands for (SelectConfig applies it): the reference code's names, its default
+#: name `ours`, `none` and the underscore spellings of this project's names
+STRATEGY_ALIASES: dict[str, str] = {
+    **{alias: name for name, alias in STRATEGIES.items() if alias and alias != name},
+    "none": "full",
+    "ours": "dissect-warmup",
+    **{name.replace("-", "_"): name for name in STRATEGIES if "-" in name},
+}
 
 
 #: strategies with a warm-up phase and a frozen snapshot (--warmup-point, --warmup-train apply): the subclasses of
-#: strategies.DissectWarmup (tests/test_selection.py checks the two agree)
+#: strategies.DissectWarmup
 WARMUP_STRATEGIES: tuple[str, ...] = ("dissect-warmup", "dissect-gain", "warmup-clipscore", "warmup-snapshot")
+#: strategies that keep a history buffer indexed by sample id (they need the dataset's id range)
+HISTORY_STRATEGIES: tuple[str, ...] = ("dissect-momentum", *WARMUP_STRATEGIES)

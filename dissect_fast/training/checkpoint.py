@@ -23,6 +23,8 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -324,6 +326,110 @@ def strip_prefixes(sd: dict) -> dict:
             k = k.replace(p, "")
         out[k] = v
     return out
+
+
+class Stateful(Protocol):
+    """Anything a checkpoint holds: it saves and loads itself."""
+
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+#: a Part's key for a component whose state dict's own keys sit at the checkpoint's top level (open_clip reads
+#: ``epoch`` there, and older checkpoints have them there)
+TOP = ""
+
+
+@dataclass
+class Part:
+    """One stateful component of a checkpoint, under ``key`` (``TOP``: merged into the top level). ``optional``:
+    checkpoints written before the component existed lack it; it then loads ``{}``."""
+
+    key: str
+    obj: Stateful
+    optional: bool = False
+
+
+def gather_state(parts: list[Part]) -> dict:
+    """The checkpoint state of ``parts``: each component's ``state_dict()`` under its key."""
+    out: dict = {}
+    for p in parts:
+        sd = p.obj.state_dict()
+        if p.key == TOP:
+            out.update(sd)
+        else:
+            out[p.key] = sd
+    return out
+
+
+def restore_state(parts: list[Part], state: dict) -> None:
+    """Load ``state`` (a checkpoint, as :func:`gather_state` writes it) into ``parts``, in list order."""
+    for p in parts:
+        if p.key == TOP:
+            p.obj.load_state_dict(state)
+        elif p.key in state or not p.optional:
+            p.obj.load_state_dict(state[p.key])
+        else:
+            p.obj.load_state_dict({})
+
+
+def check_model_name(state: dict, model_name: str, where: str) -> None:
+    """A checkpoint continues only the model it was trained with (``where``: the flag and file, for the message)."""
+    if state.get("model_name") != model_name:
+        raise ValueError(
+            f"{where}: checkpoint was trained with model {state.get('model_name')!r}, this run builds "
+            f"{model_name!r}: pass the same --model"
+        )
+
+
+class ModelWeights:
+    """The model's weights under ``state_dict`` (open_clip's key), without compile/DDP prefixes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return strip_prefixes(self.model.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+class RunIdentity:
+    """What the checkpoint was trained as: model name, model config (rebuilds the model anywhere), the resolved
+    run config. Loading checks nothing more: ``resume.find_resume`` checked it before the model was built."""
+
+    def __init__(self, model_name: str, model_cfg: dict | None, config: dict) -> None:
+        self.model_name, self.model_cfg, self.config = model_name, model_cfg, config
+
+    def state_dict(self) -> dict:
+        return {"model_name": self.model_name, "model_cfg": self.model_cfg, "config": self.config}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class RngStreams:
+    """Python's, NumPy's and torch's (CPU and CUDA) global RNG streams."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+class GeneratorState:
+    """A ``torch.Generator``'s stream (the selection's)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 class Checkpointer:

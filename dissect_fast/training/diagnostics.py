@@ -94,6 +94,43 @@ class EpochDiagnostics:
         return a
 
 
+def selecting(strategy, epoch: int) -> bool:
+    """Whether ``strategy`` selects in ``epoch``: it trains a chosen subset of each batch, past any warm-up (a
+    warm-up epoch trains the full batch or a random subset) and not on the full data."""
+    in_warmup = getattr(strategy, "in_warmup", None)  # the warm-up strategies' (selection.strategies.DissectWarmup)
+    return not strategy.trains_full_batch(epoch) and not (in_warmup is not None and in_warmup(epoch))
+
+
+def epoch_accounting(
+    diag: EpochDiagnostics, strategy, epoch: int, batches: int, batch_size: int, accum: int, dist
+) -> dict:
+    """The epoch's compute accounting over all ranks, for metrics.jsonl: ``samples_forwarded`` (samples through a
+    forward pass: the scoring pass over every batch when the strategy scores, plus the trained samples' training
+    forward, twice under --accum-freq > 1, whose no-grad forward is re-run with grad), ``samples_trained`` (samples
+    backpropagated), ``selecting`` (``selecting``) and, with clean flags, ``clean_share_trained`` (share of the
+    trained samples that were clean). ``batches``: batches each rank read in the epoch. Every rank trains the same
+    number of samples per batch (a shape), so the counts scale with the world size; the clean share is reduced
+    over the ranks (one small all-reduce, at the epoch's end)."""
+    world = dist.world_size
+    counts = torch.stack([diag.n_trained, diag.n_clean_trained])
+    if diag.clean is not None and dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(counts)
+    else:
+        counts = counts * world
+    trained = int(counts[0])
+    scored = batches * batch_size * world if strategy.needs_scoring(epoch) else 0
+    out: dict = {
+        "samples_forwarded": scored + trained * (2 if accum > 1 else 1),
+        "samples_trained": trained,
+        "selecting": selecting(strategy, epoch),
+    }
+    if diag.clean is not None:
+        out["clean_share_trained"] = float(counts[1]) / max(1, trained)
+    return out
+
+
 def write_record(diag: EpochDiagnostics, dist, history, strategy: str, run_dir: str, epoch: int) -> str | None:
     """--record: ``RUN/select_record/record_{epoch + 1}.npz`` (1-based, like metrics.jsonl and the checkpoints)
     with one row per sample id scored or trained in the epoch: ``id``, ``selected`` (times trained; 0 = scored,

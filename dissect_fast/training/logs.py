@@ -10,7 +10,6 @@ dispatched asynchronously.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -23,32 +22,6 @@ from dissect_fast.ioutil import atomic_write
 log = logging.getLogger("dissect_fast")
 
 STEPS_FILE = "steps.jsonl"
-REPORT_TARGETS = ("tensorboard", "wandb")
-
-
-def parse_report_to(value: str) -> str:
-    """--report-to as open_clip takes it (``tensorboard``, ``wandb``, ``wandb,tensorboard``; ``all`` = both;
-    ``none`` or empty = neither), normalised to ``none``, ``tensorboard``, ``wandb`` or ``wandb,tensorboard``."""
-    parts = {p.strip() for p in str(value).split(",") if p.strip()}
-    if "all" in parts:
-        parts = (parts - {"all"}) | set(REPORT_TARGETS)
-    parts.discard("none")
-    unknown = parts - set(REPORT_TARGETS)
-    if unknown:
-        raise ValueError(
-            f"--report-to takes tensorboard, wandb, 'wandb,tensorboard' or none, got {value!r} "
-            f"(unknown: {', '.join(sorted(unknown))})"
-        )
-    return ",".join(t for t in ("wandb", "tensorboard") if t in parts) or "none"
-
-
-def check_wandb_installed() -> None:
-    """--report-to wandb without wandb: fail at set-up, before any run folder exists."""
-    if importlib.util.find_spec("wandb") is None:
-        raise ValueError(
-            "--report-to wandb: wandb is not installed: `pip install wandb` (and `wandb login`, or "
-            "WANDB_MODE=offline), or drop wandb from --report-to"
-        )
 
 
 def init_wandb(run_cfg, config: dict, run_dir: str):

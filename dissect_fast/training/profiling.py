@@ -1,7 +1,7 @@
 """Where a training step's time goes: the step's phases, and the ``--profile-steps A:B`` window.
 
 The trainer splits every step into :data:`PHASES` and reports their boundaries to a *phase marker*
-(``Trainer.timer``, None by default: then the step runs none of this code): ``step()`` as a step
+(``callbacks.Context.timer``, None by default: then the step runs none of this code): ``step()`` as a step
 begins (its first phase, ``data``, is the wait for the batch), ``mark(phase)`` as ``phase`` ends
 and the next phase of :data:`PHASES` begins. The phases are defined here once; two markers read them:
 

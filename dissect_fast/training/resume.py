@@ -12,20 +12,19 @@ started with. On ``--resume`` (:func:`fill_resume_values`, called while the flag
   training itself, and is refused, with one line naming every such flag (old -> new), unless
   ``--resume-override`` is given (then it is applied and recorded as an override).
 
-:func:`resume_changes` makes that comparison (the Trainer calls it with the checkpoint it resumes from, or with
-RUN/config.json when the run has no checkpoint yet); ``run_folder.write_run_start`` appends its result to
+:func:`resume_changes` makes that comparison (:func:`find_resume` calls it with the checkpoint a run resumes from, or
+with RUN/config.json when the run has no checkpoint yet); ``run_folder.write_run_start`` appends its result to
 ``RUN/resumes.jsonl`` (``config.json`` itself is never rewritten).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 from typing import Any
 
-from dissect_fast.config import ConfigError, TrainConfig, _dest, _flags, _sections, build_parser
+from dissect_fast.config import TrainConfig, _flags, _sections
 
 #: Config fields (``section.field``) a resume may change without ``--resume-override``: epochs (extend or
 #: shorten the run), where the run folder is, loader workers and the bad-data policy, the device and compilation,
@@ -75,91 +74,6 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset(
 
 #: fields that differ on every resume by construction: not worth a line in the record
 _NOT_RECORDED = frozenset({"run.resume", "run.resume_override"})
-#: options never taken from the checkpoint: where the run is found (the command line's --logs/--name, even when the
-#: run folder was moved), the resume itself, and --resume-override (an override holds for the start that gives it)
-_NEVER_FILLED = frozenset({"run.logs", "run.name", "run.resume", "run.resume_override"})
-
-
-def given_dests(argv: list[str]) -> set[str]:
-    """The argparse destinations given on the command line ``argv`` (parsed again with every default
-    suppressed, so a flag given with its default value counts as given)."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    known, _ = parser.parse_known_args(argv)
-    return set(vars(known))
-
-
-def resume_source(resume: str | None, logs: str, name: str | None) -> tuple[str, dict] | None:
-    """(where, resolved config dict) that ``--resume`` continues: the checkpoint's ``config`` (the one the Trainer
-    will resume from: ``latest`` = the run's newest intact checkpoint, kept loaded for it), else, for ``latest`` in
-    a run that has no checkpoint yet, its RUN/config.json. None: nothing to continue (no --resume, no --name to
-    find the run by, a missing file, a checkpoint without a config such as open_clip's)."""
-    from dissect_fast.training import checkpoint as ckpt_io
-
-    if resume is None:
-        return None
-    if resume == "latest":
-        if name is None:
-            return None
-        run_dir = os.path.join(logs, name)
-        found = ckpt_io.find_resumable(
-            os.path.join(run_dir, "checkpoints"), keep=True, report=False
-        )  # the Trainer logs
-        if found is None:
-            path = os.path.join(run_dir, "config.json")
-            return (path, _read_json(path)) if os.path.isfile(path) else None
-        path, state = found
-    else:
-        if not os.path.isfile(resume):
-            return None  # RunConfig says so, naming --resume
-        path, state = resume, ckpt_io.load_checkpoint(resume, keep=True)
-    cfg = state.get("config")
-    return (path, cfg) if isinstance(cfg, dict) else None
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume latest: {path} cannot be read ({e}): restore it, or start a new --name") from e
-
-
-def fill_resume_values(values: dict[str, Any], argv: list[str]) -> dict[str, Any]:
-    """The parsed options ``values`` with every option not given in ``argv`` set to the resumed run's value (see
-    the module's docstring); ``values`` unchanged without --resume or without a config to resume."""
-    from dissect_fast.training.checkpoint import CheckpointError
-    from dissect_fast.training.distributed import elastic_restart_count
-
-    if values.get("resume_override") and values.get("resume") is None:
-        raise ConfigError("--resume-override applies to a resumed run: add --resume latest (or a checkpoint path)")
-    if elastic_restart_count() > 0 and values.get("resume") is None:
-        return values  # a torchelastic restart runs the first attempt's command line again: nothing to fill
-    try:
-        found = resume_source(values.get("resume"), values["logs"], values.get("name"))
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    if found is None:
-        return values
-    old = found[1]
-    given = given_dests(argv)
-    out = dict(values)
-    for section_name, section in _sections().items():
-        old_section = old.get(section_name) or {}
-        for f in dataclasses.fields(section):
-            dest = _dest(f)
-            if dest in given or f.name not in old_section or f"{section_name}.{f.name}" in _NEVER_FILLED:
-                continue
-            value = old_section[f.name]
-            out[dest] = (not value) if f.metadata["negate"] else value
-    # the reference's --select switch and --select-strategy: the checkpoint's strategy unless either is given
-    if "select" in given and "select_strategy" not in given:
-        out["select_strategy"] = values["select_strategy"]  # --select alone: dissect-warmup, as on a first start
-    # --no-tensorboard is derived from --report-to in the config: a --report-to given now decides alone
-    if "report_to" in given and "no_tensorboard" not in given:
-        out["no_tensorboard"] = values["no_tensorboard"]
-    return out
 
 
 @dataclasses.dataclass
@@ -169,6 +83,10 @@ class ResumeChanges:
     source: str  #: the checkpoint (or RUN/config.json) compared with
     allowed: dict[str, list] = dataclasses.field(default_factory=dict)  #: fields in RESUME_MAY_CHANGE
     overrides: dict[str, list] = dataclasses.field(default_factory=dict)  #: others, applied by --resume-override
+
+    def record(self) -> dict:
+        """The part of a RUN/resumes.jsonl line that names the changes."""
+        return {"allowed": self.allowed, "overrides": self.overrides}
 
 
 def resume_changes(old: dict, cfg: TrainConfig, source: str) -> ResumeChanges:
@@ -208,3 +126,45 @@ def _same(a: Any, b: Any) -> bool:
 
 def _show(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """What this start of a run continues: the checkpoint (path and state; None: a fresh start) and the record
+    of what it resumed and changed (a line of RUN/resumes.jsonl; None: a fresh run)."""
+
+    path: str | None = None
+    state: dict | None = None
+    record: dict | None = None
+
+
+def find_resume(cfg: TrainConfig, checkpointer, run_dir: str, model_name: str, num_ids: int) -> ResumePoint:
+    """The checkpoint this run resumes from (``Checkpointer.load_resume``), checked against this run before any
+    model is built: the same model, id range and config (:func:`resume_changes`: flags that change the training
+    are refused unless --resume-override). A resume with no checkpoint yet is checked against RUN/config.json."""
+    from dissect_fast.training.checkpoint import check_model_name
+    from dissect_fast.training.distributed import elastic_restart_count
+
+    restarted = elastic_restart_count() > 0
+    found = checkpointer.load_resume(cfg.run.resume, restarted)
+    if found is None:
+        config_json = os.path.join(run_dir, "config.json")
+        if (cfg.run.resume is None and not restarted) or not os.path.isfile(config_json):
+            return ResumePoint()
+        with open(config_json) as f:
+            changes = resume_changes(json.load(f), cfg, config_json)
+        return ResumePoint(record={"resumed_from": None, **changes.record()})
+    path, state = found
+    check_model_name(state, model_name, f"--resume {path}")
+    h = (state.get("strategy") or {}).get("history")
+    if h is not None and h["values"].numel() != num_ids:
+        raise ValueError(
+            f"--resume {path}: its history buffer has {h['values'].numel()} entries but --train-data has an id "
+            f"range of {num_ids}: resume with the training data the checkpoint was trained on"
+        )
+    if isinstance(state.get("config"), dict):
+        record = {"resumed_from": path, **resume_changes(state["config"], cfg, path).record()}
+    else:  # an open_clip checkpoint, say: nothing to compare with
+        record = {"resumed_from": path, "note": "the checkpoint holds no config: the flags given apply"}
+    record.update(epoch=state.get("epoch"), step=state.get("step"))
+    return ResumePoint(path, state, record)

@@ -7,12 +7,9 @@ step, so a resumed run picks the schedule up where it left off.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 
 import torch
-
-LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
 
 
 def make_scheduler(optimizer, optim, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
@@ -29,9 +26,7 @@ def make_scheduler(optimizer, optim, steps_per_epoch: int, total_steps: int) -> 
         return oc.cosine_lr(optimizer, optim.lr, optim.warmup, total_steps)
     if name == "const":
         return oc.const_lr(optimizer, optim.lr, optim.warmup, total_steps)
-    if name == "const-cooldown":
-        if optim.epochs_cooldown is None:
-            raise ValueError("--lr-scheduler const-cooldown needs --epochs-cooldown N (the epochs of the cooldown)")
+    if name == "const-cooldown":  # --epochs-cooldown given: checked with the config
         cooldown_steps = steps_per_epoch * optim.epochs_cooldown
         return oc.const_lr_cooldown(
             optimizer,
@@ -42,13 +37,7 @@ def make_scheduler(optimizer, optim, steps_per_epoch: int, total_steps: int) -> 
             optim.lr_cooldown_power,
             optim.lr_cooldown_end,
         )
-    raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {name!r}")
-
-
-def lr_at(step: int, optim, steps_per_epoch: int, total_steps: int) -> float:
-    """The schedule's LR at global step ``step``, computed without touching an optimizer."""
-    holder = types.SimpleNamespace(param_groups=[{}])
-    return make_scheduler(holder, optim, steps_per_epoch, total_steps)(step)
+    raise AssertionError(name)  # --lr-scheduler's choices are checked with the config
 
 
 def set_cuda_defaults(device: torch.device) -> None:

@@ -2,7 +2,7 @@
 
 A :class:`dissect_fast.training.profiling.PhaseMarker`: the trainer calls ``mark(phase)`` at the end of each
 phase of a step (the phases: ``dissect_fast.training.profiling.PHASES``) when a timer is attached
-(``Trainer.timer``; None by default, and then the step runs no timing code at all). A segment
+(``callbacks.Context.timer``; None by default, and then the step runs no timing code at all). A segment
 between two consecutive marks is charged to the later mark's phase. On CUDA every mark records
 an event into the current stream (no host synchronisation), so phases are measured on the GPU's
 timeline: a host stall (e.g. waiting for data) only shows where it leaves the GPU idle. Events
@@ -81,9 +81,9 @@ class TimedSteps(PhaseTiming):
     """A callback that times global steps ``start .. start + blocks * block - 1`` of ``Trainer.fit``, per phase,
     and leaves every other step untimed (the trainer runs no timing code outside the window).
 
-    Each block of ``block`` steps gets a fresh :class:`PhaseTimer` (``trainer.timer``): the device is synchronised
+    Each block of ``block`` steps gets a fresh :class:`PhaseTimer` (``ctx.timer``): the device is synchronised
     before the block's first step and after its last, so a block's steps are measured whole. ``before_block``:
-    a function of the trainer called before each block (``benchmarks/bench_train.py`` hands its turn to the next
+    a function of the callbacks.Context called before each block (``benchmarks/bench_train.py`` hands its turn to the next
     configuration there). After the fit: ``step_s`` (per-step seconds), ``phases`` (per-step seconds per phase),
     ``wall_s`` (host wall-clock of the blocks). A subclass of PhaseTiming, so the trainer adds no second one."""
 
@@ -96,24 +96,24 @@ class TimedSteps(PhaseTiming):
         self._timer: PhaseTimer | None = None
         self._w0 = 0.0
 
-    def on_step_start(self, t) -> None:
-        if self.start <= t.step < self.end and (t.step - self.start) % self.block == 0:
+    def on_step_start(self, ctx) -> None:
+        if self.start <= ctx.step < self.end and (ctx.step - self.start) % self.block == 0:
             if self.before_block is not None:
-                self.before_block(t)
-            _sync(t.device)
-            t.timer = self._timer = PhaseTimer(t.device)
+                self.before_block(ctx)
+            _sync(ctx.device)
+            ctx.timer = self._timer = PhaseTimer(ctx.device)
             self._w0 = time.perf_counter()
-        super().on_step_start(t)  # the timer's step boundary (and a --profile-steps window, if any)
+        super().on_step_start(ctx)  # the timer's step boundary (and a --profile-steps window, if any)
 
-    def on_step_end(self, t, epoch: int, n_steps: int) -> None:
-        if self._timer is not None and (t.step - self.start) % self.block == 0:  # the block's last step
+    def on_step_end(self, ctx, epoch: int, n_steps: int) -> None:
+        if self._timer is not None and (ctx.step - self.start) % self.block == 0:  # the block's last step
             self._timer.step()
-            _sync(t.device)
+            _sync(ctx.device)
             self.wall_s += time.perf_counter() - self._w0
             res = self._timer.collect()
             self.step_s += res["step_s"]
             self.phases += res["per_step_phases_s"]
-            t.timer = self._timer = None
+            ctx.timer = self._timer = None
 
 
 def _sync(device: torch.device) -> None:
