@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     doc = harness.header("bad_input", "bench_bad_input", device="cpu", argv=argv)
     cmd = [sys.executable, "-m", "benchmarks.bench_bad_input", "--png-child", "--png-side", str(a.png_side)]
-    env = {**os.environ, "PYTHONPATH": str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    child = subprocess.run(cmd, capture_output=True, text=True, check=True, env=harness.ENV)
     doc["png"] = {"side": a.png_side, **json.loads(child.stdout.strip().splitlines()[-1]), "target_mb": 100}
     print("png:", doc["png"], flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_bad_input_") as tmp:
@@ -142,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(s)
                 print(f"{name} epoch {r + 1}: {s:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    doc["caption"] = {"chars": a.caption_chars, "epoch_s": times, "median_epoch_s": med, "target_ratio": 2.0,
-                      "ratio_long_over_plain": med["long"] / med["plain"], "data_counts": counts}  # fmt: skip
+    doc["caption"] = {"chars": a.caption_chars, "epoch_s": times, "median_epoch_s": med, "target_ratio": 2.0}
+    doc["caption"].update(ratio_long_over_plain=med["long"] / med["plain"], data_counts=counts)
     out = harness.write_json(harness.result_path("bad-input", "cpu", a.out), doc)
     print(f"caption ratio {doc['caption']['ratio_long_over_plain']:.2f}x; png +{doc['png']['added_peak_mb']:.1f} MB")
     print(f"wrote {out}")

@@ -35,6 +35,8 @@ from benchmarks import harness
 FLICKR = harness.ROOT.parent / "shared" / "data" / "flickr8k-dev" / "images"
 PROVIDERS = ("torch-float", "torch-uint8", "gpu-decode", "open_clip-wds", "dali")
 TARGET_DALI_IMAGES_S, TARGET_SPEEDUP = 8000, 3.0
+SIZES = {"batch-size": (256, 32), "batches": (100, 16), "warmup": (10, 3), "unique": (4000, 200)}
+SIZES |= {"samples": (32768, 1600), "shuffle-buffer": (256, 32)}  # flag: (default, --quick default)
 
 
 def photo_jpeg(item: tuple[int, str | None]) -> bytes:
@@ -170,8 +172,10 @@ def providers(a, names: list[str], shards: list[str], index, tf, device, bs: int
                 out.append(({**row, "skipped": reason}, None))
                 continue
             row.update(decode_device=device.type + (" (nvjpeg, mixed)" if device.type == "cuda" else " (DALI CPU)"))
-            make: Callable[[], Any] = partial(DaliLoader, shards, bs, 77, Preprocess.from_transform(tf), train=True,
-                device=device, workers=w, index=index, shuffle_buffer=buf, hw_decoder_load=a.hw_decoder_load)  # fmt: skip
+            kw = {"device": device, "workers": w, "index": index, "shuffle_buffer": buf}
+            make: Callable[[], Any] = partial(
+                DaliLoader, shards, bs, 77, Preprocess.from_transform(tf), train=True, **kw
+            )
         elif name == "open_clip-wds":
             try:
                 import open_clip_train.data  # noqa: F401
@@ -185,8 +189,9 @@ def providers(a, names: list[str], shards: list[str], index, tf, device, bs: int
             ds = EncodedShardDataset(shards, bs, None, 77, train=True, shuffle_buffer=buf)
             make = partial(DeviceDecodeLoader, ds, DeviceTransform.from_transform(tf), w, device, drop_last=True)
         else:
-            ds = ShardDataset(shards, bs, _FloatPath(tf) if name == "torch-float" else tf, 77, train=True,
-                              shuffle_buffer=buf)  # fmt: skip
+            ds = ShardDataset(
+                shards, bs, _FloatPath(tf) if name == "torch-float" else tf, 77, train=True, shuffle_buffer=buf
+            )
             make = partial(TorchLoader, ds, w, device, drop_last=True)
         if ds is not None:  # one sample's image as a loader worker ships it
             first = next(iter(ds))[1:-1]  # (kind, images or bytes, ..., counts)
@@ -220,22 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes: about 2-3 minutes on 2 CPU cores")
-    for flag, full, quick in (("batch-size", 256, 32), ("batches", 100, 16), ("warmup", 10, 3), ("unique", 4000, 200),
-                              ("samples", 32768, 1600), ("shuffle-buffer", 256, 32)):  # fmt: skip
+    for flag, (full, quick) in SIZES.items():
         p.add_argument(f"--{flag}", type=int, default=None, help=f"default {full} ({quick} with --quick)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers and DALI threads")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per provider, alternating (median kept)")
     p.add_argument("--source", default="auto", choices=("auto", "flickr8k-dev", "generated"))
-    p.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI: share of the hardware JPEG decoder")
     p.add_argument("--data", default=None, help="keep the generated shards here (reused when present)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/data-DEVICE-DATE.json)")
-    p.add_argument("--commit", default=None, help="commit to record (default: the checkout's)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
     a = p.parse_args(argv)
-    for flag, full, quick in (("batch_size", 256, 32), ("batches", 100, 16), ("warmup", 10, 3), ("unique", 4000, 200),
-                              ("samples", 32768, 1600), ("shuffle_buffer", 256, 32)):  # fmt: skip
-        setattr(a, flag, getattr(a, flag) or (quick if a.quick else full))
+    for flag, (full, quick) in SIZES.items():
+        key = flag.replace("-", "_")
+        setattr(a, key, getattr(a, key) or (quick if a.quick else full))
     if bad := set(a.providers.split(",")) - set(PROVIDERS):
         p.error(f"--providers: unknown {sorted(bad)}; choose from {', '.join(PROVIDERS)}")
     a.workers, device = max(1, a.workers), torch.device(a.device)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"B/sample (run {rep + 1}/{a.repeats})")  # fmt: skip
     rows = [row for row, _ in made]
     result = {
-        **harness.header("data_loader_throughput", "bench_data", device, argv, ("PIL", "nvidia.dali"), a.commit),
+        **harness.header("data_loader_throughput", "bench_data", device, argv, ("PIL", "nvidia.dali")),
         **{"device_type": device.type, "quick": a.quick, "timed_batches_cross_epochs": crosses, "dataset": dataset},
         "note": "worker_bytes_per_sample: one sample's image as a loader worker ships it to the training process "
         "(float32 3x224x224 = 602,112; uint8 = 150,528; gpu-decode: the encoded JPEG). On a CPU device the "

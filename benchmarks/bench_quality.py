@@ -7,7 +7,6 @@ every strategy trains the same model, epochs, schedule and seed (``harness.grid_
     python -m benchmarks.bench_quality --grid reduced             # CPU grid, about an hour on 2 cores
     python -m benchmarks.bench_quality --grid full --device cuda
     python -m benchmarks.bench_quality --grid quick --out /tmp/q  # 1 seed, 2 strategies, tiny data (tests)
-    python -m benchmarks.bench_quality --plots-only --json benchmarks/results/quality-cpu-reduced.json
 """
 
 from __future__ import annotations
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     tag = a.tag or f"{a.device}-{a.grid}"
-    return harness.grid_main(p, a, "quality", tag, fields, plan_runs(g), run_one, describe, 0.5)
+    return harness.grid_main(p, a, "quality", tag, fields, plan_runs(g), run_one, describe)
 
 
 if __name__ == "__main__":

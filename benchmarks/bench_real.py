@@ -7,7 +7,6 @@ Every run trains the same model, epochs, schedule and seed (``harness.grid_main`
 
     python -m benchmarks.bench_real --data ../shared/data/flickr8k-dev          # the CPU grid
     python -m benchmarks.bench_real --data DIR --grid quick --out /tmp/r         # tiny (tests)
-    python -m benchmarks.bench_real --plots-only --json benchmarks/results/real-flickr8k-dev-cpu.json
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="folder with captions.csv and images/ (e.g. flickr8k-dev)")
     p.add_argument("--data-name", default=None, help="how results name the data (default: the folder's name)")
     a = p.parse_args(argv)
-    if not a.plots_only and not a.data:
+    if not a.data:
         p.error("--data is required (a folder with captions.csv and images/, e.g. ../shared/data/flickr8k-dev)")
     g, work = GRIDS[a.grid], a.work or "runs/bench_real"
     name = a.data_name or os.path.basename(os.path.normpath(a.data or "data"))
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     tag = a.tag or f"{name}-{a.device}-{a.grid}"
-    return harness.grid_main(p, a, "real", tag, fields, plan_runs(g), run_one, describe, NOISE_MAIN)
+    return harness.grid_main(p, a, "real", tag, fields, plan_runs(g), run_one, describe)
 
 
 if __name__ == "__main__":

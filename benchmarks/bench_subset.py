@@ -68,7 +68,7 @@ def worker(a: argparse.Namespace) -> dict:
     anonymous RSS in a thread."""
     n, cuda = int(float(a.n)), a.device.startswith("cuda")
     t0 = time.perf_counter()
-    emb, class_emb = generate(Path(a.tmp), n, a.dim, a.classes, a.seed, a.device)  # the parent removes a.tmp
+    emb, class_emb = generate(Path(a.tmp), n, a.dim, a.classes, 0, a.device)  # the parent removes a.tmp
     gen_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.synchronize()
@@ -80,8 +80,7 @@ def worker(a: argparse.Namespace) -> dict:
         while not stop.wait(0.02):
             peak[0] = max(peak[0], rss_anon())
 
-    block = None if a.block_mib is None else a.block_mib << 20
-    cfg = ClipCovConfig(approx=a.approx, device=a.device, block_bytes=block, max_class_size=a.max_class_size)
+    cfg = ClipCovConfig(approx=a.approx, device=a.device)
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     res = select_subset(emb, "clipcov", a.fraction, class_names_emb=class_emb, device=a.device, config=cfg)
@@ -110,36 +109,30 @@ def worker(a: argparse.Namespace) -> dict:
 def measure(a: argparse.Namespace, size: str, approx: str) -> dict:
     """One (size, approx) in a subprocess (``--timeout`` seconds); its row, or the error."""
     cmd = [sys.executable, "-m", "benchmarks.bench_subset", "--worker", "--n", size, "--approx", approx]
-    for flag in ("device", "dim", "classes", "fraction", "seed", "max_class_size", "block_mib"):
-        if getattr(a, flag) is not None:
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+    for flag in ("device", "dim", "classes", "fraction"):
+        cmd += [f"--{flag}", str(getattr(a, flag))]
     t0, tmp = time.perf_counter(), tempfile.mkdtemp(dir=a.tmp, prefix="bench_subset_")
-    env = {**os.environ, "PYTHONPATH": str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
-        p = subprocess.run([*cmd, "--tmp", tmp], capture_output=True, text=True, timeout=a.timeout, env=env)
+        p = subprocess.run([*cmd, "--tmp", tmp], capture_output=True, text=True, timeout=a.timeout, env=harness.ENV)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
         row = json.loads(lines[-1][4:]) if lines and not p.returncode else {"error": p.stderr[-2000:]}
     except subprocess.TimeoutExpired:
         row = {"error": f"timeout after {a.timeout:.0f}s"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"n": int(float(size)), "approx": approx, **row,
-            "seconds_wall_incl_generation": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    row["seconds_wall_incl_generation"] = round(time.perf_counter() - t0, 1)
+    return {"n": int(float(size)), "approx": approx, **row}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_subset", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_subset", description=__doc__, formatter_class=fmt)
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated N (1e5 notation ok)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--approx", default="exact", help="comma-separated: exact,factorized")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--fraction", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-mib", type=int, default=None, help="ClipCovConfig.block_bytes in MiB (default: its own)")
-    p.add_argument("--max-class-size", type=int, default=ClipCovConfig.max_class_size,
-                   help="ClipCovConfig.max_class_size: larger proxy classes are split (this changes the objective)")  # fmt: skip
     p.add_argument("--tmp", default=None, help="directory for the generated memmaps (default: system temp)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per size before it is recorded as timeout")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/subset-<device>-<date>.json)")
@@ -160,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             mem = f"{row['anon_bytes_per_sample']:.0f} B/sample host"
             mem += f", {row['cuda_bytes_per_sample']:.0f} B/sample GPU" if "cuda_bytes_per_sample" in row else ""
-            print(f"N={row['n']:>10,} {approx:>10}: {row['seconds_total']:8.2f}s  {row['seconds']}  {mem}  CLIPScore "
-                  f"subset {row['mean_clipscore_subset']:.2f} vs all {row['mean_clipscore_all']:.2f}", flush=True)  # fmt: skip
+            score = f"CLIPScore subset {row['mean_clipscore_subset']:.2f} vs all {row['mean_clipscore_all']:.2f}"
+            print(f"N={row['n']:>10,} {approx:>10}: {row['seconds_total']:8.2f}s  {row['seconds']}  {mem}  {score}")
     head = harness.header("subset", "bench_subset", a.device, argv)
     doc = {**head, "device_type": a.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     out = harness.result_path("subset", "cpu" if a.device == "cpu" else "gpu", a.out)

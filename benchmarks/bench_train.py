@@ -2,40 +2,45 @@
 
     python -m benchmarks.bench_train --device cpu --tiny                # ~1 minute on a 2-core CPU
     python -m benchmarks.bench_train --train-data SHARDS --model ViT-B-32 --batch-size 1024 --compile
-    python -m benchmarks.bench_train --report                          # README table from results/
 
 Every configuration trains the same model on the same shards in this process through
 ``Trainer(cfg, callbacks).fit(max_steps, start_epoch=1)``: epoch 1 is the steady state of ``dissect-warmup
 --warmup-point 1`` (a callback fills the history with random scores first). ``--warmup-steps`` untimed steps, then
-``--rounds`` x ``--steps`` steps timed per phase by ``TimedSteps``; with ``--rounds`` > 1 every fit runs in a thread
-of its own and the timed blocks of all configurations interleave round-robin. benchmarks/README.md has the details.
+``--rounds`` blocks of ``--steps`` steps timed per phase by ``TimedSteps``. benchmarks/README.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
 import sys
 import tempfile
-import threading
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks import harness
 
-README = harness.ROOT / "benchmarks" / "README.md"
 CPU_TARGET = {"config": "dissect-r0.3", "max_ratio": 0.75}
 GPU_TARGETS = {"dissect-r0.2": 0.58, "cheapest_overlap>=0.9": 0.45, "full_vs_open_clip": 1.3, "data_share": 0.05}
-# tiny-vit, not micro-vit: in micro-vit the optimizer's fixed cost and per-op overheads dominate a step
-TINY = dict(model="tiny-vit", batch_size=64, steps=2, warmup_steps=2, rounds=5, num_train=4096, image_size=32,
-            score_resolutions="16", score_patch_dropouts="0.5", overlap_steps=8, overlap_pool=4, workers=1)  # fmt: skip
-GPU = dict(model="ViT-B-32", batch_size=1024, steps=50, warmup_steps=15, rounds=1, num_train=98304, image_size=224,
-           score_resolutions="160,128,96", score_patch_dropouts="0.25,0.5,0.75", overlap_steps=300, overlap_pool=8)  # fmt: skip
+# flag: (default, --tiny default); tiny-vit, not micro-vit: in micro-vit the optimizer's fixed cost dominates a step
+DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "model": ("ViT-B-32", "tiny-vit"),
+    "batch-size": (1024, 64),
+    "steps": (50, 2),
+    "warmup-steps": (15, 2),
+    "rounds": (1, 5),
+    "num-train": (98304, 4096),
+    "image-size": (224, 32),
+    "workers": (8, 1),
+    "score-resolutions": ("160,128,96", "16"),
+    "score-patch-dropouts": ("0.25,0.5,0.75", "0.5"),
+    "overlap-steps": (300, 8),
+    "overlap-pool": (8, 4),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,30 +50,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--tiny", action="store_true", help="tiny synthetic data and model (tiny-vit): the CPU mode")
     add("--train-data", default=None, help="shards with index.json (default: synthetic data in --data-cache)")
     add("--data-cache", default=os.path.join(tempfile.gettempdir(), "dissect_bench_data"))
-    for flag, what in (("num-train", "synthetic samples (98304; tiny 4096)"), ("image-size", "synthetic side (224; 32)"),
-                       ("batch-size", "per-GPU batch (1024; 64)"), ("steps", "timed steps per block (50; 2)"),
-                       ("rounds", "timed blocks, interleaved round-robin (1; 5)"), ("workers", "loader workers (8; 1)"),
-                       ("warmup-steps", "untimed steps first (15; 2)"), ("overlap-steps", "agreement run steps (300)"),
-                       ("overlap-pool", "cached batches it cycles over (8)"),
-                       ("epoch-samples", "samples per epoch-equivalent (default: the training set)")):  # fmt: skip
-        add(f"--{flag}", type=int, default=None, help=what)
-    add("--model", default=None, help="default ViT-B-32 (tiny: tiny-vit)")
-    add("--data-backend", default="auto", choices=["auto", "torch", "dali"])
+    for flag, (full, tiny) in DEFAULTS.items():
+        add(f"--{flag}", type=type(full), default=None, help=f"default {full} (--tiny: {tiny})")
+    add("--epoch-samples", type=int, default=None, help="samples per epoch-equivalent (default: the training set)")
+    add("--data-backend", default="auto", choices=["auto", "torch", "gpu", "dali", "synthetic"])
     add("--precision", default="auto", help="as the trainer's --precision")
     add("--compile", action="store_true", help="torch.compile the forwards (GPU runs should)")
     add("--configs", default=None, help="comma list of configurations to run (full always runs)")
-    add("--score-resolutions", default=None, help="cheap scoring resolutions (160,128,96; tiny 16)")
-    add("--score-patch-dropouts", default=None, help="cheap scoring patch dropouts (0.25,0.5,0.75; tiny 0.5)")
     add("--no-peer", action="store_true", help="skip open_clip's trainer")
     add("--no-overlap", action="store_true", help="skip the agreement run")
     add("--out", default=None, help="JSON path (default benchmarks/results/train-<device>-<date>.json)")
     add("--no-save", action="store_true", help="print only (tests)")
-    add("--report", action="store_true", help="rewrite the table and chart in benchmarks/README.md and exit")
     a = p.parse_args(argv)
-    gpu = a.device != "cpu" and torch.cuda.is_available()
-    for k, v in (TINY if a.tiny else dict(GPU, workers=8 if gpu else 2)).items():
-        if getattr(a, k, None) is None:
-            setattr(a, k, v)
+    for flag, defaults in DEFAULTS.items():
+        if getattr(a, key := flag.replace("-", "_")) is None:
+            setattr(a, key, defaults[a.tiny])
     a.score_resolutions = [int(x) for x in str(a.score_resolutions).split(",") if x]
     a.score_patch_dropouts = [float(x) for x in str(a.score_patch_dropouts).split(",") if x]
     if a.steps < 2 or a.rounds < 1:
@@ -81,8 +77,10 @@ def configurations(a, device: torch.device) -> list[tuple[str, dict]]:
     the ``ModelConfig`` fields it changes (``model``)."""
 
     def dissect(rate: float = 0.2, backend: str = "auto", **model) -> dict:
-        return {"select": {"strategy": "dissect-warmup", "warmup_point": 1, "rate": rate, "backend": backend},
-                "model": model}  # fmt: skip
+        return {
+            "select": {"strategy": "dissect-warmup", "warmup_point": 1, "rate": rate, "backend": backend},
+            "model": model,
+        }
 
     rows = [("full", {"select": {"strategy": "full"}, "model": {}})]
     rows += [(f"dissect-r{r}", dissect(r)) for r in (0.2, 0.3, 0.5)]
@@ -113,8 +111,8 @@ def prepare_data(a) -> str:
 
     from dissect_fast.data.shards import DatasetIndex, ShardInfo
 
-    if a.train_data:
-        return a.train_data
+    if a.train_data or a.data_backend == "synthetic":  # synthetic: random batches made on the device
+        return a.train_data or ""
     root = os.path.join(a.data_cache, f"synth-{a.num_train}-{a.image_size}", "train")
     if os.path.isfile(os.path.join(root, "index.json")):
         return root
@@ -122,8 +120,10 @@ def prepare_data(a) -> str:
     sizes = [a.num_train // parts + (i < a.num_train % parts) for i in range(parts)]
     per_shard = max(64, min(1024, a.num_train // (16 * parts)))
     print(f"writing {a.num_train} synthetic samples at {a.image_size} px to {root} ({parts} processes)", flush=True)
-    jobs = [(os.path.join(root, f"part-{i:02d}"), n, sum(sizes[:i]), 0.4, a.image_size, 1000 + i, per_shard)
-            for i, n in enumerate(sizes)]  # fmt: skip
+    jobs = [
+        (os.path.join(root, f"part-{i:02d}"), n, sum(sizes[:i]), 0.4, a.image_size, 1000 + i, per_shard)
+        for i, n in enumerate(sizes)
+    ]
     if len(jobs) == 1:
         _write_part(jobs[0])
     else:
@@ -131,8 +131,8 @@ def prepare_data(a) -> str:
             pool.map(_write_part, jobs)
     idx = [DatasetIndex.load(j[0]) for j in jobs]
     shards = [ShardInfo(os.path.relpath(os.path.join(ix.root, s.path), root), s.count) for ix in idx for s in ix.shards]
-    DatasetIndex(num_samples=a.num_train, id_min=0, id_max=a.num_train - 1, shards=shards,
-                 context_length=idx[0].context_length, has_tokens=idx[0].has_tokens).save(root)  # fmt: skip
+    meta: dict[str, Any] = {"context_length": idx[0].context_length, "has_tokens": idx[0].has_tokens}
+    DatasetIndex(num_samples=a.num_train, id_min=0, id_max=a.num_train - 1, shards=shards, **meta).save(root)
     return root
 
 
@@ -141,16 +141,19 @@ def train_config(a, data: str, logs: str, name: str, settings: dict, compile: bo
     inside the epoch (no evaluation, no checkpoint) and its one log step (a host sync) is its last."""
     from dissect_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SelectConfig, TrainConfig
 
+    n = None if steps is None else (steps + 1) * a.batch_size
+    d = {"batch_size": a.batch_size, "workers": a.workers, "data_backend": a.data_backend}
+    m: dict[str, Any] = {"model": a.model, "precision": a.precision, "device": a.device}
+    m["compile"] = a.compile if compile is None else compile
+    r: dict[str, Any] = {"progress": False, "tensorboard": False, "plots": False}
+    r["log_every_n_steps"] = steps or RunConfig.log_every_n_steps
     return TrainConfig(
-        data=DataConfig(train_data=data, train_num_samples=None if steps is None else (steps + 1) * a.batch_size,
-                        batch_size=a.batch_size, workers=a.workers, data_backend=a.data_backend),
-        model=ModelConfig(model=a.model, precision=a.precision, device=a.device,
-                          compile=a.compile if compile is None else compile, **settings.get("model", {})),
+        data=DataConfig(train_data=data, train_num_samples=n, **d),
+        model=ModelConfig(**m, **settings.get("model", {})),
         optim=OptimConfig(epochs=2, lr=1e-4, warmup=10),
         select=SelectConfig(**settings["select"]),
-        run=RunConfig(logs=logs, name=name, progress=False, tensorboard=False, plots=False,
-                      log_every_n_steps=steps or RunConfig.log_every_n_steps),
-    )  # fmt: skip
+        run=RunConfig(logs=logs, name=name, **r),
+    )
 
 
 def _seed_history(ctx) -> None:
@@ -161,116 +164,57 @@ def _seed_history(ctx) -> None:
         h.copy_(torch.rand(h.shape, device=ctx.device, generator=g) * 40)
 
 
-class ConfigRun:
-    """One configuration's fit with its ``TimedSteps``; with --rounds > 1 it runs in a thread of its own
-    (``start``: up to the first timed block; ``next_block``: one more block)."""
+def run_config(a, data: str, name: str, settings: dict, logs: str, dataset_samples: int | None) -> dict:
+    """One configuration's fit with its ``TimedSteps``: its row."""
+    import gc
 
-    def __init__(self, a, data: str, name: str, settings: dict, logs: str, dataset_samples: int | None) -> None:
-        from dissect_fast.training.callbacks import Callback
-        from dissect_fast.training.loop import Trainer
-        from dissect_fast.training.timing import TimedSteps
+    from dissect_fast.training.callbacks import Callback
+    from dissect_fast.training.loop import Trainer
+    from dissect_fast.training.timing import TimedSteps
 
-        self.a, self.name, self.settings, self.dataset_samples = a, name, settings, dataset_samples
-        self.n = a.warmup_steps + a.steps * a.rounds
-        self.restarts = dataset_samples is not None and self.n > dataset_samples // a.batch_size
-        if self.restarts:
-            print(f"[bench_train] warning: {self.n} steps exceed one pass over the data: loader restarts fall into "
-                  "timed steps; use more data", file=sys.stderr)  # fmt: skip
-        seed = type("SeedHistory", (Callback,), {"on_fit_start": lambda self, ctx: _seed_history(ctx)})()
-        self.timing = TimedSteps(a.warmup_steps, a.steps, a.rounds)
-        self.trainer = Trainer(train_config(a, data, logs, name, settings, steps=self.n), [seed, self.timing])
-        self.metrics: list[dict] = []
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-
-    def fit(self) -> None:
-        self.metrics = self.trainer.fit(max_steps=self.n, start_epoch=1)
-
-    def start(self) -> None:
-        self._go, self._parked = threading.Event(), threading.Event()
-        self.timing.before_block = self._wait_turn
-        self.thread = threading.Thread(target=self._run, name=f"fit-{self.name}", daemon=True)
-        self.thread.start()
-        self._wait_parked()
-
-    def next_block(self) -> None:
-        self._parked.clear()
-        self._go.set()
-        self._wait_parked()
-
-    def _run(self) -> None:
-        try:
-            self.fit()
-        except BaseException as e:  # noqa: BLE001 (handed to the main thread)
-            self.error = e
-        finally:
-            self._parked.set()
-
-    def _wait_turn(self, ctx) -> None:  # in the fit's thread
-        self._parked.set()
-        self._go.wait()
-        self._go.clear()
-
-    def _wait_parked(self) -> None:
-        self._parked.wait()
-        if self.error is not None:
-            raise RuntimeError(f"{self.name}: the fit failed") from self.error
-
-    def row(self) -> dict:
-        a, t, tm = self.a, self.trainer, self.timing
-        n_epoch = a.epoch_samples or self.dataset_samples or t.num_samples
-        loss = self.metrics[-1]["train_loss"] if self.metrics else float("nan")
-        return {
-            "config": self.name, "settings": self.settings, "k": t.k, "batch_size": a.batch_size, "rounds": a.rounds,
-            **harness.step_stats(tm.step_s, tm.phases, a.batch_size),
-            "epoch_samples": n_epoch,
-            "epoch_s": round(statistics.median(tm.step_s) * math.ceil(n_epoch / a.batch_size), 3),
-            "wall_s": round(tm.wall_s, 4),
-            "phases_sum_s": round(sum(sum(ph.values()) for ph in tm.phases), 4),
-            "loader_restarts_in_timed_steps": self.restarts,
-            "final_loss": round(loss, 4) if math.isfinite(loss) else None,
-            "timing": "cuda events" if t.device.type == "cuda" else "perf_counter",
-        }  # fmt: skip
-
-    def close(self) -> None:
-        import gc
-
-        if self.thread is not None:
-            self.thread.join()
-        cuda = self.trainer.device.type == "cuda"
-        del self.trainer
-        if self.a.rounds == 1:  # nothing else alive: drop compiled graphs that still reference the model
-            torch._dynamo.reset()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    n = a.warmup_steps + a.steps * a.rounds
+    restarts = dataset_samples is not None and n > dataset_samples // a.batch_size
+    if restarts:
+        print(f"[bench_train] warning: {n} steps exceed one pass over the data: use more data", file=sys.stderr)
+    seed = type("SeedHistory", (Callback,), {"on_fit_start": lambda self, ctx: _seed_history(ctx)})()
+    tm = TimedSteps(a.warmup_steps, a.steps, a.rounds)
+    t = Trainer(train_config(a, data, logs, name, settings, steps=n), [seed, tm])
+    metrics = t.fit(max_steps=n, start_epoch=1)
+    n_epoch = a.epoch_samples or dataset_samples or t.num_samples
+    loss = metrics[-1]["train_loss"] if metrics else float("nan")
+    row = {
+        **{"config": name, "settings": settings, "k": t.k, "batch_size": a.batch_size, "rounds": a.rounds},
+        **harness.step_stats(tm.step_s, tm.phases, a.batch_size),
+        "epoch_samples": n_epoch,
+        "epoch_s": round(statistics.median(tm.step_s) * math.ceil(n_epoch / a.batch_size), 3),
+        "wall_s": round(tm.wall_s, 4),
+        "phases_sum_s": round(sum(sum(ph.values()) for ph in tm.phases), 4),
+        "loader_restarts_in_timed_steps": restarts,
+        "final_loss": round(loss, 4) if math.isfinite(loss) else None,
+        "timing": "cuda events" if t.device.type == "cuda" else "perf_counter",
+    }
+    cuda = t.device.type == "cuda"
+    del t
+    torch._dynamo.reset()  # drop compiled graphs that still reference the model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
 
 
 def run_configs(a, data: str, configs: list[tuple[str, dict]], logs: str) -> list[dict]:
-    """Time every configuration: one after the other, or (--rounds > 1) all alive, their blocks round-robin."""
+    """Time every configuration, one after the other."""
     from dissect_fast.data.shards import resolve_data
 
-    index = resolve_data(data, "--train-data")[1]
-    n = index.num_samples if index is not None else None
-    rows, runs, out = [], [], sys.stdout
+    n = None
+    if a.data_backend != "synthetic":
+        index = resolve_data(data, "--train-data")[1]
+        n = index.num_samples if index is not None else None
+    rows, out = [], sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # the trainers' output; progress lines go to ``out``
         for name, settings in configs:
             print(f"[bench_train] {name} ...", file=out, flush=True)
-            r = ConfigRun(a, data, name, settings, logs, n)
-            if a.rounds > 1:
-                r.start()
-                runs.append(r)
-                continue
-            r.fit()
-            rows.append(r.row())
-            r.close()
-        for k in range(a.rounds if runs else 0):
-            print(f"[bench_train] round {k + 1}/{a.rounds}", file=out, flush=True)
-            for r in runs:
-                r.next_block()
-    rows += [r.row() for r in runs]
-    for r in runs:
-        r.close()
+            rows.append(run_config(a, data, name, settings, logs, n))
     return rows
 
 
@@ -284,7 +228,7 @@ def measure_overlap(t, a) -> dict:
     from dissect_fast.selection.strategies import score_and_select
 
     t.model.train()
-    pool = []
+    pool: list = []
     while len(pool) < a.overlap_pool:
         before = len(pool)
         pool += [b for b, _ in zip(t.train_loader, range(a.overlap_pool - len(pool)))]
@@ -322,12 +266,15 @@ def measure_overlap(t, a) -> dict:
         return {"score_key": round(float(v[0]) / steps, 4), "delta_key": round(float(v[1]) / nd, 4) if nd else None}
 
     return {
-        "steps": steps, "pool_batches": a.overlap_pool, "k": k, "delta_steps": nd,
+        "steps": steps,
+        "pool_batches": a.overlap_pool,
+        "k": k,
+        "delta_steps": nd,
         "strategy_trained": "dissect-momentum (full-resolution scoring)",
         "zero_score_share": round(float(zeros) / steps, 4),
         "overlap": {n: shares(v) for n, v in sums.items() if n in cheap},
         "score_precision_fp32_vs_bf16": shares(sums["fp32"]),
-    }  # fmt: skip
+    }
 
 
 def run_peer(a, data: str, device: torch.device, logs: str) -> dict:
@@ -336,13 +283,15 @@ def run_peer(a, data: str, device: torch.device, logs: str) -> dict:
 
     precision = a.precision if a.precision != "auto" else ("amp_bf16" if device.type == "cuda" else "fp32")
     n = a.warmup_steps + a.steps * a.rounds
-    flags = ["--train-data", "::".join(resolve_data(data, "--train-data")[0]), "--dataset-type", "webdataset",
-             "--train-num-samples", str(n * a.batch_size), "--batch-size", str(a.batch_size), "--model", a.model,
-             "--precision", precision, "--workers", str(a.workers), "--epochs", "1", "--lr", "1e-4", "--warmup", "10",
-             "--logs", logs, "--name", f"peer-{os.getpid()}", "--device", device.type, "--seed", "0",
-             *(["--torchcompile"] if a.compile else [])]  # fmt: skip
-    return {"config": "open_clip", "batch_size": a.batch_size, **harness.run_open_clip(flags, a.warmup_steps,
-                                                                                         a.batch_size)}  # fmt: skip
+    flags = ["--train-data", "::".join(resolve_data(data, "--train-data")[0]), "--logs", logs, "--model", a.model]
+    flags += f"--dataset-type webdataset --train-num-samples {n * a.batch_size} --batch-size {a.batch_size}".split()
+    flags += f"--precision {precision} --workers {a.workers} --epochs 1 --lr 1e-4 --warmup 10 --seed 0".split()
+    flags += ["--name", f"peer-{os.getpid()}", "--device", device.type, *(["--torchcompile"] if a.compile else [])]
+    return {
+        "config": "open_clip",
+        "batch_size": a.batch_size,
+        **harness.run_open_clip(flags, a.warmup_steps, a.batch_size),
+    }
 
 
 def summarise(rows: list[dict], overlap: dict | None) -> None:
@@ -362,11 +311,23 @@ def summarise(rows: list[dict], overlap: dict | None) -> None:
         full["vs_open_clip_samples_per_s"] = round(full["samples_per_s"] / peer["samples_per_s"], 3)
 
 
+COLUMNS = {"k": "d", "samples_per_s": ".0f", "median_step_ms": ".2f", "epoch_s": ".1f", "ratio_to_full": ".3f"}
+
+
 def markdown_table(rows: list[dict]) -> str:
     from dissect_fast.training.timing import PHASES
 
-    head = ["config", "k", "samples/s", "ms/step", "epoch s", "x full", *(f"{p} ms" for p in PHASES), "score x",
-            "top-k overlap"]  # fmt: skip
+    head = [
+        "config",
+        "k",
+        "samples/s",
+        "ms/step",
+        "epoch s",
+        "x full",
+        *(f"{p} ms" for p in PHASES),
+        "score x",
+        "top-k",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -374,50 +335,11 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         ph, ov = r.get("phases_ms_per_step") or {}, r.get("topk_overlap")
         dk = "" if not ov else "n/a" if ov["delta_key"] is None else f"{ov['delta_key']:.3f}"
-        cells = [r["config"], str(r.get("k", "")), f"{r['samples_per_s']:.0f}", f"{r['median_step_ms']:.2f}",
-                 f"{r['epoch_s']:.1f}" if "epoch_s" in r else "",
-                 f"{r['ratio_to_full']:.3f}" if "ratio_to_full" in r else "",
-                 *(f"{ph[p]:.2f}" if p in ph else "" for p in PHASES),
-                 f"{r['score_speedup']:.2f}" if "score_speedup" in r else "",
-                 f"{ov['score_key']:.3f} (score) / {dk} (delta)" if ov else ""]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [r["config"], *(format(r[k], f) if k in r else "" for k, f in COLUMNS.items())]
+        cells += [*(f"{ph[p]:.2f}" if p in ph else "" for p in PHASES)]
+        cells += [f"{r['score_speedup']:.2f}" if "score_speedup" in r else ""]
+        lines.append("| " + " | ".join([*cells, f"{ov['score_key']:.3f} (score) / {dk} (delta)" if ov else ""]) + " |")
     return "\n".join(lines)
-
-
-BEGIN, END = "<!-- bench_train:begin (generated by bench_train.py --report) -->", "<!-- bench_train:end -->"
-
-
-def report() -> int:
-    """Rewrite the generated block of benchmarks/README.md from the stored train-*.json: per device, the files of
-    its newest date, rows merged by configuration (a later file wins), and its phase chart when one is stored."""
-    groups: dict[str, list[dict]] = {}
-    for f in sorted(harness.RESULTS.glob("train-*.json")):
-        groups.setdefault((r := json.loads(f.read_text()))["device"], []).append(dict(r, file=f.name))
-    parts = []
-    for device, runs in sorted(groups.items()):
-        day = max(r["date"][:10] for r in runs)
-        runs = sorted((r for r in runs if r["date"][:10] == day), key=lambda r: r["date"])
-        merged = {row["config"]: row for r in runs for row in r["rows"]}
-        last = dict(runs[-1], rows=list(merged.values()))
-        png = harness.RESULTS / (Path(runs[-1]["file"]).stem + ".png")
-        cmds, files = "; ".join(f"`{r['command']}`" for r in runs), ", ".join(f"`results/{r['file']}`" for r in runs)
-        parts.append(
-            f"### {device} ({day}, commit {runs[-1]['commit']})\n\n{cmds} -- "
-            f"model {last['model']}, batch {last['batch_size']}, {last['steps']} timed steps x {last.get('rounds', 1)}"
-            f" round(s) after {last['warmup_steps']} warm-up steps, precision {last['precision']}, compile "
-            f"{last['compile']}. Stored in {files}.\n\n"
-            f"{markdown_table(last['rows'])}\n\n" + "".join(f"{r['verdict']}\n" for r in runs if r.get("verdict"))
-            + (f"\n![phase breakdown](results/{png.name})\n" if png.is_file() else "")
-        )  # fmt: skip
-    block = BEGIN + "\n" + "\n".join(parts) + END
-    text = README.read_text() if README.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text += ("\n" if text else "") + block + "\n"
-    README.write_text(text)
-    print(f"wrote {README} ({len(parts)} device(s))")
-    return 0
 
 
 def verdict(rows: list[dict], device: torch.device) -> str:
@@ -425,34 +347,30 @@ def verdict(rows: list[dict], device: torch.device) -> str:
     if device.type != "cuda":
         if (r := by.get(CPU_TARGET["config"])) is None:
             return ""
-        cpu = (f"CPU target: {CPU_TARGET['config']} costs {r['ratio_to_full']:.3f} x full data by median step (target "
-               f"<= {CPU_TARGET['max_ratio']}): {'met' if r['ratio_to_full'] <= CPU_TARGET['max_ratio'] else 'NOT met'}"
-               f"; by fastest step {r.get('ratio_to_full_min', float('nan')):.3f} x.")  # fmt: skip
-        if (x := by.get("dissect-r0.2")) and (y := by.get("dissect-r0.2-torch-select")):  # same code on CPU: noise
-            gap = max(x["median_step_ms"], y["median_step_ms"]) / min(x["median_step_ms"], y["median_step_ms"])
-            cpu += (" Noise check: dissect-r0.2 and dissect-r0.2-torch-select run identical code on CPU; their "
-                    f"median steps differ by {gap:.2f} x.")  # fmt: skip
-        return cpu
-    out = []
+        met = "met" if r["ratio_to_full"] <= CPU_TARGET["max_ratio"] else "NOT met"
+        return (
+            f"CPU target: {CPU_TARGET['config']} costs {r['ratio_to_full']:.3f} x full data by median step (target "
+            f"<= {CPU_TARGET['max_ratio']}): {met}; by fastest step {r.get('ratio_to_full_min', float('nan')):.3f} x."
+        )
+    out, t = [], GPU_TARGETS
     if "dissect-r0.2" in by:
-        out.append(f"dissect r=0.2 full-res scoring: {by['dissect-r0.2']['ratio_to_full']:.3f} x full (target <= "
-                   f"{GPU_TARGETS['dissect-r0.2']})")  # fmt: skip
+        out.append(f"dissect-r0.2: {by['dissect-r0.2']['ratio_to_full']:.3f} x full (target <= {t['dissect-r0.2']})")
     if cheap := [r for r in by.values() if r.get("topk_overlap") and (r["topk_overlap"]["delta_key"] or 0) >= 0.9]:
-        best = min(cheap, key=lambda r: r["ratio_to_full"])
-        out.append(f"cheapest scoring with delta top-k overlap >= 0.9: {best['config']} at {best['ratio_to_full']:.3f}"
-                   f" x full (target <= {GPU_TARGETS['cheapest_overlap>=0.9']})")  # fmt: skip
+        b = min(cheap, key=lambda r: r["ratio_to_full"])
+        out.append(
+            f"cheapest scoring with delta top-k overlap >= 0.9: {b['config']} at {b['ratio_to_full']:.3f} x full"
+            f" (target <= {t['cheapest_overlap>=0.9']})"
+        )
     if "vs_open_clip_samples_per_s" in (full := by.get("full", {})):
-        out.append(f"full data vs open_clip trainer: {full['vs_open_clip_samples_per_s']:.2f} x samples/s (target >= "
-                   f"{GPU_TARGETS['full_vs_open_clip']})")  # fmt: skip
+        x = full["vs_open_clip_samples_per_s"]
+        out.append(f"full data vs open_clip trainer: {x:.2f} x samples/s (target >= {t['full_vs_open_clip']})")
     if shares := [r["data_share"] for r in by.values() if "data_share" in r]:
-        out.append(f"max data-wait share: {max(shares):.3f} (target < {GPU_TARGETS['data_share']})")
+        out.append(f"max data-wait share: {max(shares):.3f} (target < {t['data_share']})")
     return "; ".join(out) + ("." if out else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if a.report:
-        return report()
     import logging
     import shutil
 
@@ -469,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(sys.stderr):
                 settings = {"select": {"strategy": "dissect-momentum", "rate": 0.2}}
                 overlap = measure_overlap(Trainer(train_config(a, data, logs, "overlap", settings, False)), a)
-        if not a.no_peer and (not a.configs or "open_clip" in a.configs.split(",")):
+        if not a.no_peer and data and (not a.configs or "open_clip" in a.configs.split(",")):
             print("[bench_train] open_clip trainer (peer) ...", flush=True)
             rows.append(run_peer(a, data, device, logs))
     finally:
@@ -479,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         **harness.header("train", "bench_train", device, argv),
         **{k: getattr(a, k) for k in ("model", "batch_size", "steps", "rounds", "warmup_steps", "precision")},
         **{k: getattr(a, k) for k in ("compile", "workers", "tiny")},
-        "data": data, "rows": rows, "overlap": overlap, "verdict": verdict(rows, device),
-    }  # fmt: skip
+        "data": data,
+        "rows": rows,
+        "overlap": overlap,
+        "verdict": verdict(rows, device),
+    }
     print(markdown_table(rows))
     if r03 := next((r for r in rows if r["config"] == "dissect-r0.3"), None):
         print(f"ratio dissect-r0.3 / full: {r03['ratio_to_full']:.3f}")

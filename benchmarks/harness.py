@@ -84,48 +84,37 @@ def grid_parser(prog: str, doc: str, grids: dict, default: str):
 
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default=default, choices=sorted(grids))
-    p.add_argument("--out", default=str(RESULTS), help="folder for the result JSON, its table and plots")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the result JSON and its table")
     p.add_argument("--tag", default=None, help="the result's name: KIND-TAG.json")
     p.add_argument("--work", default=None, help="data and scratch run folders (default runs/bench_KIND)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-minutes", type=float, default=None, help="stop starting new runs after this long")
     p.add_argument("--max-runs", type=int, default=None)
-    p.add_argument("--plots-only", action="store_true", help="only (re)write table and plots from --json")
-    p.add_argument("--json", default=None, help="with --plots-only: the results file")
     return p
 
 
-def grid_main(p, a, kind: str, tag: str, fields: dict, runs: list[dict], run_one, describe, main_noise) -> int:
+def grid_main(p, a, kind: str, tag: str, fields: dict, runs: list[dict], run_one, describe) -> int:
     """Run every planned run (a dict of settings: its identity) that ``OUT/KIND-TAG.json`` does not hold yet,
-    rewriting it after each (a cut run keeps what finished; a rerun resumes); then its table and plots. With
-    --plots-only, only the table and plots of a stored result."""
+    rewriting it after each (a cut run keeps what finished; a rerun resumes); then its table."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(a.json or os.path.join(a.out, f"{kind}-{tag}.json"))
-    doc = json.loads(path.read_text()) if path.is_file() else None
-    if a.plots_only and doc is None:
-        p.error(f"--json {path}: no such file")
-    if not a.plots_only:
-        if (doc or {}).get("grid_name") not in (None, a.grid):
-            p.error(f"{path} holds grid {doc['grid_name']!r}, not {a.grid!r}: pass another --tag")  # type: ignore[index]
-        doc = {"runs": [], **(doc or {}), **fields, "grid_name": a.grid, "planned_runs": len(runs)}
-        done, t0, n_new = (
-            {json.dumps({k: r.get(k) for k in runs[0]}, sort_keys=True) for r in doc["runs"]},
-            time.time(),
-            0,
-        )
-        for i, r in enumerate(x for x in runs if json.dumps(x, sort_keys=True) not in done):
-            if (a.max_minutes is not None and time.time() - t0 > 60 * a.max_minutes) or n_new == a.max_runs:
-                print(f"[{kind}] stopped by --max-minutes/--max-runs: {len(doc['runs'])}/{len(runs)} runs stored")
-                break
-            doc["runs"].append(run_one(r))
-            doc["completed_runs"], n_new = len(doc["runs"]), n_new + 1
-            write_json(path, doc)
-            print(f"[{kind}] {len(done) + i + 1}/{len(runs)} {describe(r, doc['runs'][-1])}", flush=True)
-    prefix = os.path.join(a.out, path.stem)
-    if doc["runs"]:  # type: ignore[index]
-        Path(prefix + "-table.md").write_text((text := grid_table(doc)) + "\n")
-        print(text, "\nplots:", ", ".join(grid_plots(doc, prefix, main_noise)))
-    print(f"[{kind}] {len(doc['runs'])} runs in {path}")  # type: ignore[index]
+    path = Path(a.out, f"{kind}-{tag}.json")
+    doc = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    if doc.get("grid_name") not in (None, a.grid):
+        p.error(f"{path} holds grid {doc['grid_name']!r}, not {a.grid!r}: pass another --tag")
+    doc = {**doc, **fields, "grid_name": a.grid, "planned_runs": len(runs)}
+    done, t0, n_new = {json.dumps({k: r.get(k) for k in runs[0]}, sort_keys=True) for r in doc["runs"]}, time.time(), 0
+    for i, r in enumerate(x for x in runs if json.dumps(x, sort_keys=True) not in done):
+        if (a.max_minutes is not None and time.time() - t0 > 60 * a.max_minutes) or n_new == a.max_runs:
+            print(f"[{kind}] stopped by --max-minutes/--max-runs: {len(doc['runs'])}/{len(runs)} runs stored")
+            break
+        doc["runs"].append(run_one(r))
+        doc["completed_runs"], n_new = len(doc["runs"]), n_new + 1
+        write_json(path, doc)
+        print(f"[{kind}] {len(done) + i + 1}/{len(runs)} {describe(r, doc['runs'][-1])}", flush=True)
+    if doc["runs"]:
+        Path(a.out, f"{path.stem}-table.md").write_text((text := grid_table(doc)) + "\n")
+        print(text)
+    print(f"[{kind}] {len(doc['runs'])} runs in {path}")
     return 0
 
 
@@ -246,58 +235,6 @@ def grid_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def grid_plots(doc: dict, prefix: str, noise: float) -> list[str]:
-    """PREFIX-clean-share.png (the clean share trained per epoch at ``noise``, mean over seeds; final R@1 and R@5 by
-    noise) and PREFIX-trajectories.png (the score trajectories of each strategy's first run at ``noise``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    main = [x for x in doc["runs"] if x["sweep"] == "main"]
-    first = {x["strategy"]: x for x in reversed([x for x in main if x["noise"] == noise])}
-    W, paths = doc["settings"]["warmup_point"], []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for s in first:
-        cf = np.mean([y["clean_fraction_per_epoch"] for y in main if y["strategy"] == s and y["noise"] == noise], 0)
-        axes[0].plot(range(1, len(cf) + 1), cf, marker="o", ms=3, label=s)
-        for i, k in enumerate(("R@1", "R@5")):
-            pts = sorted({y["noise"] for y in main if y["strategy"] == s})
-            r = [np.mean([(y[f"i2t_{k}"] + y[f"t2i_{k}"]) / 2 for y in main if y["strategy"] == s and y["noise"] == n])
-                 for n in pts]  # fmt: skip
-            axes[1 + i].plot([100 * n for n in pts], r, marker="o", ms=3, label=s)
-    axes[0].axvline(W + 0.5, ls="--", color="gray", lw=1, label=f"warm-up point W={W}")
-    for ax, (x, y) in zip(axes, (("epoch", "clean share trained"), *[("noisy pairs (%)", f"final {k}, both ways (%)") for k in ("R@1", "R@5")])):  # fmt: skip
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"{doc.get('data_name', 'synthetic')}: clean share at {noise:.0%} noise; recall by noise", fontsize=9)
-    paths.append(_save(fig, f"{prefix}-clean-share.png"))
-    fig, axes = plt.subplots(1, len(first), figsize=(3.4 * len(first), 3.3), squeeze=False)
-    for ax, (s, x) in zip(axes[0], first.items()):
-        t = x["trajectories"]
-        for key, c in (("clean_trained", "tab:green"), ("clean_not_trained", "tab:green"), ("noisy_trained", "tab:red"),
-                       ("noisy_not_trained", "tab:red")):  # fmt: skip
-            y = [np.nan if v is None else v for v in t[key]]
-            ax.plot(range(1, len(y) + 1), y, ":" if "not" in key else "-", color=c, marker="o", ms=2,
-                    label=f"{key.replace('_', ' ')} (n={t['n_' + key]})")  # fmt: skip
-        ax.axvline(x["warmup_point"] + 0.5, ls="--", color="gray", lw=1)
-        ax.set_title(f"{s}, seed {x['seed']}", fontsize=9)
-        ax.legend(fontsize=5.5)
-    axes[0][0].set_ylabel("mean score of the group")
-    fig.suptitle(f"{noise:.0%} noise: trained at some selecting epoch or not (dashed: W)", fontsize=9)
-    return [*paths, _save(fig, f"{prefix}-trajectories.png")]
-
-
-def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ dataset adapters
 def synthetic_data(work: str, noise: float, num_train: int, num_val: int, seed: int = 0) -> tuple[str, str]:
     """(train, val) shards of the synthetic set with ``noise`` of the captions permuted (clean flags), made once."""
@@ -367,8 +304,8 @@ def csv_folder_data(folder: str, work: str, g: dict, noise: float) -> tuple[str,
         os.replace(os.path.join(images, n) + ".tmp", os.path.join(images, n))
     tag, rows = f"tr{n_tr}x{c}-va{n_va}-{px}px", [(n, cap) for n in train for cap in by[n][:c]]
     val_dir = _csv_shards(work, f"val-{tag}", [(n, by[n][0]) for n in val], images, samples_per_shard=1000)
-    split = _csv_shards(work, f"train-{tag}-noise{round(100 * noise)}", rows, images, noise=noise, seed=0,
-                        samples_per_shard=max(100, len(rows) // 4))  # fmt: skip
+    name, per_shard = f"train-{tag}-noise{round(100 * noise)}", max(100, len(rows) // 4)
+    split = _csv_shards(work, name, rows, images, noise=noise, seed=0, samples_per_shard=per_shard)
     index = DatasetIndex.load(split)
     if index.clean_file is None:  # the shards tool records flags only for noisy sets; here every pair is clean
         np.save(os.path.join(split, "clean.npy"), np.ones(index.num_ids, dtype=np.uint8))

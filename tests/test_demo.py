@@ -4,7 +4,11 @@ import json
 import math
 import os
 
+import pytest
+
 from dissect_fast import demo
+
+pytestmark = pytest.mark.slow  # end to end: trains, or runs commands in subprocesses
 
 
 def test_demo_tiny_end_to_end(tmp_path, capsys):

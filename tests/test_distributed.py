@@ -17,6 +17,8 @@ from dissect_fast.selection.history import HistoryBuffer, buffer_checksum
 from dissect_fast.selection.strategies import score_and_select
 from dissect_fast.training.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs commands in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "dissect_fast", "train.py")
 FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")  #: train.py with the fault injection of its env vars

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs commands in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 #: pages whose blocks build on each other run in this order; any other page under docs/ follows, by name

@@ -33,6 +33,8 @@ from fixtures_ecosystem import (
     pixparse_shards,
 )
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs commands in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 300

@@ -11,6 +11,8 @@ import pytest
 from dissect_fast.training.distributed import LaunchError, init_distributed, world_from_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # end to end: trains, or runs commands in subprocesses
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
 CHILD = """

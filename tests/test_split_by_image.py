@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -183,11 +182,10 @@ def test_shard_sizes_bounds():
 
 
 def test_bench_real_skips_training_copies_of_validation_images(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_real_split", ROOT / "benchmarks" / "bench_real.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from benchmarks.harness import train_images
+
     base = openclip_csv(tmp_path, 5, image_size=16)
     files = sorted(p.relative_to(base.images).as_posix() for p in base.images.rglob("*.jpg"))
     shutil.copy(base.images / files[4], base.images / "00" / "zz-copy-of-val.jpg")  # a val photo under a train name
-    train = mod._train_images(str(base.images), [*files[:3], "00/zz-copy-of-val.jpg", files[3]], [files[4]], 4)
+    train = train_images(str(base.images), [*files[:3], "00/zz-copy-of-val.jpg", files[3]], [files[4]], 4)
     assert train == [*files[:3], files[3]]

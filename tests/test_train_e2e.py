@@ -10,6 +10,8 @@ from tiny_run import tiny_fit
 
 from dissect_fast.training.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs commands in subprocesses
+
 METRIC_KEYS = {
     "epoch",
     "step",
