@@ -44,16 +44,29 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = p.add_argument
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--tiny", action="store_true", help="tiny synthetic data and model (tiny-vit): the CPU mode")
     add("--train-data", default=None, help="shards with index.json (default: synthetic data in --data-cache)")
-    add("--data-cache", default=os.path.join(tempfile.gettempdir(), "dissect_bench_data"))
+    add(
+        "--data-cache",
+        default=os.path.join(tempfile.gettempdir(), "dissect_bench_data"),
+        help="folder of the synthetic shards, written once and reused",
+    )
     for flag, (full, tiny) in DEFAULTS.items():
         add(f"--{flag}", type=type(full), default=None, help=f"default {full} (--tiny: {tiny})")
     add("--epoch-samples", type=int, default=None, help="samples per epoch-equivalent (default: the training set)")
-    add("--data-backend", default="auto", choices=["auto", "torch", "gpu", "dali", "synthetic"])
+    add(
+        "--data-backend",
+        default="auto",
+        choices=["auto", "torch", "gpu", "dali", "synthetic"],
+        help="the trainer's loader (synthetic: batches made on the device, no shards, no open_clip peer)",
+    )
     add("--precision", default="auto", help="as the trainer's --precision")
     add("--compile", action="store_true", help="torch.compile the forwards (GPU runs should)")
     add("--configs", default=None, help="comma list of configurations to run (full always runs)")

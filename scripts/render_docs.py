@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  #: the repository (--root: another tree, for the tests)
-BLOCK = re.compile(r"<!-- results: (?P<spec>.*?) -->\n(?P<body>.*?)<!-- end results -->\n", re.S)
+BLOCK = re.compile(r"<!-- results: (?P<spec>.*?) -->\n(?P<body>(?:(?!<!-- results:).)*?)<!-- end results -->\n", re.S)
 #: the code a result measures, by the result file's ``benchmark`` field: a quoted result must be at or after the
 #: last commit that changed any of these paths
 MEASURES = {
@@ -47,6 +47,7 @@ MEASURES = {
     "real": ["dissect_fast/selection/strategies.py", "dissect_fast/selection/history.py", "kernels"],
     "demo": ["dissect_fast/selection/strategies.py", "dissect_fast/selection/history.py", "kernels"],
     "data": ["dissect_fast/data"],
+    "data_loader_throughput": ["dissect_fast/data"],
     "bad_input": ["dissect_fast/data"],
     "subset": ["dissect_fast/offline"],
     "subset_quality": ["dissect_fast/offline"],
@@ -130,9 +131,10 @@ def table(doc: dict, opts: dict[str, str]) -> str:
 
 def source_line(path: str, doc: dict, archived: bool = False) -> str:
     commit = str(doc.get("commit", "?"))
-    line = f"Source: `{path}` (commit {commit[:10]}, {str(doc.get('date', '?'))[:10]}, {doc.get('device', '?')})."
+    short = commit[:10] if re.fullmatch(r"[0-9a-f]{7,40}", commit) else commit
+    line = f"Source: `{path}` (commit {short}, {str(doc.get('date', '?'))[:10]}, {doc.get('device', '?')})."
     if archived:
-        line += f" Made on revision {commit}; the current code is not measured on a GPU yet."
+        line += " A result of that earlier revision: the current code is not measured on a GPU yet."
     return line
 
 
@@ -188,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     set_root(Path(a.root))
     problems = []
-    pages = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+    pages = [
+        "README.md",
+        "benchmarks/README.md",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+    ]
     for page in pages:
         if not (ROOT / page).is_file():
             continue
