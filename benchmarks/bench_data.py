@@ -1,17 +1,9 @@
-"""Data loader throughput, side by side on the same photo-sized JPEG shards.
-
-Providers: the torch loader shipping float32 (the path before uint8 batches) and uint8, the ``gpu`` backend (encoded
-bytes, decoded on ``--device``: the CPU here, nvjpeg on CUDA), open_clip's own webdataset pipeline
-(``open_clip_train.data.get_wds_dataset``) and DALI (when it imports). The shards hold 360-480 px JPEGs (quality 90):
-``shared/data/flickr8k-dev`` photos upscaled with sensor-like noise when that folder is there, else generated
-colour fields. Each provider is timed after a warm-up with the device synchronised around the timed window; runs
-alternate between providers (a drift in load hits all) and the median is kept; each row records the bytes a sample
-costs between the loader workers and the training process.
+"""Data loader throughput side by side on the same photo-sized (360-480 px) JPEG shards: the torch loader (float32
+and uint8), the ``gpu`` backend, open_clip's webdataset pipeline and DALI; medians over alternating runs after a
+warm-up. Target on an H100/H200 with 16 CPU cores: DALI >= 8,000 images/s and >= 3x the torch loader.
 
     python -m benchmarks.bench_data --quick              # 2 CPU cores: about 2-3 minutes
     python -m benchmarks.bench_data                      # CUDA: batch 256, every provider
-
-Target on an H100/H200 with 16 CPU cores: DALI >= 8,000 images/s and >= 3x the torch loader.
 """
 
 from __future__ import annotations
@@ -222,15 +214,15 @@ def verdict(rows: list[dict], device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where batches land")
     p.add_argument("--quick", action="store_true", help="small sizes: about 2-3 minutes on 2 CPU cores")
     for flag, (full, quick) in SIZES.items():
         p.add_argument(f"--{flag}", type=int, default=None, help=f"default {full} ({quick} with --quick)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="the transform's output side")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers and DALI threads")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per provider, alternating (median kept)")
-    p.add_argument("--source", default="auto", choices=("auto", "flickr8k-dev", "generated"))
+    p.add_argument("--source", default="auto", choices=("auto", "flickr8k-dev", "generated"), help="the JPEGs' source")
     p.add_argument("--data", default=None, help="keep the generated shards here (reused when present)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/data-DEVICE-DATE.json)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
@@ -275,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu-decode row decodes in the training process on the same cores as the workers.",
         **{"rows": rows, "verdict": verdict(rows, device)},
     }
-    print(
-        f"verdict: {result['verdict']}\nwrote {harness.write_json(harness.result_path('data', result['device'], a.out), result)}"
-    )
+    out = harness.write_json(harness.result_path("data", result["device"], a.out), result)
+    print(f"verdict: {result['verdict']}\nwrote {out}")
     if not a.data:
         shutil.rmtree(data, ignore_errors=True)
     return 0

@@ -1,15 +1,8 @@
-"""Time and memory of CLIPCov subset selection at N = 1e5 .. 1e7 (random, class-structured embeddings).
+"""Time and memory of CLIPCov subset selection at N = 1e5 .. 1e7 on class-structured float16 embeddings memmapped
+under ``--tmp``; one cold run per (size, approx) in its own subprocess: peak anonymous RSS above the start (and
+``cuda_peak_bytes`` on CUDA), and ``select_subset``'s phases.
 
     python -m benchmarks.bench_subset --device cpu --sizes 1e5,1e6
-    python -m benchmarks.bench_subset --device cuda --sizes 1e5,1e6,1e7 --approx exact,factorized
-
-Data: C class directions t_c (the stand-in for class-name text embeddings, ``class_names_emb``); sample i of class c
-has f_i = t_c + noise and g_i = f_i + noise, 20% of captions swapped to another class. The embeddings are generated
-in chunks on the benchmark device straight into float16 ``.npy`` memmaps under ``--tmp`` (N = 1e7 at D = 512 needs
-2 x 10 GB of disk), and selection reads them as it reads a real embeddings directory. Each (size, approx) runs in a
-subprocess of its own so peak memory is clean: ``peak_anon_bytes`` is the peak anonymous RSS (sampled every 20 ms;
-memmapped file pages excluded) above the footprint before selection; on CUDA also ``cuda_peak_bytes``. One cold run
-per size (seconds to minutes: warm-up and medians do not apply); the phases are ``select_subset``'s.
 """
 
 from __future__ import annotations
@@ -130,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated N (1e5 notation ok)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--approx", default="exact", help="comma-separated: exact,factorized")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--fraction", type=float, default=0.3)
+    p.add_argument("--dim", type=int, default=512, help="embedding width")
+    p.add_argument("--classes", type=int, default=1000, help="class directions of the generated embeddings")
+    p.add_argument("--fraction", type=float, default=0.3, help="share of the samples selected")
     p.add_argument("--tmp", default=None, help="directory for the generated memmaps (default: system temp)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per size before it is recorded as timeout")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/subset-<device>-<date>.json)")

@@ -1,12 +1,8 @@
-"""Wall-clock of DISSect against full-data training, side by side, with a per-phase breakdown.
+"""Wall-clock of DISSect against full-data training, side by side, with a per-phase breakdown (``TimedSteps``): every
+configuration trains the same model on the same shards in this process; benchmarks/README.md has the details.
 
     python -m benchmarks.bench_train --device cpu --tiny                # ~1 minute on a 2-core CPU
     python -m benchmarks.bench_train --train-data SHARDS --model ViT-B-32 --batch-size 1024 --compile
-
-Every configuration trains the same model on the same shards in this process through
-``Trainer(cfg, callbacks).fit(max_steps, start_epoch=1)``: epoch 1 is the steady state of ``dissect-warmup
---warmup-point 1`` (a callback fills the history with random scores first). ``--warmup-steps`` untimed steps, then
-``--rounds`` blocks of ``--steps`` steps timed per phase by ``TimedSteps``. benchmarks/README.md has the details.
 """
 
 from __future__ import annotations
@@ -46,27 +42,20 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_train",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--tiny", action="store_true", help="tiny synthetic data and model (tiny-vit): the CPU mode")
     add("--train-data", default=None, help="shards with index.json (default: synthetic data in --data-cache)")
-    add(
-        "--data-cache",
-        default=os.path.join(tempfile.gettempdir(), "dissect_bench_data"),
-        help="folder of the synthetic shards, written once and reused",
-    )
+    cache = os.path.join(tempfile.gettempdir(), "dissect_bench_data")
+    add("--data-cache", default=cache, help="folder of the synthetic shards, written once and reused")
     for flag, (full, tiny) in DEFAULTS.items():
         add(f"--{flag}", type=type(full), default=None, help=f"default {full} (--tiny: {tiny})")
     add("--epoch-samples", type=int, default=None, help="samples per epoch-equivalent (default: the training set)")
-    add(
-        "--data-backend",
-        default="auto",
-        choices=["auto", "torch", "gpu", "dali", "synthetic"],
-        help="the trainer's loader (synthetic: batches made on the device, no shards, no open_clip peer)",
-    )
+    backends = ["auto", "torch", "gpu", "dali", "synthetic"]
+    add("--data-backend", default="auto", choices=backends, help="the trainer's loader (synthetic: no shards, no peer)")
     add("--precision", default="auto", help="as the trainer's --precision")
     add("--compile", action="store_true", help="torch.compile the forwards (GPU runs should)")
     add("--configs", default=None, help="comma list of configurations to run (full always runs)")
@@ -90,10 +79,8 @@ def configurations(a, device: torch.device) -> list[tuple[str, dict]]:
     the ``ModelConfig`` fields it changes (``model``)."""
 
     def dissect(rate: float = 0.2, backend: str = "auto", **model) -> dict:
-        return {
-            "select": {"strategy": "dissect-warmup", "warmup_point": 1, "rate": rate, "backend": backend},
-            "model": model,
-        }
+        select = {"strategy": "dissect-warmup", "warmup_point": 1, "rate": rate, "backend": backend}
+        return {"select": select, "model": model}
 
     rows = [("full", {"select": {"strategy": "full"}, "model": {}})]
     rows += [(f"dissect-r{r}", dissect(r)) for r in (0.2, 0.3, 0.5)]
@@ -236,7 +223,7 @@ def measure_overlap(t, a) -> dict:
     ``t``: an eager Trainer with a history strategy (``dissect-momentum``: the history fills as it trains on a pool
     of ``a.overlap_pool`` batches for ``a.overlap_steps`` steps); every step each scorer scores the same batch with
     the same weights, ranked by the product's selection op without its history update. Delta overlaps count only
-    steps where every sample has a history value. Also fp32 vs bf16-autocast scoring (``--score-precision``)."""
+    steps where every sample has a history value."""
     from dissect_fast.model import ScoringPass
     from dissect_fast.selection.strategies import score_and_select
 
@@ -250,9 +237,8 @@ def measure_overlap(t, a) -> dict:
     cheap = {f"dissect-r0.2-res{R}": {"resolution": R} for R in a.score_resolutions}
     cheap.update({f"dissect-r0.2-pd{P}": {"patch_dropout": P} for P in a.score_patch_dropouts})
     scorers = {n: ScoringPass(t.model, t.precision, t.device, False, **kw) for n, kw in cheap.items()}
-    scorers.update({p: ScoringPass(t.model, p, t.device, False) for p in ("fp32", "amp_bf16")})
     hist, k, dev = t.strategy.history.values, t.k, t.device
-    sums = {n: torch.zeros(2, device=dev) for n in [*cheap, "fp32"]}  # [score-key, delta-key] overlap sums
+    sums = {n: torch.zeros(2, device=dev) for n in cheap}  # [score-key, delta-key] overlap sums
     n_delta, zeros = torch.zeros((), device=dev), torch.zeros((), device=dev)
 
     def top(feats, ids, key):  # the selection op without its history update: (index, score, delta)
@@ -263,12 +249,10 @@ def measure_overlap(t, a) -> dict:
         images, tokens, ids = pool[step % len(pool)]
         all_seen = (~torch.isnan(hist[ids])).all().float()
         feats = {"full": t.forwards.score(images, tokens), **{n: sc(images, tokens) for n, sc in scorers.items()}}
-        ref = {"fp32": "amp_bf16"}  # fp32 scoring is compared with bf16 scoring, the cheap scorers with full
         for n in sums:
-            base = feats[ref.get(n, "full")]
             for j, key in enumerate(("score", "delta")):
                 m = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
-                m[top(base, ids, key)[0]] = True
+                m[top(feats["full"], ids, key)[0]] = True
                 sums[n][j] += m[top(feats[n], ids, key)[0]].sum().float() / k * (all_seen if j else 1.0)
         zeros += (top(feats["full"], ids, "score")[1] == 0).float().mean()
         n_delta += all_seen
@@ -285,8 +269,7 @@ def measure_overlap(t, a) -> dict:
         "delta_steps": nd,
         "strategy_trained": "dissect-momentum (full-resolution scoring)",
         "zero_score_share": round(float(zeros) / steps, 4),
-        "overlap": {n: shares(v) for n, v in sums.items() if n in cheap},
-        "score_precision_fp32_vs_bf16": shares(sums["fp32"]),
+        "overlap": {n: shares(v) for n, v in sums.items()},
     }
 
 

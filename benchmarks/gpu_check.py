@@ -1,13 +1,7 @@
-"""Every GPU claim of the project in two prepared calls of at most 290 s each on a bare GPU machine.
-
-Each call is a table of phases, each a subprocess of a benchmark, of the trainer or of ``pytest -m gpu``: they
-measure. This script installs the wheels whose module does not import (``gpu_env``), runs each phase for at most its
-budget and what is left of the call's, copies what it wrote to the output folder and rewrites ``summary.json``
-(provenance, each phase's outcome from its exit code, each target's phase and files) after every phase: at most 8
-files, what comes back from the GPU machine. ``make gpu-wheels`` (once, with network), then ``make gpu-check CALL=1``
-and ``CALL=2`` on the GPU; ``make gpu-check-dry`` runs both calls' phases on CPU with a tiny model. Call 1's
-``select_thresholds.json`` (bench_select's measured kernel routing) routes the selection op of the phases after it.
-"""
+"""Every GPU claim of the project in two prepared calls of at most 290 s each on a bare GPU machine: each call runs
+its table of phases (benchmarks, the trainer, ``pytest -m gpu``) within the call's budget and rewrites ``summary.json``
+(provenance, each phase's outcome, each target's files) after every phase. ``make gpu-wheels`` once, then ``make
+gpu-check CALL=1`` and ``CALL=2`` on the GPU; ``make gpu-check-dry`` runs both on CPU with a tiny model."""
 
 from __future__ import annotations
 
@@ -23,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.gpu_env import ROOT, Budget, install_missing, makefile_wheels, phase_env, run_logged
+from benchmarks.gpu_env import ROOT, Budget, install_missing, json_of, makefile_wheels, phase_env, run_logged
 
 CALL_BUDGET_S = 290.0
 SETUP_S = 20.0  #: of each call's budget, kept for the wheel install and the provenance probe
@@ -199,11 +193,9 @@ def probe(env: dict) -> dict:
         "d = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
         "print(json.dumps({**provenance(d, modules=('triton', 'torchvision')), 'cuda_available': d == 'cuda'}))"
     )
-    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
-    try:
-        info = json.loads(p.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return {"probe_error": (p.stdout + p.stderr)[-2000:], "cuda_available": False}
+    info = json_of(code, [], env)
+    if isinstance(info, str):
+        return {"probe_error": info, "cuda_available": False}
     if info["commit"].startswith("unknown") and env.get("GPU_CHECK_COMMIT"):  # a tree copied without .git
         info["commit"] = env["GPU_CHECK_COMMIT"]
     return info
@@ -240,7 +232,7 @@ def write_summary(out: Path, summary: dict, budget: Budget) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--call", default="all", choices=("1", "2", "all"), help="all: both, into call-1/ and call-2/")
     p.add_argument("--out", default=None, help="default: benchmarks/results/gpu-check-DATE (dry run: a temp folder)")
     p.add_argument("--dry-run", action="store_true", help="on CPU with a tiny model: checks every phase's command")

@@ -1,7 +1,5 @@
-"""Around the GPU check's phases (imports no torch): the wheels carried in ``.whl/`` (``make gpu-wheels``, on a
-machine with network) installed with ``pip install --no-index --find-links`` where their module does not import, and
-subprocesses run within a call's time budget.
-"""
+"""Around the GPU check's phases (imports no torch): the wheels carried in ``.whl/`` (``make gpu-wheels``) installed
+offline where their module does not import, and subprocesses run within a call's time budget."""
 
 from __future__ import annotations
 
@@ -46,17 +44,23 @@ def phase_env(site: Path | None = None) -> dict[str, str]:
     return env
 
 
+def json_of(code: str, args: list[str], env: dict[str, str]) -> dict | str:
+    """The JSON object that ``code`` prints last in a fresh interpreter with ``env``, else its output's tail."""
+    p = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return (p.stdout + p.stderr)[-2000:]
+
+
 def not_importing(modules: list[str], env: dict[str, str]) -> dict[str, str]:
     """{module: error} for the ``modules`` that do not import in a fresh interpreter with ``env``."""
     code = (
         "import importlib, json, sys\nbad = {}\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n"
         "    except Exception as e:\n        bad[m] = f'{type(e).__name__}: {e}'[:300]\nprint(json.dumps(bad))"
     )
-    p = subprocess.run([sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True, check=False)
-    try:
-        return json.loads(p.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return dict.fromkeys(modules, p.stderr[-300:] or "the import check failed")
+    bad = json_of(code, modules, env)
+    return bad if isinstance(bad, dict) else dict.fromkeys(modules, bad[-300:] or "the import check failed")
 
 
 def install_missing(wheel_list: str, wheel_dir: Path, site: Path) -> dict:

@@ -1,7 +1,6 @@
-"""What the benchmarks share (benchmarks/README.md, "The harness"): result files with provenance, the numbers of
-timed training steps (``training.timing.TimedSteps``, the one timing path), the grid runner with its two dataset
-adapters (synthetic noise shards; a CSV-layout folder of real photos), and open_clip's own trainer as the peer
-(``python -m benchmarks.harness open_clip [open_clip_train flags]``). Importing it imports no torch."""
+"""What the benchmarks share (benchmarks/README.md, "The harness"): result files with provenance, step statistics,
+the grid runner with its two data sources, and open_clip's trainer as the peer (``python -m benchmarks.harness
+open_clip [open_clip_train flags]``). Importing it imports no torch."""
 
 from __future__ import annotations
 
@@ -33,15 +32,14 @@ def machine_load() -> dict:
     return {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
 
 
-def header(benchmark: str, module: str, device=None, argv: list[str] | None = None, modules=(), commit=None) -> dict:
-    """``{"benchmark", commit (+dirty for a changed tree), date, device, host, platform, versions, command, load}``;
-    the command is ``python -m benchmarks.MODULE`` with ``argv`` (None: this process's flags); ``commit``: one given
-    on the command line, recorded instead of the checkout's."""
+def header(benchmark: str, module: str, device=None, argv: list[str] | None = None, modules=()) -> dict:
+    """``{"benchmark", commit, date, device, host, platform, versions, command, load}``; the command is ``python -m
+    benchmarks.MODULE`` with ``argv`` (None: this process's flags)."""
     from dissect_fast.provenance import provenance
 
     command = shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
-    out = {"benchmark": benchmark, **provenance(device, command=command, modules=tuple(modules))}
-    return {**out, "load": machine_load(), **({"commit": commit} if commit else {})}
+    out = provenance(device, command=command, modules=tuple(modules))
+    return {"benchmark": benchmark, **out, "load": machine_load()}
 
 
 def result_path(kind: str, device_name: str, out: str | Path | None = None) -> Path:
@@ -83,13 +81,13 @@ def grid_parser(prog: str, doc: str, grids: dict, default: str):
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", default=default, choices=sorted(grids))
+    p.add_argument("--grid", default=default, choices=sorted(grids), help="a GRIDS key; --data: quick, cpu")
     p.add_argument("--out", default=str(RESULTS), help="folder for the result JSON and its table")
     p.add_argument("--tag", default=None, help="the result's name: KIND-TAG.json")
     p.add_argument("--work", default=None, help="data and scratch run folders (default runs/bench_KIND)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="the trainer's --device")
     p.add_argument("--max-minutes", type=float, default=None, help="stop starting new runs after this long")
-    p.add_argument("--max-runs", type=int, default=None)
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     return p
 
 
@@ -133,10 +131,9 @@ def train_argv(r: dict, g: dict, train: str, val: str, logs: str, name: str, dev
     ]
 
 
-def train_run(argv: list[str], keep: bool = False, callbacks=()) -> tuple[list[dict], dict, float]:
-    """One run through ``Trainer(cfg, callbacks).fit()`` on data with clean flags (its run folder removed after,
-    unless ``keep``): the epochs' metrics, per-id arrays (``score``, ``trained`` [epochs, ids], ``clean`` [ids]) and
-    the wall-clock."""
+def train_run(argv: list[str]) -> tuple[list[dict], dict, float]:
+    """One ``Trainer(cfg).fit()`` on data with clean flags (its run folder removed after): the epochs' metrics, per-id
+    arrays (``score``, ``trained`` [epochs, ids], ``clean`` [ids]) and the wall-clock."""
     import logging
 
     from dissect_fast.config import config_from_args
@@ -151,24 +148,22 @@ def train_run(argv: list[str], keep: bool = False, callbacks=()) -> tuple[list[d
         def on_epoch_end(self, ctx, epoch: int, metrics: dict) -> None:  # before the next epoch resets them
             per_epoch.append(ctx.diag.arrays())
 
-    t = Trainer(cfg, callbacks=[PerIdArrays(), *callbacks])
+    t = Trainer(cfg, callbacks=[PerIdArrays()])
     if t.diag.clean is None:
         raise RuntimeError(f"{cfg.data.train_data}: the shards carry no clean flags; the benchmark needs them")
     logging.getLogger("dissect_fast").setLevel(logging.WARNING)
     t0 = time.time()
     metrics, wall = t.fit(), time.time() - t0
     del t
-    if not keep:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     arrays = {k: np.stack([a[k] for a in per_epoch]) for k in ("score", "trained")}
     return metrics, {**arrays, "trained": arrays["trained"] > 0, "clean": per_epoch[-1]["clean"].astype(bool)}, wall
 
 
 def selection_row(r: dict, metrics: list[dict], arrays: dict, wall: float, load_start: dict) -> dict:
-    """The row every selection grid stores: the settings ``r``, the trainer's epoch accounting (``samples_forwarded``,
-    ``samples_trained``, ``selecting``, ``clean_share_trained``), recall per epoch, and the mean score per epoch of
-    clean / noisy pairs trained at some selecting epoch or not (trajectories). "After the warm-up": from the first
-    epoch that selects (a strategy that never selects: every epoch)."""
+    """A grid's row: the settings ``r``, the trainer's epoch accounting, recall per epoch, and the mean score per epoch
+    of clean / noisy pairs trained after the warm-up or not (trajectories); "after the warm-up": from the first
+    selecting epoch (a strategy that never selects: every epoch)."""
     first = next((i for i, m in enumerate(metrics) if m["selecting"]), 0)
     trained = arrays["trained"][first:].any(axis=0)
     fwd, bwd = (np.cumsum([m[k] for m in metrics]).tolist() for k in ("samples_forwarded", "samples_trained"))
@@ -200,37 +195,17 @@ def selection_row(r: dict, metrics: list[dict], arrays: dict, wall: float, load_
     return row
 
 
-KEYS = ("sweep", "noise", "strategy", "rate", "warmup_point", "warmup_train", "momentum", "num_train", "epochs")
-HEAD = ("sweep", "noise", "strategy", "r", "W", "warm-up", "beta", "N", "epochs", "seeds")
+#: the table's columns (those docs/findings.md quotes) and their formats
+TABLE = {"sweep": "", "noise": ".0%", "strategy": "", "rate": "", "warmup_point": "", "seed": "", "i2t_R@1": ".1f"}
+TABLE |= {"t2i_R@1": ".1f", "i2t_R@5": ".1f", "t2i_R@5": ".1f", "clean_fraction_after_warmup": ".3f"}
+TABLE |= {"base_clean_fraction": ".2f", "compute_units": "d", "samples_forwarded": "d", "wall_s": ".0f"}
 
 
 def grid_table(doc: dict) -> str:
-    """Mean ± std over seeds per setting (a run's settings but its seed), with the compute relative to full data at
-    the same noise, data size and epochs. W and warm-up only for the strategies that have them, beta for
-    dissect-momentum; ``-``: not a setting of this grid."""
-    from dissect_fast.selection.names import WARMUP_STRATEGIES
-
-    groups: dict = {}
+    """A markdown line per run, in the order they ran; ``-``: not measured."""
+    lines = ["| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE)]
     for row in doc["runs"]:
-        groups.setdefault(tuple(row.get(k) for k in KEYS), []).append(row)
-    full = {(k[1], k[7], k[8]): np.mean([x["compute_units"] for x in v]) for k, v in groups.items() if k[2] == "full"}
-    cols = ("i2t R@1", "t2i R@1", "i2t R@5", "t2i R@5", "clean share trained (epochs >= W)", "compute vs full", "wall")
-    lines = ["| " + " | ".join(HEAD + cols) + " |", "|" + "---|" * (len(HEAD) + len(cols))]
-    for key, xs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "main", *(str(v) for v in kv[0][:4]))):
-        s = dict(zip(KEYS, key))
-        show = {"warmup_point": s["strategy"] in WARMUP_STRATEGIES, "warmup_train": s["strategy"] in WARMUP_STRATEGIES}
-        show["momentum"] = s["strategy"] == "dissect-momentum"
-        cells = [
-            f"{v:.0%}" if k == "noise" else "-" if v is None or not show.get(k, True) else str(v) for k, v in s.items()
-        ]
-        pm = [
-            (np.mean(v), np.std(v)) for v in ([x[m] for x in xs] for m in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5"))
-        ]
-        cf = [x["clean_fraction_after_warmup"] for x in xs]
-        fc = full.get((key[1], key[7], key[8]))
-        cells += [str(len(xs)), *(f"{m:.1f} ± {d:.1f}" for m, d in pm), f"{np.mean(cf):.3f} ± {np.std(cf):.3f}"]
-        cells += [f"{np.mean([x['compute_units'] for x in xs]) / fc:.2f}" if fc else "n/a"]
-        cells += [f"{np.mean([x['wall_s'] for x in xs]):.0f} s"]
+        cells = ("-" if row.get(k) is None else format(row[k], f) for k, f in TABLE.items())
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -273,10 +248,9 @@ def _csv_shards(work: str, name: str, rows: list, images: str, **kw) -> str:
 
 
 def csv_folder_data(folder: str, work: str, g: dict, noise: float) -> tuple[str, str]:
-    """(train, val) shards from a folder in the CC3M/CyCLIP CSV layout (captions.csv: image, caption; images/).
-    Images sorted by name: the last ``g["val_images"]`` held out (first caption each), the first ``train_images``
-    others (by content) give ``captions_per_image`` pairs each, ``noise`` of them moved to another image (clean flags;
-    at noise 0 all clean). Images are shrunk once to ``image_px`` (shorter side): a CPU grid times training."""
+    """(train, val) shards from a CSV-layout folder: the last ``val_images`` by name held out (first caption each), the
+    first ``train_images`` others (by content) give ``captions_per_image`` pairs each, ``noise`` of them moved to
+    another image (clean flags); images shrunk once to ``image_px`` on their shorter side."""
     from dataclasses import replace
 
     from PIL import Image
@@ -315,9 +289,8 @@ def csv_folder_data(folder: str, work: str, g: dict, noise: float) -> tuple[str,
 
 # ------------------------------------------------------------------------------------------------ open_clip peer
 def patch_open_clip_data() -> None:
-    """So open_clip reads our shards as its own, outside its training code: our small model configs registered, and
-    (webdataset >= 1.0) its tar expander given ``eof_value=None`` and only the fields open_clip reads (the 1.x default
-    appends an end-of-file sample its grouping does not expect; our binary ``id`` field would be parsed as text)."""
+    """So open_clip reads our shards as its own: our model configs registered; its tar expander given only the fields
+    it reads (our binary ``id`` would be parsed as text) and, on webdataset >= 1.0, no end-of-file sample."""
     import open_clip
     import open_clip_train.data as oc_data
     import webdataset

@@ -14,7 +14,7 @@ NAMES = sorted(
 
 
 def test_benchmarks_found():
-    assert {"train", "select", "subset", "data", "quality", "real", "bad_input"} <= set(NAMES)
+    assert {"train", "select", "subset", "data", "quality", "bad_input"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -49,8 +49,6 @@ def test_tiny_benchmark_rows_complete(tmp_path, capsys):
     for name in ("dissect-r0.2-res16", "dissect-r0.2-pd0.5"):
         ov = by[name]["topk_overlap"]
         assert 0.0 <= ov["score_key"] <= 1.0 and "score_speedup" in by[name]
-    prec = res["overlap"]["score_precision_fp32_vs_bf16"]  # --score-precision: fp32 vs bf16 scoring top-k
-    assert 0.0 < prec["score_key"] <= 1.0
     peer = by["open_clip"]
     assert "samples_per_s" in peer or peer["skipped"], peer  # ran, or says why not
     assert "ratio dissect-r0.3 / full:" in out and "CPU target" in out

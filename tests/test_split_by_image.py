@@ -181,7 +181,7 @@ def test_shard_sizes_bounds():
     assert len(shard_sizes(100_000, world_size=4, workers=4)) == 8 * 4 * 4
 
 
-def test_bench_real_skips_training_copies_of_validation_images(tmp_path):
+def test_photo_grid_skips_training_copies_of_validation_images(tmp_path):
     from benchmarks.harness import train_images
 
     base = openclip_csv(tmp_path, 5, image_size=16)
