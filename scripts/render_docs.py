@@ -64,8 +64,16 @@ def set_root(root: Path) -> None:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """A marker's file and options; a malformed marker stops with one line naming it."""
     parts = spec.split()
-    return parts[0], dict(p.split("=", 1) for p in parts[1:])
+    bad = [p for p in parts[1:] if "=" not in p]
+    opts = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    if not parts or bad or "cols" not in opts or not (ROOT / parts[0]).is_file():
+        why = (
+            "no such result file" if parts and not bad and "cols" in opts else "expected FILE cols=... [key=value ...]"
+        )
+        raise SystemExit(f"render_docs: marker `<!-- results: {spec} -->`: {why}")
+    return parts[0], opts
 
 
 def get(row: dict, key: str):

@@ -144,3 +144,14 @@ def test_only_a_gpu_result_may_be_archived(tree: Path):
     assert "the current code is not measured on a GPU yet" in readme.read_text()
     check = render(tree, "--check")
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["benchmarks/results/r.json rows=rows", "benchmarks/results/missing.json cols=a", "benchmarks/results/r.json x"],
+)
+def test_malformed_marker_stops_with_one_line(tree: Path, spec: str):
+    (tree / "README.md").write_text(f"<!-- results: {spec} -->\n<!-- end results -->\n")
+    out = render(tree, "--check")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and f"marker `<!-- results: {spec} -->`" in out.stderr
